@@ -1,0 +1,234 @@
+r"""Row-space curvature operators for FGN and the full softmax GGN.
+
+Notation for one batch of ``n`` examples: logits ``z_i = f(x_i; theta)``
+(scikit-learn's ``raw_prediction``), ``J_i = dz_i/dtheta``, normalised
+weights ``omega_i`` (summing to one), margin ``m_i`` with direction
+``a_i = dm_i/dz_i`` and curvature weight ``w_i`` (see :mod:`._margin`).
+
+FGN keeps ``G_F = sum_i omega_i w_i g_i g_i^T`` with ``g_i = J_i^T a_i``.
+Its row operator ``B`` has one row per example,
+``b_i = sqrt(omega_i w_i) g_i^T``, so that ``G_F = B^T B``.
+
+The full GGN is ``G = sum_i omega_i J_i^T H_i J_i`` with
+``H_i = diag(p_i) - p_i p_i^T``. Since ``H_i = S_i^T S_i`` for
+``S_i = (I - s s^T) diag(s)``, ``s = sqrt(p_i)`` (``I - s s^T`` is a
+projection because ``||s|| = 1``), its row operator has ``n * n_classes``
+rows ``sqrt(omega_i) S_i J_i``. ``S_i`` is applied in O(n_classes); no
+``n_classes x n_classes`` matrix is formed.
+
+Both operators only need the logits map's Jacobian-vector product
+(``v -> J v``, shape ``(n, n_logits)``) and vector-Jacobian product
+(``C -> J^T C``). :class:`LogitsLinearization` carries them; the linear
+head has closed forms (two matmuls), other heads use ``torch.func``.
+Nothing of size ``n x P``, ``n x K x P`` or ``P x P`` is formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._heads import Head, forward, forward_with_cache, is_penalized
+from ._margin import log_curvature_weight, margin, margin_direction
+
+__all__ = [
+    "LogitsLinearization",
+    "RowSpaceOperator",
+    "damping_diagonal",
+    "fgn_gram",
+    "fgn_row_scale",
+    "linearize",
+    "make_fgn_operator",
+    "make_ggn_operator",
+]
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class LogitsLinearization:
+    """The logits map linearised at ``params``.
+
+    Attributes
+    ----------
+    logits : Tensor of shape (n, n_logits)
+    jvp : callable
+        ``v (params-shaped dict) -> J v``, Tensor of shape (n, n_logits).
+    vjp : callable
+        ``C (n, n_logits) -> J^T C``, a params-shaped dict.
+    """
+
+    logits: Tensor
+    jvp: Callable[[Params], Tensor]
+    vjp: Callable[[Tensor], Params]
+
+
+def _linearize_linear(head: Head, params: Params, X: Tensor) -> LogitsLinearization:
+    # logits = X W^T + b, so J v = X V^T + v_b and J^T C = (C^T X, sum_i C_i).
+    def jvp(v: Params) -> Tensor:
+        out = X @ v["coef_0"].T
+        return out + v["intercept_0"] if head.fit_intercept else out
+
+    def vjp(cotangent: Tensor) -> Params:
+        grads = {"coef_0": cotangent.T @ X}
+        if head.fit_intercept:
+            grads["intercept_0"] = cotangent.sum(0)
+        return grads
+
+    return LogitsLinearization(forward(head, params, X), jvp, vjp)
+
+
+def _linearize_autograd(head: Head, params: Params, X: Tensor) -> LogitsLinearization:
+    def logits_fn(p: Params) -> Tensor:
+        return forward(head, p, X)
+
+    logits, vjp_fn = torch.func.vjp(logits_fn, params)
+
+    def jvp(v: Params) -> Tensor:
+        # Forward mode: one forward pass with tangents, no graph kept.
+        return torch.func.jvp(logits_fn, (params,), (v,))[1]
+
+    def vjp(cotangent: Tensor) -> Params:
+        return vjp_fn(cotangent)[0]
+
+    return LogitsLinearization(logits, jvp, vjp)
+
+
+def linearize(head: Head, params: Params, X: Tensor) -> LogitsLinearization:
+    """Linearise the head's logits map at ``params`` on the batch ``X``.
+
+    Cost: one forward pass (plus the saved graph for non-linear heads).
+    Each later ``jvp``/``vjp`` costs about one forward pass: for the linear
+    head exactly one ``(n, d) @ (d, n_logits)`` matmul.
+    """
+    if head.is_linear:
+        return _linearize_linear(head, params, X)
+    return _linearize_autograd(head, params, X)
+
+
+@dataclass(frozen=True)
+class RowSpaceOperator:
+    r"""A row operator ``B`` with ``G = B^T B``.
+
+    Attributes
+    ----------
+    n_rows : int
+        Rows of ``B``: ``n`` for FGN, ``n * n_classes`` for the full GGN.
+    matvec : callable
+        ``v (params dict) -> B v``, a Tensor (``(n,)`` or ``(n, n_classes)``).
+    rmatvec : callable
+        ``u -> B^T u``, a params-shaped dict.
+    """
+
+    n_rows: int
+    matvec: Callable[[Params], Tensor]
+    rmatvec: Callable[[Tensor], Params]
+
+    def curvature_matvec(self, v: Params) -> Params:
+        """``G v = B^T (B v)``: the curvature applied in parameter space."""
+        return self.rmatvec(self.matvec(v))
+
+
+def fgn_row_scale(logits: Tensor, y: Tensor, weights: Tensor) -> Tensor:
+    """``sqrt(omega_i w_i)`` computed in log space, shape (n,)."""
+    m = margin(logits, y)
+    return torch.exp(0.5 * (torch.log(weights) + log_curvature_weight(m)))
+
+
+def make_fgn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> RowSpaceOperator:
+    r"""FGN rows ``b_i = sqrt(omega_i w_i) a_i^T J_i``.
+
+    ``B v = sqrt(omega w) * (a * J v).sum(1)`` and
+    ``B^T u = J^T ((sqrt(omega w) u)[:, None] * a)``: one JVP or VJP of the
+    logits map plus O(n * n_logits). ``weights`` are the normalised ``omega``.
+    """
+    direction = margin_direction(lin.logits, y)
+    scale = fgn_row_scale(lin.logits, y, weights)
+
+    def matvec(v: Params) -> Tensor:
+        return scale * (direction * lin.jvp(v)).sum(1)
+
+    def rmatvec(u: Tensor) -> Params:
+        return lin.vjp((scale * u)[:, None] * direction)
+
+    return RowSpaceOperator(y.shape[0], matvec, rmatvec)
+
+
+def make_ggn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> RowSpaceOperator:
+    r"""Full softmax GGN rows ``sqrt(omega_i) S_i J_i``, ``S_i = (I - s s^T) diag(s)``.
+
+    With ``s = sqrt(p)``: ``S x = s*x - s (p . x)`` and
+    ``S^T y = s * (y - s (s . y))``, so ``S^T S x = p*x - p (p . x)``, the
+    softmax Hessian product. For a single-logit binary head the GGN is the
+    FGN (exact Gauss-Newton) and that operator is returned.
+    """
+    if lin.logits.shape[1] == 1:
+        return make_fgn_operator(lin, y, weights)
+    log_proba = torch.log_softmax(lin.logits, dim=1)
+    proba, sqrt_proba = log_proba.exp(), (0.5 * log_proba).exp()
+    row_weight = weights.sqrt()[:, None]
+
+    def matvec(v: Params) -> Tensor:
+        jv = lin.jvp(v)
+        return row_weight * (sqrt_proba * jv - sqrt_proba * (proba * jv).sum(1, keepdim=True))
+
+    def rmatvec(u: Tensor) -> Params:
+        projected = u - sqrt_proba * (sqrt_proba * u).sum(1, keepdim=True)
+        return lin.vjp(row_weight * sqrt_proba * projected)
+
+    return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec)
+
+
+def _margin_gradients_by_layer(
+    head: Head, params: Params, X: Tensor, y: Tensor
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Logits, layer inputs and per-example ``dm_i/d(pre-activation_l)``."""
+    if head.is_linear:  # d m / d logits is the margin direction: no autograd needed
+        logits = forward(head, params, X)
+        return logits, [X], [margin_direction(logits, y)]
+    with torch.enable_grad():
+        leaves = {k: t.detach().requires_grad_() for k, t in params.items()}
+        logits, inputs, preacts = forward_with_cache(head, leaves, X)
+        deltas = torch.autograd.grad(margin(logits, y).sum(), preacts)
+    return logits.detach(), [h.detach() for h in inputs], list(deltas)
+
+
+def fgn_gram(
+    head: Head,
+    params: Params,
+    X: Tensor,
+    y: Tensor,
+    weights: Tensor,
+    damping: dict[str, float],
+) -> Tensor:
+    r"""Exact ``B Lambda^{-1} B^T`` for FGN, shape (n, n), without forming ``B``.
+
+    ``m_i`` depends on example ``i`` only, so one backward pass of
+    ``sum_i m_i`` gives every layer's per-example margin gradients ``Delta_l``
+    with respect to its pre-activations. For a stack of affine layers with
+    inputs ``H_l`` the margin-gradient Gram is
+
+    .. math::
+
+        \sum_l (\Delta_l \Delta_l^T) \circ (H_l H_l^T / \Lambda_{W,l} + 1 / \Lambda_{b,l}),
+
+    scaled by ``sqrt(omega w) sqrt(omega w)^T``. Cost O(n^2 (d + sum h_l)),
+    independent of the number of parameters.
+    """
+    logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y)
+    gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
+    for layer, (hidden, delta) in enumerate(zip(inputs, deltas, strict=True)):
+        kernel = (hidden @ hidden.T) / damping[f"coef_{layer}"]
+        if head.fit_intercept:
+            kernel = kernel + 1.0 / damping[f"intercept_{layer}"]
+        gram += (delta @ delta.T) * kernel
+    scale = fgn_row_scale(logits, y, weights)
+    return scale[:, None] * gram * scale[None, :]
+
+
+def damping_diagonal(params: Params, damping: float, alpha: float) -> dict[str, float]:
+    """``Lambda`` per parameter block: ``damping + alpha`` on weights, ``damping`` on biases."""
+    return {k: damping + alpha if is_penalized(k) else damping for k in params}
