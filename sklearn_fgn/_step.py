@@ -15,7 +15,8 @@ weights, ``damping`` on biases. By Woodbury,
 
     (G + \Lambda)^{-1} = \Lambda^{-1} - \Lambda^{-1} B^T (I + B \Lambda^{-1} B^T)^{-1} B \Lambda^{-1},
 
-so the solver works in the row space of ``B`` (one row per example for FGN):
+so the damped system can be solved in the row space of ``B`` (one row per
+example for FGN), where ``I + B Lambda^-1 B^T`` has every eigenvalue >= 1:
 
     (I + B Lambda^-1 B^T) z = B Lambda^-1 grad,   delta = -Lambda^-1 (grad - B^T z).
 
@@ -25,11 +26,31 @@ overflows for badly misclassified rows while ``B^T r`` (the data gradient)
 does not, and this form only ever touches ``B^T r``. Every quantity stays
 bounded: ``sqrt(omega w)`` is computed in log space, the gradient
 coefficient is ``omega * phi'(m)`` with ``phi'`` in (-1, 0).
+
+How the solvers use it:
+
+* ``solver="cholesky"`` forms ``B_F Lambda^-1 B_F^T`` exactly (n x n, cost
+  independent of the number of parameters), factorises ``I +`` it once and
+  applies ``(G_F + Lambda)^-1`` by the formula above. That exact inverse
+  preconditions CG on the parameter-space system ``(G + Lambda) delta = -grad``:
+  for FGN it converges in one iteration and the second, if any, is an
+  iterative refinement (``delta`` is a difference of ``O(1 / lambda)`` terms,
+  so for small ``lambda`` round-off in the Woodbury formula is amplified;
+  measuring the residual in parameter space catches it). For the full GGN it
+  is FGN-preconditioned GGN-CG (``G_F <= G``).
+* ``solver="cg"`` runs CG on the same parameter-space system preconditioned
+  by ``Lambda^-1``: its iterates are exactly row-space CG's, mapped by the
+  formula for ``delta``, with the residual measured where it matters.
+
+The logits map is a :class:`._heads.Head` spec or any ``LogitsFn``
+``(params, X) -> logits`` (see :mod:`._curvature`); the skorch integration
+passes a ``torch.func.functional_call`` of the user's module.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -37,14 +58,17 @@ from torch import Tensor
 
 from ._cg import CGResult, conjugate_gradient
 from ._curvature import (
+    LogitsFn,
     RowSpaceOperator,
     damping_diagonal,
     fgn_gram,
     linearize,
+    logits_function,
     make_fgn_operator,
     make_ggn_operator,
+    penalized_names,
 )
-from ._heads import Head, forward, is_penalized
+from ._heads import Head
 from ._margin import loss_derivative, margin, margin_direction, per_example_loss
 
 __all__ = [
@@ -79,12 +103,14 @@ class StepResult:
         Gradient of the objective at ``params``.
     predicted_decrease : Tensor
         ``-(g^T delta + 1/2 delta^T (G + alpha P) delta)``, the decrease the
-        undamped quadratic model predicts (0-d; ``B delta = -z`` is used, exact
-        for the Cholesky solve and to ``cg_tol`` for CG).
+        undamped quadratic model predicts for the step taken (0-d; one extra
+        JVP).
     solver : str
-        ``"cholesky"`` or ``"cg"``.
-    cg : CGResult or None
-        The CG record, ``None`` for a Cholesky solve.
+        ``"cholesky"`` (Gram-preconditioned CG) or ``"cg"``.
+    cg : CGResult
+        The CG record.
+    logits : Tensor of shape (n, n_logits) or None
+        Logits at ``params`` (computed anyway; skorch reports them as ``y_pred``).
     """
 
     step: Params
@@ -92,7 +118,8 @@ class StepResult:
     gradient: Params
     predicted_decrease: Tensor
     solver: str
-    cg: CGResult | None
+    cg: CGResult
+    logits: Tensor | None = None
 
 
 def normalized_weights(sample_weight: Tensor | None, n: int, like: Tensor) -> Tensor:
@@ -103,24 +130,32 @@ def normalized_weights(sample_weight: Tensor | None, n: int, like: Tensor) -> Te
     return sample_weight / sample_weight.sum()
 
 
-def _penalty(params: Params, alpha: float) -> Tensor:
-    return 0.5 * alpha * sum((t * t).sum() for k, t in params.items() if is_penalized(k))
+def _penalty(params: Params, alpha: float, penalized: Collection[str]) -> Tensor:
+    return 0.5 * alpha * sum((t * t).sum() for k, t in params.items() if k in penalized)
 
 
-def objective(head: Head, params: Params, X: Tensor, y: Tensor, weights: Tensor, alpha: float) -> Tensor:
-    """``sum_i omega_i CE_i + alpha/2 ||theta_pen||^2`` (0-d tensor). One forward pass."""
-    m = margin(forward(head, params, X), y)
-    return (weights * per_example_loss(m)).sum() + _penalty(params, alpha)
+def objective(
+    head: Head | LogitsFn, params: Params, X: Tensor, y: Tensor, weights: Tensor, alpha: float
+) -> Tensor:
+    """``sum_i omega_i CE_i + alpha/2 ||theta_pen||^2`` (0-d tensor). One forward pass.
+
+    ``head`` is a :class:`Head` or a ``LogitsFn``; see :func:`compute_step` for
+    which parameters ``alpha`` penalises.
+    """
+    m = margin(logits_function(head)(params, X), y)
+    return (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized_names(head, params))
 
 
-def _loss_and_gradient(lin, params: Params, y: Tensor, weights: Tensor, alpha: float):
+def _loss_and_gradient(
+    lin, params: Params, y: Tensor, weights: Tensor, alpha: float, penalized: Collection[str]
+):
     m = margin(lin.logits, y)
-    loss = (weights * per_example_loss(m)).sum() + _penalty(params, alpha)
+    loss = (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized)
     # d(sum omega_i phi(m_i))/dz_i = omega_i phi'(m_i) a_i, pulled back by J^T.
     coeff = (weights * loss_derivative(m))[:, None] * margin_direction(lin.logits, y)
     grad = lin.vjp(coeff)
     for k in grad:
-        if is_penalized(k):
+        if k in penalized:
             grad[k] = grad[k] + alpha * params[k]
     return loss, grad
 
@@ -129,41 +164,83 @@ def _dot(a: Params, b: Params) -> Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
 
 
-def _solve_cholesky(gram: Tensor, rhs: Tensor) -> Tensor | None:
+def _flat(params: Params) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in params.values()])
+
+
+def _unflat(vector: Tensor, like: Params) -> Params:
+    out, start = {}, 0
+    for k, t in like.items():
+        out[k] = vector[start : start + t.numel()].view_as(t)
+        start += t.numel()
+    return out
+
+
+def make_fgn_preconditioner(
+    fgn_op: RowSpaceOperator, gram: Tensor, lam: dict[str, float], like: Params
+) -> Callable[[Tensor], Tensor] | None:
+    """Exact ``(G_F + Lambda)^{-1}`` on flat vectors, by Woodbury and a Cholesky factor.
+
+    ``(G_F + Lambda)^{-1} r = Lambda^{-1} r - Lambda^{-1} B^T (I + B Lambda^{-1} B^T)^{-1} B Lambda^{-1} r``
+    with ``gram = B Lambda^{-1} B^T`` (n x n). Returns None when ``I + gram``
+    is not numerically positive definite. Cost per call: one JVP, one VJP and
+    two triangular solves (O(n^2)); the factorisation is O(n^3 / 3), once.
+    """
     system = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:
         return None
-    return torch.cholesky_solve(rhs[:, None], factor)[:, 0]
+
+    def apply(residual: Tensor) -> Tensor:
+        scaled = {k: t / lam[k] for k, t in _unflat(residual, like).items()}
+        z = torch.cholesky_solve(fgn_op.matvec(scaled)[:, None], factor)[:, 0]
+        back = fgn_op.rmatvec(z)
+        return _flat({k: scaled[k] - back[k] / lam[k] for k in like})
+
+    return apply
 
 
-def _solve_rows(
-    op: RowSpaceOperator, rhs: Tensor, lam: dict[str, float], gram_fn, solver: str, cg_tol: float, cg_max_iter: int
-) -> tuple[Tensor, str, CGResult | None]:
-    if solver == "cholesky":
-        z = _solve_cholesky(gram_fn(), rhs)
-        if z is not None:
-            return z, "cholesky", None
-        warnings.warn("Cholesky factorisation of the row-space system failed; using CG.", RuntimeWarning, stacklevel=3)
+def _solve(
+    op: RowSpaceOperator,
+    grad: Params,
+    lam: dict[str, float],
+    preconditioner: Callable[[Tensor], Tensor] | None,
+    cg_tol: float,
+    cg_max_iter: int,
+) -> tuple[Params, CGResult]:
+    """Preconditioned CG on ``(B^T B + Lambda) delta = -grad`` in parameter space.
 
-    def system_matvec(u: Tensor) -> Tensor:
-        bt_u = op.rmatvec(u)
-        return u + op.matvec({k: t / lam[k] for k, t in bt_u.items()})
+    With the diagonal preconditioner ``Lambda^{-1}`` its iterates are those of
+    CG on the row-space system ``(I + B Lambda^{-1} B^T) z = B Lambda^{-1} grad``
+    mapped by ``delta = -Lambda^{-1}(grad - B^T z)`` (same Krylov space, same
+    spectrum), but the residual is measured on the parameter-space system: the
+    row-space form scales its right-hand side by ``1 / lambda`` and, for small
+    ``lambda``, a row-space relative tolerance is far looser than it looks and
+    ``delta`` is a difference of ``O(1 / lambda)`` terms.
+    """
+    lam_vec = _flat({k: torch.full_like(g, lam[k]) for k, g in grad.items()})
 
-    result = conjugate_gradient(system_matvec, rhs, tol=cg_tol, max_iter=cg_max_iter)
-    return result.solution, "cg", result
+    def system_matvec(v: Tensor) -> Tensor:
+        return _flat(op.curvature_matvec(_unflat(v, grad))) + lam_vec * v
+
+    apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
+    result = conjugate_gradient(system_matvec, -_flat(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m)
+    return _unflat(result.solution, grad), result
 
 
-def _pick_solver(solver: str, curvature: str, n_rows: int) -> str:
-    if solver == "cholesky" and curvature != "fgn":
-        raise ValueError(f"solver='cholesky' needs curvature='fgn'; got curvature={curvature!r}")
+def _pick_solver(solver: str, n_rows: int, has_gram: bool) -> str:
+    if solver == "cholesky" and not has_gram:
+        raise ValueError(
+            "solver='cholesky' needs the per-layer structure of a Head to form the Gram; "
+            "use solver='cg' (or 'auto') with a logits function"
+        )
     if solver == "auto":
-        return "cholesky" if curvature == "fgn" and n_rows <= CHOLESKY_MAX_ROWS else "cg"
+        return "cholesky" if has_gram and n_rows <= CHOLESKY_MAX_ROWS else "cg"
     return solver
 
 
 def compute_step(
-    head: Head,
+    head: Head | LogitsFn,
     params: Params,
     X: Tensor,
     y: Tensor,
@@ -180,10 +257,17 @@ def compute_step(
 
     Parameters
     ----------
-    head : Head
+    head : Head or callable
+        The logits map: a :class:`Head` spec, or a function
+        ``logits_fn(params, X) -> logits`` of shape (n, n_logits) that is pure
+        in ``params`` (``torch.func`` transforms it), e.g. a
+        ``torch.func.functional_call`` of an ``nn.Module``. ``alpha``
+        penalises a head's ``coef_*`` entries and a function's parameters
+        with ``ndim >= 2``; biases and other 1-D parameters are never penalised.
     params : dict of Tensor
         Current parameters (all on ``X``'s device and dtype).
     X : Tensor of shape (n, n_features)
+        The batch (for a logits function: whatever it takes as ``X``).
     y : Tensor of shape (n,), int64
         Class indices (0/1 for a single-logit head).
     sample_weight : Tensor of shape (n,), optional
@@ -195,29 +279,40 @@ def compute_step(
     curvature : {"fgn", "ggn"}, default="fgn"
         FGN (n rows) or the full softmax GGN (n * n_classes rows).
     solver : {"auto", "cg", "cholesky"}, default="auto"
-        ``"cholesky"`` forms the exact ``n x n`` FGN Gram (FGN only);
-        ``"auto"`` uses it up to ``CHOLESKY_MAX_ROWS`` rows, CG otherwise.
+        ``"cholesky"`` preconditions CG with the exact FGN solve from the
+        ``n x n`` Gram (a :class:`Head` only; a logits function raises
+        ``ValueError``); ``"cg"`` with ``Lambda^-1``. ``"auto"`` uses the
+        Gram up to ``CHOLESKY_MAX_ROWS`` rows, CG otherwise.
     cg_tol, cg_max_iter : float, int
-        CG's relative-residual tolerance and iteration cap.
+        CG's relative-residual tolerance (on the parameter-space system) and
+        iteration cap.
 
     Returns
     -------
     StepResult
         Cost: one forward pass and one VJP (gradient), then per CG iteration
-        one JVP and one VJP of the logits map, or one Gram (O(n^2 (d + h)))
-        plus an O(n^3 / 3) Cholesky factorisation.
+        one JVP and one VJP of the logits map; ``"cholesky"`` adds one Gram
+        (O(n^2 (d + h))), an O(n^3 / 3) factorisation and per iteration one
+        more JVP/VJP pair and two triangular solves.
     """
-    weights = normalized_weights(sample_weight, X.shape[0], X)
+    has_gram = isinstance(head, Head)
+    solver = _pick_solver(solver, y.shape[0], has_gram)
     lin = linearize(head, params, X)
-    loss, grad = _loss_and_gradient(lin, params, y, weights, alpha)
-    op = (make_fgn_operator if curvature == "fgn" else make_ggn_operator)(lin, y, weights)
-    lam = damping_diagonal(params, damping, alpha)
-    solver = _pick_solver(solver, curvature, op.n_rows)
-    rhs = op.matvec({k: g / lam[k] for k, g in grad.items()})
-    gram_fn = lambda: fgn_gram(head, params, X, y, weights, lam)  # noqa: E731
-    z, used, cg_result = _solve_rows(op, rhs, lam, gram_fn, solver, cg_tol, cg_max_iter)
-    bt_z = op.rmatvec(z)
-    step = {k: (bt_z[k] - grad[k]) / lam[k] for k in grad}
-    step_pen = {k: t for k, t in step.items() if is_penalized(k)}
-    model_change = _dot(grad, step) + 0.5 * (z * z).sum() + 0.5 * alpha * _dot(step_pen, step_pen)
-    return StepResult(step, loss, grad, -model_change, used, cg_result)
+    weights = normalized_weights(sample_weight, y.shape[0], lin.logits)
+    penalized = penalized_names(head, params)
+    loss, grad = _loss_and_gradient(lin, params, y, weights, alpha, penalized)
+    fgn_op = make_fgn_operator(lin, y, weights)
+    op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights)
+    lam = damping_diagonal(params, damping, alpha, penalized)
+    preconditioner = None
+    if solver == "cholesky":
+        preconditioner = make_fgn_preconditioner(fgn_op, fgn_gram(head, params, X, y, weights, lam), lam, grad)
+        if preconditioner is None:
+            warnings.warn("Cholesky factorisation of the FGN row-space system failed; using plain CG.",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            solver = "cg"
+    step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter)
+    b_step = op.matvec(step)
+    step_pen = {k: t for k, t in step.items() if k in penalized}
+    model_change = _dot(grad, step) + 0.5 * (b_step * b_step).sum() + 0.5 * alpha * _dot(step_pen, step_pen)
+    return StepResult(step, loss, grad, -model_change, solver, cg_result, lin.logits)

@@ -1,0 +1,328 @@
+"""The outer loop: batches, damping, step acceptance, curvature regime, stopping.
+
+Shape (as scikit-learn's ``NewtonSolver``): setup -> repeat (curvature ->
+inner solve -> accept step -> converged?) -> finalize. Each phase returns
+values; :class:`LoopState` is the only state carried between calls (it is
+what ``warm_start`` and ``partial_fit`` resume from).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._heads import Head, forward
+from ._margin import competitor_log_proba, margin
+from ._step import StepResult, compute_step, normalized_weights, objective
+
+__all__ = [
+    "AUTO_GGN_THRESHOLD",
+    "CURVATURE_OPTIONS",
+    "DAMPING_BOUNDS",
+    "DAMPING_SCHEDULES",
+    "LoopConfig",
+    "LoopState",
+    "dropped_curvature_fraction",
+    "run_epochs",
+]
+
+Params = dict[str, Tensor]
+DAMPING_SCHEDULES = ("constant", "adaptive")
+CURVATURE_OPTIONS = ("fgn", "ggn", "auto")
+# Levenberg-Marquardt: lambda stays inside these bounds.
+DAMPING_BOUNDS = (1e-8, 1e8)
+# curvature="auto" takes full-GGN steps while the within-competitor term FGN
+# drops carries more than this fraction of the softmax curvature's trace.
+AUTO_GGN_THRESHOLD = 0.5
+_EPS = float(torch.finfo(torch.float64).eps)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings of the outer loop (already validated by the estimator)."""
+
+    alpha: float
+    curvature: str = "auto"
+    solver: str = "auto"
+    damping_schedule: str = "adaptive"
+    batch_size: int | None = None
+    max_iter: int = 100
+    tol: float = 1e-4
+    n_iter_no_change: int = 5
+    cg_tol: float = 1e-4
+    cg_max_iter: int = 100
+    verbose: int = 0
+
+
+@dataclass
+class LoopState:
+    """What one fit carries into the next (warm_start, partial_fit)."""
+
+    params: Params
+    damping: float
+    n_iter: int = 0
+    t: int = 0
+    loss_curve: list[float] = field(default_factory=list)
+    validation_scores: list[float] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_validation_score: float = -math.inf
+    best_params: Params | None = None
+    no_improvement_count: int = 0
+    converged: bool = False
+    fgn_stalled: bool = False
+    last_relative_decrease: float = math.inf
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of tensors on the compute device."""
+
+    X: Tensor
+    y: Tensor
+    sample_weight: Tensor | None
+
+
+def dropped_curvature_fraction(logits: Tensor, y: Tensor, weights: Tensor) -> float:
+    """Share of the softmax Hessian's trace that FGN drops, in [0, 1).
+
+    ``tr(diag(p) - p p^T) = 1 - ||p||^2`` and the dropped within-competitor
+    term ``(1 - p_y)(diag(q) - q q^T)`` has trace ``(1 - p_y)(1 - ||q||^2)``
+    (``1 - p_y = sigmoid(-m)``), each averaged with weights ``omega``. Cost O(n K).
+    """
+    if logits.shape[1] == 1:
+        return 0.0
+    log_q = competitor_log_proba(logits, y)
+    dropped = torch.sigmoid(-margin(logits, y)) * (1.0 - torch.exp(2.0 * log_q).sum(1))
+    total = 1.0 - torch.exp(2.0 * torch.log_softmax(logits, dim=1)).sum(1)
+    ratio = (weights * dropped).sum() / (weights * total).sum().clamp_min(torch.finfo(logits.dtype).tiny)
+    return float(ratio)
+
+
+def _resolve_curvature(
+    cfg: LoopConfig, head: Head, state: LoopState, batch: Batch, full_batch: bool
+) -> str:
+    """FGN or full GGN for the next step (``curvature="auto"`` decides here).
+
+    Mini-batches and binary heads always take FGN steps (exact for binary; the
+    n-row exact solve is FGN's edge). In full batch the full GGN is taken
+    when FGN is known to stall: once an FGN step was untrusted (reduction
+    ratio < 0.25), in the end game (last predicted decrease below
+    ``sqrt(tol)`` of the loss: FGN converges linearly, Newton quadratically),
+    or while the within-competitor curvature FGN drops exceeds
+    ``AUTO_GGN_THRESHOLD`` of the softmax curvature's trace.
+    """
+    if cfg.curvature != "auto":
+        return cfg.curvature
+    if not full_batch or head.n_logits == 1:
+        return "fgn"
+    if state.fgn_stalled or state.last_relative_decrease < math.sqrt(cfg.tol):
+        return "ggn"
+    logits = forward(head, state.params, batch.X)
+    weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
+    return "ggn" if dropped_curvature_fraction(logits, batch.y, weights) > AUTO_GGN_THRESHOLD else "fgn"
+
+
+def _next_damping(damping: float, ratio: float) -> float:
+    # Levenberg-Marquardt reduction-ratio rule (Nocedal & Wright 4.1 / Martens 2010).
+    if ratio < 0.25:
+        damping *= 2.0
+    elif ratio > 0.75:
+        damping /= 10.0
+    return min(max(damping, DAMPING_BOUNDS[0]), DAMPING_BOUNDS[1])
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one damped update did."""
+
+    loss: float
+    new_loss: float
+    accepted: bool
+    damping: float
+    curvature: str
+    cg_iter: int
+    predicted_decrease: float
+    ratio: float
+
+
+def damped_update(
+    head: Head, params: Params, batch: Batch, damping: float, cfg: LoopConfig, curvature: str
+) -> tuple[Params, float, StepRecord]:
+    """Compute one ``curvature`` step on ``batch``, accept or reject it, adapt ``damping``.
+
+    ``solver="cholesky"`` applies to FGN steps; full-GGN steps use CG.
+    """
+    solver = "cg" if curvature == "ggn" and cfg.solver == "cholesky" else cfg.solver
+    result: StepResult = compute_step(
+        head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
+        curvature=curvature, solver=solver, cg_tol=cfg.cg_tol, cg_max_iter=cfg.cg_max_iter,
+    )  # fmt: skip
+    trial = {k: params[k] + result.step[k] for k in params}
+    cg_iter = result.cg.n_iter if result.cg is not None else 0
+    loss = float(result.loss)
+    new_loss = float(_batch_objective(head, trial, batch, cfg.alpha))
+    predicted = float(result.predicted_decrease)
+    if cfg.damping_schedule == "constant":
+        return trial, damping, StepRecord(loss, new_loss, True, damping, curvature, cg_iter, predicted, 1.0)
+    ratio = (loss - new_loss) / predicted if predicted > 0 else -math.inf
+    accepted = math.isfinite(new_loss) and new_loss <= loss
+    record = StepRecord(
+        loss, new_loss if accepted else loss, accepted, damping, curvature, cg_iter, predicted, ratio
+    )
+    return (trial if accepted else params), _next_damping(damping, ratio), record
+
+
+def _batch_objective(head: Head, params: Params, batch: Batch, alpha: float) -> Tensor:
+    weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
+    return objective(head, params, batch.X, batch.y, weights, alpha)
+
+
+def iter_batches(
+    X: Tensor, y: Tensor, sample_weight: Tensor | None, batch_size: int | None,
+    generator: torch.Generator, device: torch.device,
+) -> Iterator[Batch]:  # fmt: skip
+    """Shuffled batches moved to ``device`` one at a time (``X`` may stay on the host)."""
+    n = X.shape[0]
+    if batch_size is None or batch_size >= n:
+        yield _to_device(X, y, sample_weight, device)
+        return
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        sw = None if sample_weight is None else sample_weight[idx]
+        yield _to_device(X[idx], y[idx], sw, device)
+
+
+def _to_device(X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device) -> Batch:
+    if X.device == device:
+        return Batch(X, y, sample_weight)
+    pin = device.type == "cuda"
+    move = lambda t: t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)  # noqa: E731
+    return Batch(move(X), move(y), None if sample_weight is None else move(sample_weight))
+
+
+__all__ += ["Batch", "StepRecord", "damped_update", "iter_batches"]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Training (and optional validation) tensors; ``X`` may live on the host."""
+
+    X: Tensor
+    y: Tensor
+    sample_weight: Tensor | None
+    device: torch.device
+    X_val: Tensor | None = None
+    y_val: Tensor | None = None
+
+
+def _run_epoch(
+    head: Head, state: LoopState, data: TrainingData, cfg: LoopConfig, generator: torch.Generator
+) -> list[tuple[int, StepRecord]]:
+    n = data.X.shape[0]
+    full_batch = cfg.batch_size is None or cfg.batch_size >= n
+    records = []
+    for batch in iter_batches(data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device):
+        curvature = _resolve_curvature(cfg, head, state, batch, full_batch)
+        state.params, state.damping, record = damped_update(
+            head, state.params, batch, state.damping, cfg, curvature
+        )
+        if full_batch:
+            state.fgn_stalled |= curvature == "fgn" and record.ratio < 0.25
+            state.last_relative_decrease = record.predicted_decrease / max(abs(record.loss), 1e-300)
+        records.append((batch.X.shape[0], record))
+    return records
+
+
+def validation_accuracy(head: Head, params: Params, X: Tensor, y: Tensor) -> float:
+    """Accuracy of the head on held-out tensors (on ``X``'s device)."""
+    logits = forward(head, params, X)
+    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+    return float((pred == y).double().mean())
+
+
+def _epoch_loss(records: list[tuple[int, StepRecord]], full_batch: bool) -> float:
+    if full_batch:  # the objective after the update
+        return records[-1][1].new_loss
+    total = sum(size for size, _ in records)
+    return sum(size * rec.loss for size, rec in records) / total
+
+
+def _update_stopping(state: LoopState, cfg: LoopConfig, score: float | None) -> bool:
+    """MLPClassifier's rule: no improvement by ``tol`` for ``n_iter_no_change`` epochs."""
+    if score is not None:
+        improved = score > state.best_validation_score + cfg.tol
+        if score > state.best_validation_score:
+            state.best_validation_score = score
+            state.best_params = {k: t.clone() for k, t in state.params.items()}
+    else:
+        improved = state.loss_curve[-1] < state.best_loss - cfg.tol
+    state.best_loss = min(state.best_loss, state.loss_curve[-1])
+    state.no_improvement_count = 0 if improved else state.no_improvement_count + 1
+    return state.no_improvement_count >= cfg.n_iter_no_change
+
+
+def _full_batch_converged(record: StepRecord, cfg: LoopConfig) -> bool:
+    # A trusted step (the quadratic model agrees with the objective) whose
+    # predicted decrease is below tol relative to the loss: once it is taken
+    # the remaining gap is far smaller (Newton-type steps converge
+    # superlinearly). At round-off level the ratio is noise: stop as well.
+    relative = record.predicted_decrease / max(abs(record.loss), 1e-300)
+    trusted = record.accepted and record.ratio > 0.5
+    return (trusted and relative <= cfg.tol) or relative <= 1e3 * _EPS
+
+
+def _log_epoch(state: LoopState, records: list[tuple[int, StepRecord]], seconds: float, score) -> None:
+    cg = sum(rec.cg_iter for _, rec in records)
+    kinds = "/".join(sorted({rec.curvature for _, rec in records}))
+    extra = "" if score is None else f", validation score = {score:.6f}"
+    print(
+        f"Iteration {state.n_iter}, loss = {state.loss_curve[-1]:.8f}, damping = {state.damping:.3g}, "
+        f"curvature = {kinds}, CG iterations = {cg}{extra}, {seconds:.3f} s"
+    )
+
+
+def run_epochs(
+    head: Head,
+    state: LoopState,
+    data: TrainingData,
+    cfg: LoopConfig,
+    generator: torch.Generator,
+    n_epochs: int | None = None,
+    on_epoch: Callable[[LoopState], None] | None = None,
+) -> LoopState:
+    """Run up to ``n_epochs`` (default ``cfg.max_iter``) epochs, updating ``state``.
+
+    An epoch is one step in full batch, one pass over shuffled mini-batches
+    otherwise. Stops early on convergence (``state.converged`` is set).
+    """
+    full_batch = cfg.batch_size is None or cfg.batch_size >= data.X.shape[0]
+    for _ in range(cfg.max_iter if n_epochs is None else n_epochs):
+        start = time.perf_counter()
+        records = _run_epoch(head, state, data, cfg, generator)
+        state.n_iter += 1
+        state.t += data.X.shape[0]
+        state.loss_curve.append(_epoch_loss(records, full_batch))
+        score = None
+        if data.X_val is not None:
+            score = validation_accuracy(head, state.params, data.X_val, data.y_val)
+            state.validation_scores.append(score)
+        if cfg.verbose:
+            _log_epoch(state, records, time.perf_counter() - start, score)
+        if on_epoch is not None:
+            on_epoch(state)
+        stop = _update_stopping(state, cfg, score)
+        if full_batch and score is None:  # MLP's no-improvement rule is for noisy epochs
+            stop = _full_batch_converged(records[-1][1], cfg)
+        if stop:
+            state.converged = True
+            break
+    return state
+
+
+__all__ += ["TrainingData", "validation_accuracy"]
