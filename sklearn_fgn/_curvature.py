@@ -19,14 +19,18 @@ rows ``sqrt(omega_i) S_i J_i``. ``S_i`` is applied in O(n_classes); no
 Both operators only need the logits map's Jacobian-vector product
 (``v -> J v``, shape ``(n, n_logits)``) and vector-Jacobian product
 (``C -> J^T C``). :class:`LogitsLinearization` carries them; the linear
-head has closed forms (two matmuls), other heads use ``torch.func``.
+head has closed forms (two matmuls), other heads use ``torch.func``. The
+logits map is a :class:`Head` spec or any ``LogitsFn`` ``(params, X) ->
+logits`` that is pure in ``params`` (a ``torch.func.functional_call`` of an
+``nn.Module``, say), so the same operators serve arbitrary networks.
 Nothing of size ``n x P``, ``n x K x P`` or ``P x P`` is formed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -35,17 +39,22 @@ from ._heads import Head, forward, forward_with_cache, is_penalized
 from ._margin import log_curvature_weight, margin, margin_direction
 
 __all__ = [
+    "LogitsFn",
     "LogitsLinearization",
     "RowSpaceOperator",
     "damping_diagonal",
     "fgn_gram",
     "fgn_row_scale",
     "linearize",
+    "logits_function",
     "make_fgn_operator",
     "make_ggn_operator",
+    "penalized_names",
 ]
 
 Params = dict[str, Tensor]
+# ``logits_fn(params, X) -> logits`` of shape (n, n_logits), pure in ``params``.
+LogitsFn = Callable[[Params, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,49 @@ def _linearize_linear(head: Head, params: Params, X: Tensor) -> LogitsLinearizat
     return LogitsLinearization(forward(head, params, X), jvp, vjp)
 
 
-def _linearize_autograd(head: Head, params: Params, X: Tensor) -> LogitsLinearization:
+def logits_function(model: Head | LogitsFn) -> LogitsFn:
+    """Return the logits map of a :class:`Head` spec or of a logits function.
+
+    Parameters
+    ----------
+    model : Head or callable
+        A head spec, or already a function ``(params, X) -> logits``.
+
+    Returns
+    -------
+    callable
+        ``(params, X) -> logits`` (``model`` itself when it is a function).
+    """
+    return partial(forward, model) if isinstance(model, Head) else model
+
+
+def penalized_names(model: Head | LogitsFn, params: Params) -> frozenset[str]:
+    """Names of the parameters ``alpha`` penalises.
+
+    Parameters
+    ----------
+    model : Head or callable
+        A head spec or a logits function ``(params, X) -> logits``.
+    params : dict of Tensor
+        The parameters.
+
+    Returns
+    -------
+    frozenset of str
+        For a :class:`Head` the ``coef_*`` entries (:func:`._heads.is_penalized`);
+        for a logits function every parameter with ``ndim >= 2`` (weight
+        matrices and kernels), never biases or other 1-D parameters (norm scales).
+    """
+    if isinstance(model, Head):
+        return frozenset(k for k in params if is_penalized(k))
+    return frozenset(k for k, t in params.items() if t.ndim >= 2)
+
+
+def _linearize_autograd(model: Head | LogitsFn, params: Params, X: Tensor) -> LogitsLinearization:
+    model_fn = logits_function(model)
+
     def logits_fn(p: Params) -> Tensor:
-        return forward(head, p, X)
+        return model_fn(p, X)
 
     logits, vjp_fn = torch.func.vjp(logits_fn, params)
 
@@ -97,14 +146,16 @@ def _linearize_autograd(head: Head, params: Params, X: Tensor) -> LogitsLineariz
     return LogitsLinearization(logits, jvp, vjp)
 
 
-def linearize(head: Head, params: Params, X: Tensor) -> LogitsLinearization:
-    """Linearise the head's logits map at ``params`` on the batch ``X``.
+def linearize(head: Head | LogitsFn, params: Params, X: Tensor) -> LogitsLinearization:
+    """Linearise the logits map at ``params`` on the batch ``X``.
 
-    Cost: one forward pass (plus the saved graph for non-linear heads).
-    Each later ``jvp``/``vjp`` costs about one forward pass: for the linear
-    head exactly one ``(n, d) @ (d, n_logits)`` matmul.
+    ``head`` is a :class:`Head` spec or a ``LogitsFn`` (then ``X`` is
+    whatever that function takes as its batch). Cost: one forward pass (plus
+    the saved graph for anything but the linear head). Each later
+    ``jvp``/``vjp`` costs about one forward pass: for the linear head exactly
+    one ``(n, d) @ (d, n_logits)`` matmul.
     """
-    if head.is_linear:
+    if isinstance(head, Head) and head.is_linear:
         return _linearize_linear(head, params, X)
     return _linearize_autograd(head, params, X)
 
@@ -229,6 +280,13 @@ def fgn_gram(
     return scale[:, None] * gram * scale[None, :]
 
 
-def damping_diagonal(params: Params, damping: float, alpha: float) -> dict[str, float]:
-    """``Lambda`` per parameter block: ``damping + alpha`` on weights, ``damping`` on biases."""
-    return {k: damping + alpha if is_penalized(k) else damping for k in params}
+def damping_diagonal(
+    params: Params, damping: float, alpha: float, penalized: Collection[str] | None = None
+) -> dict[str, float]:
+    """``Lambda`` per parameter block: ``damping + alpha`` on weights, ``damping`` on biases.
+
+    ``penalized`` names the weights; by default the head's ``coef_*`` entries.
+    """
+    if penalized is None:
+        penalized = {k for k in params if is_penalized(k)}
+    return {k: damping + alpha if k in penalized else damping for k in params}
