@@ -51,7 +51,11 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
         ``"constant"`` applies every step as computed with fixed ``damping``
         (unit step, no line search). ``"adaptive"`` rejects steps that raise the
         (batch) loss and adapts ``damping`` by the Levenberg-Marquardt
-        reduction ratio: ``/3`` above 0.75, ``*2`` below 0.25.
+        reduction ratio: ``/10`` above 0.75, ``*2`` below 0.25, within
+        [1e-8, 1e8]. With mini-batches ``damping`` is also its floor: an exact
+        step on a batch with fewer rows than parameters always lowers that
+        batch's loss, so the ratio cannot see a step that memorises the batch,
+        and ``damping`` acts as a step size there.
     curvature : {"auto", "fgn", "ggn"}, default="auto"
         ``"fgn"`` keeps each example's true-vs-rest curvature (one row per
         example); ``"ggn"`` the full softmax Gauss-Newton matrix (exact Newton
@@ -59,8 +63,13 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
         batch, the full GGN while the within-competitor curvature FGN drops
         exceeds half the softmax curvature's trace (FGN otherwise).
     solver : {"auto", "cg", "cholesky"}, default="auto"
-        Inner solver of the row-space system. ``"cholesky"`` forms the exact
-        ``n x n`` Gram (FGN only); ``"auto"`` uses it for FGN up to 4096 rows.
+        Inner solver. ``"cg"``: conjugate gradient preconditioned by the
+        damping. ``"cholesky"``: the exact FGN step from a Cholesky
+        factorisation of the ``n x n`` row-space Gram (cost independent of the
+        number of parameters), used as the preconditioner of CG, so FGN steps
+        take one CG iteration and full-GGN steps are FGN-preconditioned.
+        ``"auto"``: ``"cholesky"`` up to 4096 rows when forming the Gram costs
+        less than about 20 CG iterations, ``"cg"`` otherwise.
     batch_size : int, "auto" or None, default="auto"
         ``None`` is full batch. ``"auto"``: full batch up to 4096 samples
         (then one exact step per iteration is cheap), else 1024 (the measured
@@ -330,8 +339,6 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=reset)
         check_classification_targets(y)
         sample_weight = _check_sample_weight(sample_weight, X, dtype=X.dtype, ensure_non_negative=True)
-        if not np.any(sample_weight > 0):
-            raise ValueError("sample_weight must have at least one positive entry; all are zero.")
         return X, y, sample_weight
 
     def _check_params(self):
@@ -343,8 +350,6 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"hidden_layer_sizes must be a tuple of positive ints; got {self.hidden_layer_sizes!r}."
             )
-        if self.solver == "cholesky" and self.curvature == "ggn":
-            raise ValueError("solver='cholesky' solves FGN systems only; use curvature='fgn' or 'auto'.")
         _resolve_device(self.device)
         return tuple(int(s) for s in sizes) if len(self.hidden_layer_sizes) else ()
 
@@ -397,7 +402,7 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
             sample_weight = sample_weight * compute_sample_weight(self.class_weight, self.classes_[y_enc])
         data = self._training_data(X, y_enc, sample_weight, early_stopping)
         cfg = LoopConfig(
-            alpha=float(self.alpha), curvature=self.curvature, solver=self.solver,
+            alpha=float(self.alpha), damping=float(self.damping), curvature=self.curvature, solver=self.solver,
             damping_schedule=self.damping_schedule, batch_size=self._resolve_batch_size(data.X.shape[0]),
             max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
             cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, verbose=self.verbose,
@@ -459,7 +464,7 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         params = self._params_from_attributes(self._head, X.dtype)
         with torch.no_grad():
-            return forward(self._head, params, torch.from_numpy(X))
+            return forward(self._head, params, _to_tensor(X, "cpu", host=True))
 
     def decision_function(self, X):
         """Logits (``raw_prediction``) of ``X``.
@@ -562,7 +567,9 @@ def _fits_on(device, nbytes):
 
 
 def _to_tensor(array, device, host=False):
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    # torch.from_numpy shares memory and warns on read-only arrays (memmaps); copy those.
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     return tensor if host else tensor.to(device)
 
 

@@ -1,0 +1,327 @@
+"""Contracts of FGNClassifier: objective, one exact step, dtypes, errors, state."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from sklearn.base import clone
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine, make_classification
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from sklearn_fgn import FGNClassifier
+
+DATASETS = {"iris": load_iris, "wine": load_wine, "digits": load_digits, "breast_cancer": load_breast_cancer}
+
+
+def _standardized(name):
+    X, y = DATASETS[name](return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+def _objective(coef, intercept, X, y, classes, alpha, sample_weight=None):
+    """Weighted mean cross-entropy + alpha/2 ||coef||^2 in numpy float64."""
+    logits = X @ coef.T + intercept
+    idx = np.searchsorted(classes, y)
+    if coef.shape[0] == 1:
+        sign = 2.0 * idx - 1.0
+        loss = np.logaddexp(0.0, -sign * logits[:, 0])
+    else:
+        loss = logsumexp(logits, axis=1) - logits[np.arange(len(y)), idx]
+    w = np.ones(len(y)) if sample_weight is None else sample_weight
+    return np.sum(w * loss) / np.sum(w) + 0.5 * alpha * np.sum(coef**2)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("C", [0.1, 1.0, 100.0])
+def test_full_batch_reaches_logistic_regression_objective(name, C):
+    X, y = _standardized(name)
+    alpha = 1.0 / (C * len(y))
+    lr = LogisticRegression(C=C, tol=1e-12, max_iter=100_000).fit(X, y)
+    fgn = FGNClassifier(alpha=alpha, batch_size=None, device="cpu").fit(X, y)
+    f_lr = _objective(lr.coef_, lr.intercept_, X, y, lr.classes_, alpha)
+    f_fgn = _objective(fgn.coef_, fgn.intercept_, X, y, fgn.classes_, alpha)
+    assert f_fgn <= f_lr * (1 + 1e-6)
+    assert fgn.loss_curve_[-1] == pytest.approx(f_fgn, rel=1e-9)
+
+
+def test_sample_weight_objective_matches_logistic_regression():
+    X, y = _standardized("wine")
+    sw = np.random.RandomState(0).uniform(0.2, 3.0, len(y))
+    C = 1.0
+    alpha = 1.0 / (C * sw.sum())
+    lr = LogisticRegression(C=C, tol=1e-12, max_iter=100_000).fit(X, y, sample_weight=sw)
+    fgn = FGNClassifier(alpha=alpha, batch_size=None, device="cpu").fit(X, y, sample_weight=sw)
+    f_lr = _objective(lr.coef_, lr.intercept_, X, y, lr.classes_, alpha, sw)
+    f_fgn = _objective(fgn.coef_, fgn.intercept_, X, y, fgn.classes_, alpha, sw)
+    assert f_fgn <= f_lr * (1 + 1e-6)
+
+
+def test_convergence_warning_at_max_iter():
+    X, y = _standardized("digits")
+    with pytest.warns(ConvergenceWarning, match="max_iter=1"):
+        FGNClassifier(batch_size=None, max_iter=1, device="cpu").fit(X, y)
+
+
+def _dense_step(X, y_idx, sw, coef, intercept, alpha, damping, curvature):
+    """-(G + Lambda)^{-1} grad L for the linear head, from dense float64 torch.func."""
+    X_t, y_t = torch.tensor(X), torch.tensor(y_idx)
+    omega = torch.tensor(sw / sw.sum())
+    theta0 = torch.cat([torch.tensor(coef).reshape(-1), torch.tensor(intercept)])
+    K, d = coef.shape
+
+    def logits_fn(theta):
+        return X_t @ theta[: K * d].reshape(K, d).T + theta[K * d :]
+
+    def data_loss(theta):
+        z = logits_fn(theta)
+        if K == 1:
+            return (omega * torch.nn.functional.softplus(-(2.0 * y_t - 1) * z[:, 0])).sum()
+        return (omega * torch.nn.functional.cross_entropy(z, y_t, reduction="none")).sum()
+
+    penalized = torch.cat([torch.ones(K * d), torch.zeros(K)]).double()
+    grad = torch.func.grad(data_loss)(theta0) + alpha * penalized * theta0
+    J = torch.func.jacrev(logits_fn)(theta0)  # (n, K, P)
+    z = logits_fn(theta0)
+    if K == 1:
+        p = torch.sigmoid(z[:, 0])
+        H = (p * (1 - p))[:, None, None]
+    elif curvature == "ggn":
+        p = torch.softmax(z, 1)
+        H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    else:
+        p = torch.softmax(z, 1)
+        p_true = p[torch.arange(len(y_t)), y_t]
+        q = p.scatter(1, y_t[:, None], 0.0) / (1 - p_true)[:, None]
+        a = -q.scatter(1, y_t[:, None], -1.0)
+        w = p_true * (1 - p_true)
+        H = w[:, None, None] * a[:, :, None] * a[:, None, :]
+    G = torch.einsum("n,nkp,nkl,nlq->pq", omega, J, H, J)
+    Lam = torch.diag(damping + alpha * penalized)
+    return (-torch.linalg.solve(G + Lam, grad)).numpy()
+
+
+@pytest.mark.parametrize("curvature", ["fgn", "ggn"])
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_one_constant_step_is_the_exact_damped_step(curvature, n_classes, solver):
+    X, y = make_classification(60, 5, n_informative=4, n_redundant=0, n_classes=n_classes, random_state=0)
+    sw = np.random.RandomState(1).uniform(0.5, 2.0, len(y))
+    K = 1 if n_classes == 2 else n_classes
+    rng = np.random.RandomState(2)
+    coef0, intercept0 = rng.normal(size=(K, 5)), rng.normal(size=K)
+    alpha, damping = 0.05, 0.3
+    est = FGNClassifier(
+        alpha=alpha, damping=damping, damping_schedule="constant", curvature=curvature, solver=solver,
+        batch_size=None, max_iter=1, cg_tol=1e-12, cg_max_iter=500, device="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, y, sample_weight=sw, coef_init=coef0, intercept_init=intercept0)
+    expected = _dense_step(X, y, sw, coef0, intercept0, alpha, damping, curvature)
+    got = np.concatenate([(est.coef_ - coef0).ravel(), est.intercept_ - intercept0])
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_fgn_and_ggn_steps_differ_for_multiclass():
+    X, y = make_classification(60, 5, n_informative=4, n_redundant=0, n_classes=4, random_state=0)
+    kw = dict(damping_schedule="constant", batch_size=None, max_iter=1, cg_tol=1e-12, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fgn = FGNClassifier(curvature="fgn", **kw).fit(X, y)
+        ggn = FGNClassifier(curvature="ggn", **kw).fit(X, y)
+    assert not np.allclose(fgn.coef_, ggn.coef_)
+
+
+@pytest.mark.parametrize("hidden", [(), (6,)])
+def test_float32_in_float32_out_on_cpu_numpy(hidden):
+    X, y = _standardized("iris")
+    est = FGNClassifier(hidden_layer_sizes=hidden, max_iter=5, device="cpu", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X.astype(np.float32), y)
+    arrays = [est.coef_, est.intercept_] if not hidden else est.coefs_ + est.intercepts_
+    for array in arrays:
+        assert type(array) is np.ndarray and array.dtype == np.float32
+    assert est.predict_proba(X.astype(np.float32)).dtype == np.float32
+
+
+def test_same_random_state_is_bit_identical():
+    X, y = make_classification(3000, 20, n_informative=10, n_classes=5, random_state=0)
+    kw = dict(hidden_layer_sizes=(16,), batch_size=256, max_iter=3, random_state=7, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a, b = FGNClassifier(**kw).fit(X, y), FGNClassifier(**kw).fit(X, y)
+    for wa, wb in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_, strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert a.loss_curve_ == b.loss_curve_
+
+
+def test_grid_search_parallel_equals_serial():
+    X, y = _standardized("iris")
+    grid = {"damping": [0.1, 1.0, 10.0]}
+    est = FGNClassifier(batch_size=32, max_iter=2, damping_schedule="constant", random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        serial = GridSearchCV(est, grid, cv=3, n_jobs=1).fit(X, y)
+        parallel = GridSearchCV(est, grid, cv=3, n_jobs=2).fit(X, y)
+    np.testing.assert_allclose(serial.cv_results_["mean_test_score"], parallel.cv_results_["mean_test_score"])
+    assert serial.best_params_ == parallel.best_params_
+
+
+def test_pipeline_grid_search_over_damping():
+    X, y = load_digits(return_X_y=True)
+    pipe = make_pipeline(StandardScaler(), FGNClassifier(device="cpu", random_state=0))
+    search = GridSearchCV(pipe, {"fgnclassifier__damping": [0.1, 1.0]}, cv=2).fit(X, y)
+    assert search.best_score_ > 0.9
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"damping": 0.0}, "damping"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"solver": "lbfgs"}, "solver"),
+        ({"curvature": "hessian"}, "curvature"),
+        ({"hidden_layer_sizes": (0,)}, "hidden_layer_sizes"),
+        ({"hidden_layer_sizes": (4, -2)}, "hidden_layer_sizes"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"device": "tpu9"}, "device"),
+    ],
+)
+def test_bad_parameters_raise_value_error(params, match):
+    X, y = _standardized("iris")
+    with pytest.raises(ValueError, match=match):
+        FGNClassifier(**params).fit(X, y)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_requested_without_cuda():
+    X, y = _standardized("iris")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        FGNClassifier(device="cuda").fit(X, y)
+
+
+def test_bad_input_raises_value_error():
+    X, y = _standardized("iris")
+    est = FGNClassifier(device="cpu")
+    X_nan = X.copy()
+    X_nan[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.fit(X_nan, y)
+    X_inf = X.copy()
+    X_inf[0, 0] = np.inf
+    with pytest.raises(ValueError, match="infinity"):
+        est.fit(X_inf, y)
+    sw = np.ones(len(y))
+    sw[5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.fit(X, y, sample_weight=sw)
+    with pytest.raises(ValueError, match="(?i)negative"):
+        est.fit(X, y, sample_weight=-np.ones(len(y)))
+    with pytest.raises(ValueError, match="non-zero"):
+        est.fit(X, y, sample_weight=np.zeros(len(y)))
+    with pytest.raises(ValueError, match="2 classes"):
+        est.fit(X, np.zeros(len(y)))
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        est.fit(X, y[:-1])
+    est.fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        est.predict(X[:, :2])
+    with pytest.raises(ValueError, match="coef_init has shape"):
+        FGNClassifier(device="cpu").fit(X, y, coef_init=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="linear head"):
+        FGNClassifier(hidden_layer_sizes=(3,), device="cpu").fit(X, y, coef_init=np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e-6])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_feature_scales_give_finite_parameters(scale, dtype):
+    X, y = make_classification(400, 10, n_informative=6, n_classes=3, random_state=0)
+    est = FGNClassifier(device="cpu", max_iter=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit((X * scale).astype(dtype), y)
+    assert np.all(np.isfinite(est.coef_)) and np.all(np.isfinite(est.intercept_))
+    assert np.all(np.isfinite(est.predict_proba((X * scale).astype(dtype))))
+    if scale > 1:
+        assert est.score((X * scale).astype(dtype), y) > 0.7
+
+
+def test_binary_layout_matches_logistic_regression():
+    X, y = _standardized("breast_cancer")
+    C = 1.0
+    est = FGNClassifier(alpha=1 / (C * len(y)), batch_size=None, device="cpu").fit(X, y)
+    lr = LogisticRegression(C=C, tol=1e-12, max_iter=10_000).fit(X, y)
+    assert est.coef_.shape == (1, X.shape[1]) and est.intercept_.shape == (1,)
+    assert est.decision_function(X).shape == (len(y),)
+    np.testing.assert_allclose(est.predict_proba(X), lr.predict_proba(X), atol=1e-4)
+    np.testing.assert_allclose(est.predict_log_proba(X), np.log(est.predict_proba(X)), rtol=1e-10)
+
+
+def test_pickle_round_trip_predicts_identically():
+    X, y = _standardized("wine")
+    est = FGNClassifier(hidden_layer_sizes=(8,), random_state=0, device="cpu", max_iter=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, y)
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(again.predict_proba(X), est.predict_proba(X))
+
+
+def test_partial_fit_needs_classes_and_lowers_the_loss():
+    X, y = _standardized("digits")
+    est = FGNClassifier(batch_size=128, device="cpu", random_state=0)
+    with pytest.raises(ValueError, match="classes"):
+        clone(est).partial_fit(X, y)
+    for _ in range(3):
+        est.partial_fit(X, y, classes=np.unique(y))
+    assert est.n_iter_ == 3 and est.t_ == 3 * len(y)
+    assert est.loss_curve_[-1] < est.loss_curve_[0]
+    with pytest.raises(ValueError, match="not in classes"):
+        est.partial_fit(X, y + 100)
+
+
+def test_warm_start_resumes_from_previous_solution():
+    X, y = _standardized("digits")
+    est = FGNClassifier(batch_size=None, warm_start=True, device="cpu").fit(X, y)
+    first = est.n_iter_
+    est.fit(X, y)
+    assert est.n_iter_ < first
+
+
+def test_early_stopping_records_validation_scores_and_keeps_best():
+    X, y = _standardized("digits")
+    est = FGNClassifier(
+        hidden_layer_sizes=(32,), batch_size=64, early_stopping=True, max_iter=50, random_state=0, device="cpu"
+    ).fit(X, y)
+    assert len(est.validation_scores_) == est.n_iter_ < 50
+    assert max(est.validation_scores_) > 0.9
+
+
+def test_mlp_head_matches_mlp_classifier_on_digits():
+    from sklearn.neural_network import MLPClassifier
+
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    scaler = StandardScaler().fit(X_train)
+    X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fgn = FGNClassifier(hidden_layer_sizes=(64,), random_state=0, device="cpu").fit(X_train, y_train)
+        mlp = MLPClassifier((64,), random_state=0, max_iter=300).fit(X_train, y_train)
+    assert fgn.score(X_test, y_test) >= mlp.score(X_test, y_test) - 0.01
+
+
+def test_verbose_prints_one_line_per_iteration(capsys):
+    X, y = _standardized("iris")
+    est = FGNClassifier(batch_size=None, verbose=1, device="cpu").fit(X, y)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Iteration")]
+    assert len(lines) == est.n_iter_
+    assert "damping" in lines[0] and "CG iterations" in lines[0]
