@@ -1,0 +1,281 @@
+"""Linear probe: test accuracy and wall time of FGNClassifier() against real peers.
+
+What is measured
+----------------
+Synthetic linear-probe problems ``make_classification(n_samples=N, n_features=d,
+n_informative=d // 4, n_redundant=2, n_repeated=0, n_classes=K, n_clusters_per_class=1,
+class_sep=1.0, flip_y=0.01, random_state=0)`` for (N, d, K) in ``--sizes`` (default
+``20000x256x100,100000x512x1000``; ``--quick``: ``5000x64x20``), plus scikit-learn
+``load_digits``. Every problem: one stratified 80/20 train/test split
+(``random_state=0``), ``StandardScaler`` fitted on the training part, float64.
+
+Methods (same split, same process, threads pinned with ``--threads``, default 2, for
+BLAS/OpenMP and torch; each timed fit follows an untimed warm-up fit on a small subset):
+
+* ``LogisticRegression`` (max_iter=1000, otherwise defaults): C swept over
+  {1e-3, 1e-2, 1e-1, 1, 10} with lbfgs (for K >= 1000: {1e-2, 1e-1, 1}); the best C is
+  chosen on the **test** accuracy (an oracle choice that favours the peer), and the best-C
+  fit is timed with "lbfgs" and "newton-cg" (the single-fit references).
+* ``SGDClassifier(loss="log_loss", random_state=0)``, otherwise defaults (one-vs-rest).
+* skorch ``NeuralNetClassifier(nn.Linear(d, K), criterion=CrossEntropyLoss,
+  optimizer=Adam, max_epochs=20, batch_size=256, train_split=None)``, best lr of
+  {1e-3, 1e-2} on test accuracy (oracle); time of that fit.
+* ``torch.optim.LBFGS`` (full batch, lr=1, history_size=10, line_search_fn="strong_wolfe",
+  max_iter=500) on ``nn.Linear`` with the L2 penalty of the best-C LogisticRegression
+  (alpha = 1/(C n)); passes = closure evaluations.
+* ``FGNClassifier(device="cpu", random_state=0)``: DEFAULT settings, no tuning.
+* digits only: ``FGNClassifier(hidden_layer_sizes=(64,), device="cpu", random_state=0)``
+  vs ``MLPClassifier((64,), random_state=0)`` (defaults).
+
+Reported: test accuracy, wall seconds of the fit, passes over the training data
+(epochs or iterations where known), ConvergenceWarnings raised, and the time to come
+within 0.5 accuracy points of the best method on that problem (approximated by the
+whole-fit time when the fit got there, else "—").
+
+Run::
+
+    python benchmarks/linear_probe.py --quick                    # smoke run
+    python benchmarks/linear_probe.py --sizes 20000x256x100     # one size + digits
+    python benchmarks/linear_probe.py                            # both sizes (long)
+
+Outputs: ``benchmarks/out/linear_probe{,_quick}.md``, ``.csv``, ``.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _preset_threads(argv: list[str]) -> None:
+    """Set BENCH_THREADS from ``--threads N`` before ``_common`` imports numpy/torch."""
+    threads = "2"
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            threads = argv[i + 1]
+        elif arg.startswith("--threads="):
+            threads = arg.split("=", 1)[1]
+    os.environ["BENCH_THREADS"] = threads
+
+
+_preset_threads(sys.argv)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402  (sets thread env vars, imports numpy and torch)
+
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.datasets import load_digits, make_classification  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.linear_model import LogisticRegression, SGDClassifier  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from sklearn.neural_network import MLPClassifier  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from skorch import NeuralNetClassifier  # noqa: E402
+
+from sklearn_fgn import FGNClassifier  # noqa: E402
+
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+C_GRID_LARGE_K = (1e-2, 1e-1, 1.0)
+SKORCH_LRS = (1e-3, 1e-2)
+SKORCH_EPOCHS = 20
+
+
+def load_problem(size: str):
+    """Standardised float64 ``(X_tr, X_te, y_tr, y_te)`` for ``"NxdxK"`` or ``"digits"``."""
+    if size == "digits":
+        X, y = load_digits(return_X_y=True)
+    else:
+        n, d, k = (int(v) for v in size.split("x"))
+        X, y = make_classification(n_samples=n, n_features=d, n_informative=d // 4, n_redundant=2,
+                                   n_repeated=0, n_classes=k, n_clusters_per_class=1, class_sep=1.0,
+                                   flip_y=0.01, random_state=0)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
+    scaler = StandardScaler().fit(X_tr)
+    return scaler.transform(X_tr), scaler.transform(X_te), y_tr, y_te
+
+
+def timed_fit(make, X_tr, y_tr):
+    """Warm up on a small subset, then time ``make().fit`` on all data; returns (est, s, n_warn)."""
+    n_warm = min(len(y_tr), 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make().fit(X_tr[:n_warm], y_tr[:n_warm])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        est = make()
+        start = time.perf_counter()
+        est.fit(X_tr, y_tr)
+        seconds = time.perf_counter() - start
+    return est, seconds, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def row(method, est, seconds, n_warn, X_te, y_te, passes):
+    """One result row (accuracy in percent)."""
+    return {"method": method, "test acc (%)": 100.0 * float(np.mean(est.predict(X_te) == y_te)),
+            "seconds": seconds, "passes": passes, "conv. warnings": n_warn}
+
+
+class _TorchLBFGS:
+    """Full-batch ``torch.optim.LBFGS`` on ``nn.Linear`` with an L2 penalty (a real torch optimizer)."""
+
+    def __init__(self, alpha: float, max_iter: int = 500):
+        self.alpha, self.max_iter = alpha, max_iter
+
+    def fit(self, X, y):
+        self.classes_, y_enc = np.unique(y, return_inverse=True)
+        torch.manual_seed(0)
+        Xt, yt = torch.as_tensor(X), torch.as_tensor(y_enc)
+        self.layer = torch.nn.Linear(X.shape[1], len(self.classes_)).double()
+        opt = torch.optim.LBFGS(self.layer.parameters(), lr=1.0, max_iter=self.max_iter, history_size=10,
+                                line_search_fn="strong_wolfe")
+        self.n_evals_ = 0
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(self.layer(Xt), yt) \
+                + 0.5 * self.alpha * self.layer.weight.pow(2).sum()
+            loss.backward()
+            self.n_evals_ += 1
+            return loss
+
+        opt.step(closure)
+        return self
+
+    def predict(self, X):
+        with torch.no_grad():
+            return self.classes_[self.layer(torch.as_tensor(X)).argmax(1).numpy()]
+
+
+def run_logistic(X_tr, X_te, y_tr, y_te, n_classes):
+    """C sweep (lbfgs), then timed best-C fits with lbfgs and newton-cg."""
+    grid = C_GRID_LARGE_K if n_classes >= 1000 else C_GRID
+    accs = {}
+    for C in grid:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est = LogisticRegression(C=C, max_iter=1000).fit(X_tr, y_tr)
+        accs[C] = float(np.mean(est.predict(X_te) == y_te))
+    best_C = max(accs, key=accs.get)
+    print(f"  LogisticRegression C sweep (test acc): {accs} -> best C = {best_C:g}", flush=True)
+    rows = []
+    for solver in ("lbfgs", "newton-cg"):
+        est, s, nw = timed_fit(lambda: LogisticRegression(C=best_C, solver=solver, max_iter=1000), X_tr, y_tr)
+        rows.append(row(f'LogisticRegression(C={best_C:g}, solver="{solver}")', est, s, nw, X_te, y_te,
+                        f"{int(est.n_iter_[0])} it"))
+    return rows, best_C
+
+
+def run_skorch(X_tr, X_te, y_tr, y_te):
+    """skorch linear module + Adam, best lr on test accuracy; returns that fit's row."""
+    d, k = X_tr.shape[1], len(np.unique(y_tr))
+    Xf, Xtf = X_tr.astype(np.float32), X_te.astype(np.float32)
+    y_enc = np.unique(y_tr, return_inverse=True)[1].astype(np.int64)
+    best = None
+    for lr in SKORCH_LRS:
+        def make(lr=lr):
+            torch.manual_seed(0)
+            return NeuralNetClassifier(torch.nn.Linear(d, k), criterion=torch.nn.CrossEntropyLoss,
+                                       optimizer=torch.optim.Adam, lr=lr, max_epochs=SKORCH_EPOCHS,
+                                       batch_size=256, train_split=None, verbose=0, device="cpu")
+        est, s, nw = timed_fit(make, Xf, y_enc)
+        acc = 100.0 * float(np.mean(np.unique(y_tr)[est.predict(Xtf)] == y_te))
+        r = {"method": f"skorch NeuralNetClassifier(Linear, Adam, lr={lr:g})", "test acc (%)": acc,
+             "seconds": s, "passes": f"{SKORCH_EPOCHS} ep", "conv. warnings": nw}
+        if best is None or acc > best["test acc (%)"]:
+            best = r
+    return best
+
+
+def run_problem(size: str) -> list[dict]:
+    """All methods on one problem."""
+    X_tr, X_te, y_tr, y_te = load_problem(size)
+    n, k = len(y_tr), len(np.unique(y_tr))
+    print(f"\n## {size}: train {X_tr.shape}, test {X_te.shape}, {k} classes", flush=True)
+    rows, best_C = run_logistic(X_tr, X_te, y_tr, y_te, k)
+    est, s, nw = timed_fit(lambda: SGDClassifier(loss="log_loss", random_state=0), X_tr, y_tr)
+    rows.append(row('SGDClassifier(loss="log_loss")', est, s, nw, X_te, y_te, f"{est.n_iter_} ep"))
+    rows.append(run_skorch(X_tr, X_te, y_tr, y_te))
+    alpha = 1.0 / (best_C * n)
+    est, s, nw = timed_fit(lambda: _TorchLBFGS(alpha), X_tr, y_tr)
+    rows.append(row(f"torch.optim.LBFGS(full batch, alpha=1/(C n), C={best_C:g})", est, s, nw, X_te, y_te,
+                    f"{est.n_evals_} evals"))
+    est, s, nw = timed_fit(lambda: FGNClassifier(device="cpu", random_state=0), X_tr, y_tr)
+    unit = "it" if n <= 4096 else "ep"
+    rows.append(row("FGNClassifier() [defaults]", est, s, nw, X_te, y_te, f"{est.n_iter_} {unit}"))
+    if size == "digits":
+        est, s, nw = timed_fit(lambda: FGNClassifier(hidden_layer_sizes=(64,), device="cpu", random_state=0),
+                               X_tr, y_tr)
+        rows.append(row("FGNClassifier(hidden_layer_sizes=(64,))", est, s, nw, X_te, y_te, f"{est.n_iter_} it"))
+        est, s, nw = timed_fit(lambda: MLPClassifier((64,), random_state=0), X_tr, y_tr)
+        rows.append(row("MLPClassifier((64,))", est, s, nw, X_te, y_te, f"{est.n_iter_} ep"))
+    best_acc = max(r["test acc (%)"] for r in rows)
+    for r in rows:
+        r["problem"] = size
+        r["t to best-0.5pt (s)"] = r["seconds"] if r["test acc (%)"] >= best_acc - 0.5 else "—"
+        print(f"  {r['method']}: acc {r['test acc (%)']:.2f}%, {r['seconds']:.2f} s, {r['passes']}", flush=True)
+    return rows
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """FGNClassifier() time / best-C LogisticRegression time, and accuracy difference, per problem."""
+    lines = []
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        sub = [r for r in rows if r["problem"] == problem]
+        fgn = next(r for r in sub if r["method"].startswith("FGNClassifier() "))
+        for lr in (r for r in sub if r["method"].startswith("LogisticRegression")):
+            lines.append(f"{problem}: FGNClassifier() / {lr['method']}: time x{fgn['seconds'] / lr['seconds']:.2f}, "
+                         f"accuracy {fgn['test acc (%)'] - lr['test acc (%)']:+.2f} points")
+    return lines
+
+
+def plot(rows: list[dict], path) -> None:
+    """Test accuracy against fit seconds, one panel per problem (log x)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4.5), squeeze=False)
+    for ax, problem in zip(axes[0], problems):
+        for r in (r for r in rows if r["problem"] == problem):
+            ax.scatter(r["seconds"], r["test acc (%)"], label=r["method"][:45])
+        ax.set_xscale("log")
+        ax.set_xlabel("fit wall seconds")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(problem)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = _common.parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--threads", type=int, default=2, help="threads for BLAS/OpenMP/torch (default 2)"),
+        p.add_argument("--sizes", default=None,
+                       help="comma-separated NxdxK sizes (default 20000x256x100,100000x512x1000)"),
+    ))
+    sizes = args.sizes or ("5000x64x20" if args.quick else "20000x256x100,100000x512x1000")
+    print(_common.machine_description())
+    rows = []
+    for size in [s for s in sizes.split(",") if s] + ["digits"]:
+        rows += run_problem(size)
+    columns = ["problem", "method", "test acc (%)", "seconds", "passes", "t to best-0.5pt (s)", "conv. warnings"]
+    heads = headline(rows)
+    markdown = ("# Linear probe: test accuracy and fit time\n\n"
+                "80/20 stratified split (seed 0), standardised features; best C / lr chosen on test accuracy "
+                "(oracle, favours the peers); FGNClassifier untuned.\n"
+                f"Machine: {_common.machine_description()}\n\n" + _common.markdown_table(rows, columns)
+                + "\n\nHeadline:\n\n" + "\n".join(f"- {h}" for h in heads))
+    print("\n" + markdown)
+    _common.write_outputs("linear_probe", rows, markdown, {"rows": rows, "headline": heads}, args.quick)
+    png = _common.OUT_DIR / ("linear_probe_quick.png" if args.quick else "linear_probe.png")
+    plot(rows, png)
+    print(f"\nwrote {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+r"""skorch integration: train any torch module with Fast Gauss-Newton steps.
+
+:class:`FGNNeuralNetClassifier` is a ``skorch.NeuralNetClassifier`` whose
+``train_step`` takes one damped FGN (or full-GGN) step per batch. The step
+comes from the same kernel as :class:`sklearn_fgn.FGNClassifier`,
+:func:`sklearn_fgn._step.compute_step`, applied to the logits map
+``params -> torch.func.functional_call(module, params, X)``.
+
+This module needs skorch (``pip install "sklearn-fgn[skorch]"``); the rest of
+``sklearn_fgn`` does not import it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor
+
+try:
+    from skorch import NeuralNetClassifier
+    from skorch.dataset import unpack_data
+    from skorch.utils import to_tensor
+except ImportError as exc:  # pragma: no cover - exercised only without skorch
+    raise ImportError(
+        "sklearn_fgn.skorch needs skorch; install it with `pip install skorch` "
+        "or `pip install 'sklearn-fgn[skorch]'`."
+    ) from exc
+
+from ._curvature import LogitsFn
+from ._step import CURVATURES, StepResult, compute_step, normalized_weights, objective
+
+__all__ = ["DAMPING_BOUNDS", "DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
+
+Params = dict[str, Tensor]
+DAMPING_SCHEDULES = ("constant", "adaptive")
+# An arbitrary module has no per-layer structure for the exact Gram: CG only.
+SOLVERS = ("cg",)
+# Levenberg-Marquardt: lambda stays inside these bounds. The ratio is measured
+# on the batch the step was fitted to; on small batches a smaller lambda lets
+# each step fit its batch outright (MLP on digits, batch 128, floor 1e-6: step
+# norms past 1000 and the training loss stalled at 0.03; floor 1e-2: 6e-4).
+DAMPING_BOUNDS = (1e-2, 1e6)
+
+
+class FGNNeuralNetClassifier(NeuralNetClassifier):
+    r"""A skorch classifier trained by damped Fast Gauss-Newton steps.
+
+    Each training batch takes one step ``delta = -(G + Lambda)^{-1} grad L``
+    of :func:`sklearn_fgn._step.compute_step` (conjugate gradient in the
+    batch's row space) on the module's trainable parameters; no torch
+    optimizer step is taken. Everything else (data handling, callbacks,
+    ``predict``, checkpointing, ``GridSearchCV``) is skorch's.
+
+    Parameters
+    ----------
+    module : torch.nn.Module class or instance
+        Returns logits of shape (n_samples, n_classes), ``n_classes >= 2``.
+        Its forward pass must be a pure function of the parameters apart
+        from dropout and batch-norm running statistics (see Notes).
+    criterion : class or instance, default=torch.nn.CrossEntropyLoss
+        Must be ``torch.nn.CrossEntropyLoss`` with ``reduction="mean"`` and
+        no label smoothing; its class ``weight`` becomes sample weights.
+        Anything else raises ``ValueError`` at ``initialize``.
+    train_split : callable or None, default=None
+        No hidden validation split unless one is asked for (skorch's
+        classifier default holds out 20%).
+    optimizer : class, default=torch.optim.SGD
+        Built because skorch and its callbacks expect one; never stepped.
+    lr : float, default=0.0
+        Unused by the FGN step; kept at zero so the inert optimizer is visibly so.
+    damping : float, default=1.0
+        Initial Levenberg-Marquardt damping ``lambda > 0``.
+    damping_schedule : {"constant", "adaptive"}, default="adaptive"
+        ``"constant"`` takes every step with ``lambda = damping``.
+        ``"adaptive"`` compares the batch objective's actual decrease with
+        the decrease the quadratic model predicts: ratio below 0.25 doubles
+        ``lambda``, above 0.75 halves it (within ``DAMPING_BOUNDS``, 1e-2 to
+        1e6), and a step that raises the batch objective is rejected.
+    curvature : {"fgn", "ggn"}, default="fgn"
+        FGN (one row per example) or the full softmax GGN (``n_classes``
+        rows per example).
+    solver : {"cg"}, default="cg"
+        Only CG: the exact Gram needs per-layer structure a module lacks,
+        so ``"cholesky"`` raises ``ValueError``.
+    cg_max_iter : int, default=20
+        CG iterations per step; each costs one JVP and one VJP of the module.
+    cg_tol : float, default=1e-3
+        CG's relative-residual tolerance.
+    alpha : float, default=0.0
+        L2 strength on every parameter with ``ndim >= 2`` (weights,
+        convolution kernels); biases and other 1-D parameters are not penalised.
+    **kwargs
+        Any other ``skorch.NeuralNetClassifier`` argument (``max_epochs``,
+        ``batch_size``, ``callbacks``, ``device``, ``module__*``, ...).
+
+    Attributes
+    ----------
+    damping_ : float
+        Current damping; reset to ``damping`` by ``initialize``.
+    history_ : skorch.history.History
+        Besides skorch's entries, every training batch records ``loss`` (the
+        objective before the step), ``damping`` (``lambda`` used),
+        ``cg_iter``, ``step_norm`` and ``accepted``.
+
+    See Also
+    --------
+    sklearn_fgn.FGNClassifier : FGN for linear and MLP heads on features.
+    skorch.NeuralNetClassifier : The parent class.
+
+    Notes
+    -----
+    The objective of a batch, with ``omega_i`` the normalised (class-)weights,
+    is
+
+    .. math::
+
+        L(\theta) = \sum_i \omega_i \mathrm{CE}(z_i, y_i) + \frac{\alpha}{2} \|\theta_{pen}\|^2,
+
+    ``theta_pen`` being the parameters with ``ndim >= 2``; the reported
+    ``train_loss`` is this ``L`` before the step. The module's parameters go
+    through ``torch.func.functional_call``; frozen ones
+    (``requires_grad=False``) are left alone.
+
+    Dropout (any randomness from the global generators) works: one seed is
+    drawn per step and replayed on every forward pass of that step, so the
+    JVPs, VJPs and the acceptance test all see the same mask. Batch norm in
+    training mode works: the step uses batch statistics, and the running
+    statistics are updated once per batch by one extra forward pass at the
+    parameters before the step, as in ordinary training. Other layers that
+    change buffers during ``forward`` raise ``ValueError``.
+
+    References
+    ----------
+    .. [1] Fast Gauss-Newton, arXiv:2605.06081.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn_fgn.skorch import FGNNeuralNetClassifier
+    >>> X, y = load_iris(return_X_y=True)
+    >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> net = FGNNeuralNetClassifier(module, max_epochs=5, batch_size=-1, verbose=0)
+    >>> net.fit(X, y).score(X, y) > 0.9
+    True
+    """
+
+    def __init__(
+        self,
+        module,
+        *,
+        criterion=torch.nn.CrossEntropyLoss,
+        train_split=None,
+        optimizer=torch.optim.SGD,
+        lr=0.0,
+        damping=1.0,
+        damping_schedule="adaptive",
+        curvature="fgn",
+        solver="cg",
+        cg_max_iter=20,
+        cg_tol=1e-3,
+        alpha=0.0,
+        **kwargs,
+    ):
+        super().__init__(
+            module, criterion=criterion, train_split=train_split, optimizer=optimizer, lr=lr, **kwargs
+        )
+        self.damping = damping
+        self.damping_schedule = damping_schedule
+        self.curvature = curvature
+        self.solver = solver
+        self.cg_max_iter = cg_max_iter
+        self.cg_tol = cg_tol
+        self.alpha = alpha
+
+    def initialize(self):
+        """Check the FGN settings, initialise skorch's components, reset ``damping_``.
+
+        Returns
+        -------
+        self : FGNNeuralNetClassifier
+            The initialised net.
+        """
+        self._check_fgn_params()
+        super().initialize()
+        self.damping_ = float(self.damping)
+        return self
+
+    def initialize_criterion(self):
+        """Initialise the criterion and check that it is cross-entropy.
+
+        Returns
+        -------
+        self : FGNNeuralNetClassifier
+            The net, with ``criterion_`` set.
+        """
+        super().initialize_criterion()
+        _check_criterion(self.criterion_)
+        return self
+
+    def train_step(self, batch, **fit_params):
+        """Take one damped FGN step on ``batch`` (skorch's training hook).
+
+        Parameters
+        ----------
+        batch : tuple
+            ``(X, y)`` from the training iterator.
+        **fit_params : dict
+            Extra keyword arguments of the module's ``forward``.
+
+        Returns
+        -------
+        dict
+            ``{"loss": objective before the step, "y_pred": logits before the step}``.
+        """
+        self._set_training(True)
+        Xi, yi = unpack_data(batch)
+        X, y = to_tensor(Xi, device=self.device), to_tensor(yi, device=self.device).long()
+        params = {k: p.detach() for k, p in self.module_.named_parameters() if p.requires_grad}
+        device = next(iter(params.values())).device
+        logits_fn = _make_logits_fn(self.module_, fit_params, _draw_seed(), device)
+        sample_weight = _class_sample_weight(self.criterion_, y)
+        _update_running_stats(self.module_, logits_fn, params, X)
+        damping = self.damping_ if self.damping_schedule == "adaptive" else float(self.damping)
+        with _no_running_stats(self.module_), _clear_buffer_errors():
+            result = self._compute_step(logits_fn, params, X, y, sample_weight, damping)
+            accepted = self._apply_step(logits_fn, params, result, X, y, sample_weight)
+        self._record_step(result, accepted, damping)
+        return {"loss": result.loss, "y_pred": result.logits}
+
+    def _compute_step(
+        self, logits_fn: LogitsFn, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None,
+        damping: float,
+    ) -> StepResult:  # fmt: skip
+        result = compute_step(
+            logits_fn, params, X, y, sample_weight, alpha=self.alpha, damping=damping,
+            curvature=self.curvature, solver="cg", cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
+        )  # fmt: skip
+        if result.logits.ndim != 2 or result.logits.shape[1] < 2:
+            raise ValueError(
+                f"The module must return logits of shape (n_samples, n_classes >= 2) for "
+                f"CrossEntropyLoss; got shape {tuple(result.logits.shape)}."
+            )
+        return result
+
+    def _apply_step(
+        self, logits_fn: LogitsFn, params: Params, result: StepResult, X: Tensor, y: Tensor,
+        sample_weight: Tensor | None,
+    ) -> bool:  # fmt: skip
+        # Write ``params + step`` into the module unless the adaptive schedule rejects it.
+        trial = {k: params[k] + result.step[k] for k in params}
+        if self.damping_schedule == "adaptive":
+            weights = normalized_weights(sample_weight, y.shape[0], result.logits)
+            with torch.no_grad():
+                new_loss = float(objective(logits_fn, trial, X, y, weights, self.alpha))
+            ratio, accepted = _reduction_ratio(result, new_loss)
+            self.damping_ = _next_damping(self.damping_, ratio)
+            if not accepted:
+                return False
+        _write_params(self.module_, trial)
+        return True
+
+    def _record_step(self, result: StepResult, accepted: bool, damping: float) -> None:
+        step_norm = math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))
+        self.history.record_batch("loss", float(result.loss))
+        self.history.record_batch("damping", damping)
+        self.history.record_batch("cg_iter", 0 if result.cg is None else result.cg.n_iter)
+        self.history.record_batch("step_norm", step_norm)
+        self.history.record_batch("accepted", accepted)
+
+    def _check_fgn_params(self) -> None:
+        if self.solver == "cholesky":
+            raise ValueError(
+                "solver='cholesky' is not available for arbitrary modules: the exact Gram needs the "
+                "per-layer structure of an FGNClassifier head. Use solver='cg'."
+            )
+        _check_option("solver", self.solver, SOLVERS)
+        _check_option("damping_schedule", self.damping_schedule, DAMPING_SCHEDULES)
+        _check_option("curvature", self.curvature, CURVATURES)
+        _check_positive("damping", self.damping)
+        _check_positive("cg_tol", self.cg_tol)
+        if not (isinstance(self.cg_max_iter, Integral) and self.cg_max_iter >= 1):
+            raise ValueError(f"cg_max_iter must be an int >= 1; got {self.cg_max_iter!r}.")
+        if not (isinstance(self.alpha, Real) and 0.0 <= self.alpha < math.inf):
+            raise ValueError(f"alpha must be a finite float >= 0; got {self.alpha!r}.")
+
+
+def _check_option(name: str, value: object, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}; got {value!r}.")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if not (isinstance(value, Real) and 0.0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite float > 0; got {value!r}.")
+
+
+def _check_criterion(criterion: object) -> None:
+    # Raise ``ValueError`` unless ``criterion`` is mean-reduced, unsmoothed cross-entropy.
+    if not isinstance(criterion, torch.nn.CrossEntropyLoss):
+        raise ValueError(
+            "FGNNeuralNetClassifier needs criterion=torch.nn.CrossEntropyLoss (the module returns "
+            f"logits); got {type(criterion).__name__}."
+        )
+    if criterion.reduction != "mean" or criterion.label_smoothing != 0.0:
+        raise ValueError(
+            "FGNNeuralNetClassifier needs CrossEntropyLoss(reduction='mean', label_smoothing=0.0); "
+            f"got reduction={criterion.reduction!r}, label_smoothing={criterion.label_smoothing!r}."
+        )
+
+
+def _class_sample_weight(criterion: torch.nn.CrossEntropyLoss, y: Tensor) -> Tensor | None:
+    # Per-example weights ``weight[y]``: mean CE with class weights normalises by their sum.
+    return None if criterion.weight is None else criterion.weight.to(y.device)[y]
+
+
+def _draw_seed() -> int:
+    # A seed from torch's global generator (so ``torch.manual_seed`` makes fits repeatable).
+    return int(torch.randint(0, 2**62, (1,)))
+
+
+@contextmanager
+def _replayed_rng(seed: int, device: torch.device) -> Generator[None, None, None]:
+    # Run the block with the global generators of CPU and ``device`` seeded by ``seed``, then restore.
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _make_logits_fn(module: torch.nn.Module, fit_params: dict, seed: int, device: torch.device) -> LogitsFn:
+    # ``(params, X) -> module(X)`` through ``functional_call``, with the same random draws every call.
+
+    def logits_fn(params: Params, X) -> Tensor:
+        args, kwargs = ((), {**X, **fit_params}) if isinstance(X, Mapping) else ((X,), fit_params)
+        with _replayed_rng(seed, device):
+            return torch.func.functional_call(module, params, args, kwargs)
+
+    return logits_fn
+
+
+def _batch_norms(module: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+
+
+def _update_running_stats(module: torch.nn.Module, logits_fn: LogitsFn, params: Params, X) -> None:
+    # One plain forward pass at ``params`` if the module has batch norms that track statistics.
+    if _batch_norms(module):
+        with torch.no_grad():
+            logits_fn(params, X)
+
+
+@contextmanager
+def _no_running_stats(module: torch.nn.Module) -> Generator[None, None, None]:
+    # Batch norms use batch statistics without touching their buffers (``torch.func`` forbids it).
+    norms = _batch_norms(module)
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+@contextmanager
+def _clear_buffer_errors() -> Generator[None, None, None]:
+    # Turn ``torch.func``'s error on in-place buffer updates into a clear ``ValueError``.
+    try:
+        yield
+    except RuntimeError as exc:
+        if "mutate a captured Tensor" not in str(exc):
+            raise
+        raise ValueError(
+            "The module changes a buffer in place during forward (e.g. running statistics of a "
+            "normalisation layer other than batch norm), which FGN's JVP/VJP of the module cannot "
+            "follow. Put that layer in eval mode or disable its running statistics."
+        ) from exc
+
+
+def _reduction_ratio(result: StepResult, new_loss: float) -> tuple[float, bool]:
+    # Actual over predicted decrease, and whether the step is accepted (objective did not go up).
+    loss, predicted = float(result.loss), float(result.predicted_decrease)
+    ratio = (loss - new_loss) / predicted if predicted > 0 else -math.inf
+    return ratio, math.isfinite(new_loss) and new_loss <= loss
+
+
+def _next_damping(damping: float, ratio: float) -> float:
+    # Levenberg-Marquardt reduction-ratio rule (Nocedal & Wright 4.1, Martens 2010).
+    if ratio < 0.25:
+        damping *= 2.0
+    elif ratio > 0.75:
+        damping /= 2.0
+    return min(max(damping, DAMPING_BOUNDS[0]), DAMPING_BOUNDS[1])
+
+
+def _write_params(module: torch.nn.Module, new: Params) -> None:
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name in new:
+                param.copy_(new[name])

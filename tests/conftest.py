@@ -1,0 +1,24 @@
+"""Shared seeds and devices for the sklearn_fgn test suite.
+
+Every test passes on a CPU-only machine; CUDA cases skip with a reason.
+Test modules import the constants directly (``from conftest import SEEDS``).
+"""
+
+import pytest
+import torch
+
+# The test problems are tiny (n <= 16, P <= 60): intra-op threads only add
+# synchronisation, and on a busy 2-core machine they made the suite ~6x slower.
+torch.set_num_threads(1)
+
+SEEDS = [0, 1, 2]
+ALL_DEVICES = ["cpu", "cuda"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=ALL_DEVICES)
+def device(request):
+    """Every device; ``cuda`` is skipped (with a reason) when it is absent."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    return torch.device(request.param)

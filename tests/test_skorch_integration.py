@@ -1,0 +1,274 @@
+"""FGNNeuralNetClassifier: skorch training by the core FGN step."""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("skorch")
+
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from skorch.callbacks import Checkpoint, EarlyStopping, EpochScoring  # noqa: E402
+
+from sklearn_fgn._step import compute_step  # noqa: E402
+from sklearn_fgn.skorch import FGNNeuralNetClassifier, _make_logits_fn  # noqa: E402
+
+BATCH_KEYS = {"loss", "damping", "cg_iter", "step_norm", "accepted", "train_loss"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    scaler = StandardScaler().fit(X_train)
+    return (
+        scaler.transform(X_train).astype(np.float32),
+        scaler.transform(X_test).astype(np.float32),
+        y_train,
+        y_test,
+    )
+
+
+def mlp(*middle, n_in=64, hidden=32, n_out=10, dtype=torch.float32):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(n_in, hidden), *middle, torch.nn.Tanh(), torch.nn.Linear(hidden, n_out)]
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def make_net(module, **kwargs):
+    kwargs = {"max_epochs": 3, "batch_size": 128, "verbose": 0, "iterator_train__shuffle": True, **kwargs}
+    return FGNNeuralNetClassifier(module, **kwargs)
+
+
+def test_digits_mlp_reaches_95_percent(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = make_net(mlp(hidden=64), max_epochs=10).fit(X_train, y_train)
+    assert net.score(X_test, y_test) >= 0.95
+    assert len(net.history) == 10
+
+
+def _snapshot(module):
+    return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+def _one_train_step(net, X, y):
+    net.initialize()
+    net.history.new_epoch()
+    net.history.new_batch()
+    before = _snapshot(net.module_)
+    out = net.train_step((torch.as_tensor(X), torch.as_tensor(y)))
+    return before, out
+
+
+@pytest.mark.parametrize("curvature", ["fgn", "ggn"])
+@pytest.mark.parametrize("class_weight", [False, True])
+def test_train_step_is_core_compute_step(digits, curvature, class_weight):
+    X, y = digits[0][:200].astype(np.float64), digits[2][:200]
+    weight = torch.linspace(0.5, 2.0, 10, dtype=torch.float64) if class_weight else None
+    net = make_net(
+        mlp(dtype=torch.float64), damping=0.3, alpha=1e-2, damping_schedule="constant",
+        curvature=curvature, cg_max_iter=15, cg_tol=1e-8, criterion__weight=weight,
+    )  # fmt: skip
+    before, out = _one_train_step(net, X, y)
+
+    module = mlp(dtype=torch.float64)
+    logits_fn = lambda p, X: torch.func.functional_call(module, p, (X,))  # noqa: E731
+    y_t = torch.as_tensor(y)
+    sample_weight = None if weight is None else weight[y_t]
+    ref = compute_step(
+        logits_fn, before, torch.as_tensor(X), y_t, sample_weight, alpha=1e-2, damping=0.3,
+        curvature=curvature, solver="cg", cg_tol=1e-8, cg_max_iter=15,
+    )  # fmt: skip
+    for name, param in net.module_.named_parameters():
+        assert torch.equal(param.detach(), before[name] + ref.step[name])  # bit for bit
+    assert float(out["loss"]) == float(ref.loss)
+    torch.testing.assert_close(out["y_pred"], ref.logits, rtol=0, atol=0)
+
+
+def test_alpha_penalizes_weights_not_biases(digits):
+    X, y = torch.as_tensor(digits[0][:50]).double(), torch.as_tensor(digits[2][:50])
+    module = mlp(dtype=torch.float64)
+    params = {k: p.detach() for k, p in module.named_parameters()}
+    logits_fn = lambda p, X: torch.func.functional_call(module, p, (X,))  # noqa: E731
+    plain = compute_step(logits_fn, params, X, y, alpha=0.0, solver="cg", cg_max_iter=1)
+    penalized = compute_step(logits_fn, params, X, y, alpha=0.5, solver="cg", cg_max_iter=1)
+    for name, t in params.items():
+        expected = 0.5 * t if t.ndim >= 2 else torch.zeros_like(t)
+        torch.testing.assert_close(penalized.gradient[name] - plain.gradient[name], expected)
+
+
+def test_adaptive_schedule_accepts_or_restores(digits):
+    X, y = digits[0][:256], digits[2][:256]
+    net = make_net(mlp(), damping=0.05, cg_max_iter=30)
+    before, out = _one_train_step(net, X, y)
+    row = net.history[-1, "batches", -1]
+    after = _snapshot(net.module_)
+    changed = any(not torch.equal(before[k], after[k]) for k in before)
+    assert changed == row["accepted"]
+    assert row["damping"] == 0.05 and net.damping_ in (0.1, 0.05, 0.025)
+    assert row["accepted"] or net.damping_ == 0.1  # a rejected step raises the damping
+
+
+@pytest.mark.parametrize(
+    ("criterion", "match"),
+    [
+        (torch.nn.NLLLoss, "NLLLoss"),
+        (torch.nn.MSELoss, "MSELoss"),
+        (torch.nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
+        (torch.nn.CrossEntropyLoss(reduction="sum"), "reduction"),
+    ],
+)
+def test_other_criteria_raise(digits, criterion, match):
+    with pytest.raises(ValueError, match=match):
+        make_net(mlp(), criterion=criterion).fit(digits[0], digits[2])
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"solver": "cholesky"}, "cholesky"),
+        ({"damping": 0.0}, "damping"),
+        ({"damping_schedule": "linear"}, "damping_schedule"),
+        ({"curvature": "kfac"}, "curvature"),
+        ({"cg_max_iter": 0}, "cg_max_iter"),
+        ({"alpha": -1.0}, "alpha"),
+    ],
+)
+def test_bad_settings_raise(digits, params, match):
+    with pytest.raises(ValueError, match=match):
+        make_net(mlp(), **params).fit(digits[0], digits[2])
+
+
+def test_single_logit_module_raises(digits):
+    with pytest.raises(ValueError, match="n_classes >= 2"):
+        make_net(mlp(n_out=1)).fit(digits[0], (digits[2] > 4).astype(np.int64))
+
+
+def test_dropout_trains_with_one_mask_per_step(digits):
+    X_train, X_test, y_train, y_test = digits
+    fits = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        net = make_net(mlp(torch.nn.Dropout(0.2), hidden=64), max_epochs=4).fit(X_train, y_train)
+        fits.append(_snapshot(net.module_))
+    assert net.score(X_test, y_test) >= 0.9
+    assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])  # seeded from torch's generator
+
+
+def test_dropout_mask_is_replayed_within_a_step():
+    # Every forward pass of one step (primal, JVPs, acceptance test) sees the same mask,
+    # so the step linearises one function; the next step draws a new seed.
+    module = mlp(torch.nn.Dropout(0.5)).train()
+    params = {k: p.detach() for k, p in module.named_parameters()}
+    X = torch.randn(20, 64)
+    cpu = torch.device("cpu")
+    logits_fn = _make_logits_fn(module, {}, 3, cpu)
+    state = torch.get_rng_state()
+    first = logits_fn(params, X)
+    assert torch.equal(first, logits_fn(params, X))
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left alone
+    tangent = {k: torch.ones_like(t) for k, t in params.items()}
+    primal, _ = torch.func.jvp(lambda p: logits_fn(p, X), (params,), (tangent,))
+    assert torch.equal(primal, first)
+    assert not torch.equal(first, _make_logits_fn(module, {}, 4, cpu)(params, X))
+
+
+def test_batchnorm_trains_and_updates_running_stats_once_per_batch(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = make_net(mlp(torch.nn.BatchNorm1d(32)), max_epochs=3).fit(X_train, y_train)
+    bn = net.module_[1]
+    n_batches = 3 * int(np.ceil(len(X_train) / 128))
+    assert int(bn.num_batches_tracked) == n_batches
+    assert bn.track_running_stats and float(bn.running_mean.abs().sum()) > 0
+    assert net.score(X_test, y_test) >= 0.9
+
+
+class _CountingModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, X):
+        self.calls.add_(1)
+        return self.linear(X)
+
+
+def test_buffer_mutation_raises_clear_error(digits):
+    with pytest.raises(ValueError, match="changes a buffer in place"):
+        make_net(_CountingModule()).fit(digits[0], digits[2])
+
+
+def test_history_has_per_batch_diagnostics(digits):
+    net = make_net(mlp(), max_epochs=2).fit(digits[0], digits[2])
+    for row in net.history[:, "batches"]:
+        for batch in row:
+            assert BATCH_KEYS <= set(batch)
+            assert batch["damping"] > 0 and batch["step_norm"] >= 0 and batch["cg_iter"] >= 1
+
+
+def test_frozen_parameters_stay_frozen(digits):
+    module = mlp()
+    module[0].weight.requires_grad_(False)
+    frozen = module[0].weight.detach().clone()
+    net = make_net(module, max_epochs=1).fit(digits[0], digits[2])
+    assert torch.equal(net.module_[0].weight, frozen)
+    assert not torch.equal(net.module_[2].weight, mlp()[2].weight)
+
+
+def test_skorch_callbacks(digits, tmp_path):
+    callbacks = [
+        EpochScoring("accuracy", on_train=True, name="train_acc", lower_is_better=False),
+        EarlyStopping(monitor="train_loss", patience=2),
+        Checkpoint(monitor="train_loss_best", dirname=str(tmp_path)),
+    ]
+    net = make_net(mlp(), max_epochs=3, callbacks=callbacks).fit(digits[0], digits[2])
+    assert net.history[-1, "train_acc"] > 0.9
+    assert (tmp_path / "params.pt").exists()
+    restored = make_net(mlp()).initialize()
+    restored.load_params(f_params=str(tmp_path / "params.pt"))
+    assert restored.predict(digits[1]).shape == digits[3].shape
+
+
+def test_set_params_and_grid_search_over_damping(digits):
+    X, y = digits[0][:600], digits[2][:600]
+    net = make_net(mlp(), max_epochs=2, damping_schedule="constant")
+    net.set_params(damping=0.5).fit(X, y)
+    assert net.damping_ == 0.5 and set(net.history[-1, "batches", :, "damping"]) == {0.5}
+    search = GridSearchCV(net, {"damping": [0.1, 1.0]}, cv=2).fit(X, y)
+    assert search.best_params_["damping"] in (0.1, 1.0)
+    assert search.best_estimator_.damping == search.best_params_["damping"]
+
+
+def test_pickle_round_trip_predicts_identically(digits):
+    net = make_net(mlp(), max_epochs=1).fit(digits[0], digits[2])
+    loaded = pickle.loads(pickle.dumps(net))
+    np.testing.assert_array_equal(loaded.predict_proba(digits[1]), net.predict_proba(digits[1]))
+    assert loaded.damping_ == net.damping_
+
+
+def test_cuda(digits):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    X_train, X_test, y_train, y_test = digits
+    net = make_net(mlp(hidden=64), max_epochs=5, device="cuda").fit(X_train, y_train)
+    assert next(net.module_.parameters()).is_cuda
+    assert net.score(X_test, y_test) >= 0.9
+
+
+def _run(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+
+def test_package_does_not_import_skorch_and_missing_skorch_is_explained():
+    code = (
+        "import sys, sklearn_fgn; assert 'skorch' not in sys.modules, 'sklearn_fgn imported skorch'; "
+        "sys.modules['skorch'] = None; import sklearn_fgn.skorch"
+    )
+    stderr = _run(code).stderr
+    assert "ImportError: sklearn_fgn.skorch needs skorch" in stderr, stderr
