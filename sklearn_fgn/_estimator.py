@@ -289,6 +289,7 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
                 f"FGNClassifier stopped at max_iter={self.max_iter} before converging; "
                 "increase max_iter or tol.",
                 ConvergenceWarning,
+                stacklevel=2,
             )
         return self
 
@@ -402,8 +403,9 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
             sample_weight = sample_weight * compute_sample_weight(self.class_weight, self.classes_[y_enc])
         data = self._training_data(X, y_enc, sample_weight, early_stopping)
         cfg = LoopConfig(
-            alpha=float(self.alpha), damping=float(self.damping), curvature=self.curvature, solver=self.solver,
-            damping_schedule=self.damping_schedule, batch_size=self._resolve_batch_size(data.X.shape[0]),
+            alpha=float(self.alpha), damping=float(self.damping), curvature=self.curvature,
+            solver=self.solver, damping_schedule=self.damping_schedule,
+            batch_size=self._resolve_batch_size(data.X.shape[0]),
             max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
             cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, verbose=self.verbose,
         )  # fmt: skip
@@ -594,7 +596,8 @@ def _apply_linear_init(head, params, coef_init, intercept_init):
         bias = torch.as_tensor(np.asarray(intercept_init, dtype=np.float64), dtype=dtype).reshape(-1)
         if bias.shape != params["intercept_0"].shape:
             raise ValueError(
-                f"intercept_init has shape {tuple(bias.shape)}; expected {tuple(params['intercept_0'].shape)}."
+                f"intercept_init has shape {tuple(bias.shape)}; "
+                f"expected {tuple(params['intercept_0'].shape)}."
             )
         params["intercept_0"] = bias
     return params

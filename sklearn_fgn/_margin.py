@@ -40,8 +40,7 @@ __all__ = [
 def _check_logits(logits: Tensor, y: Tensor) -> None:
     if logits.ndim != 2 or y.ndim != 1 or logits.shape[0] != y.shape[0]:
         raise ValueError(
-            f"logits must be (n, n_logits) and y (n,); got {tuple(logits.shape)} "
-            f"and {tuple(y.shape)}"
+            f"logits must be (n, n_logits) and y (n,); got {tuple(logits.shape)} and {tuple(y.shape)}"
         )
 
 

@@ -98,13 +98,30 @@ def _resolve_curvature(cfg: LoopConfig, head: Head, full_batch: bool) -> str:
     return "ggn" if full_batch and head.n_logits > 2 else "fgn"
 
 
-def _next_damping(damping: float, ratio: float) -> float:
-    # Levenberg-Marquardt reduction-ratio rule (Nocedal & Wright 4.1 / Martens 2010).
+def levenberg_marquardt(
+    loss: float, new_loss: float, predicted_decrease: float, damping: float, min_damping: float
+) -> tuple[bool, float, float]:
+    """Accept or reject a step and adapt the damping by its reduction ratio.
+
+    ``ratio = (loss - new_loss) / predicted_decrease``; below 0.25 the damping
+    doubles, above 0.75 it is divided by 10 (Nocedal & Wright 4.1, Martens
+    2010), within ``[min_damping, DAMPING_BOUNDS[1]]``. The step is accepted
+    when the objective did not go up.
+
+    Returns
+    -------
+    accepted : bool
+    ratio : float
+    damping : float
+        The damping for the next step.
+    """
+    ratio = (loss - new_loss) / predicted_decrease if predicted_decrease > 0 else -math.inf
     if ratio < 0.25:
         damping *= 2.0
     elif ratio > 0.75:
         damping /= 10.0
-    return min(max(damping, DAMPING_BOUNDS[0]), DAMPING_BOUNDS[1])
+    damping = min(max(damping, min_damping, DAMPING_BOUNDS[0]), DAMPING_BOUNDS[1])
+    return math.isfinite(new_loss) and new_loss <= loss, ratio, damping
 
 
 @dataclass(frozen=True)
@@ -148,12 +165,11 @@ def damped_update(
     predicted = float(result.predicted_decrease)
     if cfg.damping_schedule == "constant":
         return trial, damping, StepRecord(loss, new_loss, True, damping, curvature, cg_iter, predicted, 1.0)
-    ratio = (loss - new_loss) / predicted if predicted > 0 else -math.inf
-    accepted = math.isfinite(new_loss) and new_loss <= loss
+    accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, min_damping)
     record = StepRecord(
         loss, new_loss if accepted else loss, accepted, damping, curvature, cg_iter, predicted, ratio
     )
-    return (trial if accepted else params), max(_next_damping(damping, ratio), min_damping), record
+    return (trial if accepted else params), next_damping, record
 
 
 def _batch_objective(head: Head, params: Params, batch: Batch, alpha: float) -> Tensor:
@@ -185,7 +201,7 @@ def _to_device(X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch
     return Batch(move(X), move(y), None if sample_weight is None else move(sample_weight))
 
 
-__all__ += ["Batch", "StepRecord", "damped_update", "iter_batches"]
+__all__ += ["Batch", "StepRecord", "damped_update", "iter_batches", "levenberg_marquardt"]
 
 
 @dataclass(frozen=True)
@@ -215,7 +231,8 @@ def _run_epoch(
         curvature = _resolve_curvature(cfg, head, full_batch)
         # Full batch: inexact Newton with a forcing term that shrinks with the
         # predicted decrease (Eisenstat-Walker), so the end game is superlinear.
-        cg_tol = max(min(cfg.cg_tol, state.last_relative_decrease**2), 1e-10) if full_batch else None
+        floor = max(1e-10, 10 * torch.finfo(batch.X.dtype).eps)  # reachable in float32 too
+        cg_tol = max(min(cfg.cg_tol, state.last_relative_decrease**2), floor) if full_batch else None
         state.params, state.damping, record = damped_update(
             head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping
         )

@@ -228,7 +228,9 @@ def _solve(
         return _flat(op.curvature_matvec(_unflat(v, grad))) + lam_vec * v
 
     apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
-    result = conjugate_gradient(system_matvec, -_flat(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m)
+    result = conjugate_gradient(
+        system_matvec, -_flat(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m
+    )
     return _unflat(result.solution, grad), result
 
 
@@ -317,7 +319,9 @@ def compute_step(
     lam = damping_diagonal(params, damping, alpha, penalized)
     preconditioner = None
     if solver == "cholesky":
-        preconditioner = make_fgn_preconditioner(fgn_op, fgn_gram(head, params, X, y, weights, lam), lam, grad)
+        preconditioner = make_fgn_preconditioner(
+            fgn_op, fgn_gram(head, params, X, y, weights, lam), lam, grad
+        )
         if preconditioner is None:
             warnings.warn("Cholesky factorisation of the FGN row-space system failed; using plain CG.",
                           RuntimeWarning, stacklevel=2)  # fmt: skip

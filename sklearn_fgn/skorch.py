@@ -31,19 +31,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without skorch
     ) from exc
 
 from ._curvature import LogitsFn
+from ._solver import DAMPING_SCHEDULES, levenberg_marquardt
 from ._step import CURVATURES, StepResult, compute_step, normalized_weights, objective
 
-__all__ = ["DAMPING_BOUNDS", "DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
+__all__ = ["DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
 
 Params = dict[str, Tensor]
-DAMPING_SCHEDULES = ("constant", "adaptive")
 # An arbitrary module has no per-layer structure for the exact Gram: CG only.
 SOLVERS = ("cg",)
-# Levenberg-Marquardt: lambda stays inside these bounds. The ratio is measured
-# on the batch the step was fitted to; on small batches a smaller lambda lets
-# each step fit its batch outright (MLP on digits, batch 128, floor 1e-6: step
-# norms past 1000 and the training loss stalled at 0.03; floor 1e-2: 6e-4).
-DAMPING_BOUNDS = (1e-2, 1e6)
 
 
 class FGNNeuralNetClassifier(NeuralNetClassifier):
@@ -77,9 +72,12 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
     damping_schedule : {"constant", "adaptive"}, default="adaptive"
         ``"constant"`` takes every step with ``lambda = damping``.
         ``"adaptive"`` compares the batch objective's actual decrease with
-        the decrease the quadratic model predicts: ratio below 0.25 doubles
-        ``lambda``, above 0.75 halves it (within ``DAMPING_BOUNDS``, 1e-2 to
-        1e6), and a step that raises the batch objective is rejected.
+        the decrease the quadratic model predicts (Levenberg-Marquardt, as
+        ``FGNClassifier``): ratio below 0.25 doubles ``lambda``, above 0.75
+        divides it by 10, never below ``damping`` (an exact step on a batch
+        with fewer rows than parameters always lowers that batch's loss, so
+        the ratio cannot see a step that memorises it), and a step that raises
+        the batch objective is rejected.
     curvature : {"fgn", "ggn"}, default="fgn"
         FGN (one row per example) or the full softmax GGN (``n_classes``
         rows per example).
@@ -260,8 +258,10 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
             weights = normalized_weights(sample_weight, y.shape[0], result.logits)
             with torch.no_grad():
                 new_loss = float(objective(logits_fn, trial, X, y, weights, self.alpha))
-            ratio, accepted = _reduction_ratio(result, new_loss)
-            self.damping_ = _next_damping(self.damping_, ratio)
+            predicted = float(result.predicted_decrease)
+            accepted, _, self.damping_ = levenberg_marquardt(
+                float(result.loss), new_loss, predicted, self.damping_, float(self.damping)
+            )
             if not accepted:
                 return False
         _write_params(self.module_, trial)
@@ -390,22 +390,6 @@ def _clear_buffer_errors() -> Generator[None, None, None]:
             "normalisation layer other than batch norm), which FGN's JVP/VJP of the module cannot "
             "follow. Put that layer in eval mode or disable its running statistics."
         ) from exc
-
-
-def _reduction_ratio(result: StepResult, new_loss: float) -> tuple[float, bool]:
-    # Actual over predicted decrease, and whether the step is accepted (objective did not go up).
-    loss, predicted = float(result.loss), float(result.predicted_decrease)
-    ratio = (loss - new_loss) / predicted if predicted > 0 else -math.inf
-    return ratio, math.isfinite(new_loss) and new_loss <= loss
-
-
-def _next_damping(damping: float, ratio: float) -> float:
-    # Levenberg-Marquardt reduction-ratio rule (Nocedal & Wright 4.1, Martens 2010).
-    if ratio < 0.25:
-        damping *= 2.0
-    elif ratio > 0.75:
-        damping /= 2.0
-    return min(max(damping, DAMPING_BOUNDS[0]), DAMPING_BOUNDS[1])
 
 
 def _write_params(module: torch.nn.Module, new: Params) -> None:

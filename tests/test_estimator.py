@@ -118,8 +118,16 @@ def test_one_constant_step_is_the_exact_damped_step(curvature, n_classes, solver
     coef0, intercept0 = rng.normal(size=(K, 5)), rng.normal(size=K)
     alpha, damping = 0.05, 0.3
     est = FGNClassifier(
-        alpha=alpha, damping=damping, damping_schedule="constant", curvature=curvature, solver=solver,
-        batch_size=None, max_iter=1, cg_tol=1e-12, cg_max_iter=500, device="cpu",
+        alpha=alpha,
+        damping=damping,
+        damping_schedule="constant",
+        curvature=curvature,
+        solver=solver,
+        batch_size=None,
+        max_iter=1,
+        cg_tol=1e-12,
+        cg_max_iter=500,
+        device="cpu",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -250,8 +258,9 @@ def test_extreme_feature_scales_give_finite_parameters(scale, dtype):
         est.fit((X * scale).astype(dtype), y)
     assert np.all(np.isfinite(est.coef_)) and np.all(np.isfinite(est.intercept_))
     assert np.all(np.isfinite(est.predict_proba((X * scale).astype(dtype))))
-    if scale > 1:
-        assert est.score((X * scale).astype(dtype), y) > 0.7
+    if scale > 1:  # nearly unpenalised at this scale: as accurate as the unscaled fit
+        unscaled = FGNClassifier(device="cpu").fit(X, y).score(X, y)
+        assert est.score((X * scale).astype(dtype), y) >= unscaled - 0.02
 
 
 def test_binary_layout_matches_logistic_regression():
@@ -262,7 +271,7 @@ def test_binary_layout_matches_logistic_regression():
     assert est.coef_.shape == (1, X.shape[1]) and est.intercept_.shape == (1,)
     assert est.decision_function(X).shape == (len(y),)
     np.testing.assert_allclose(est.predict_proba(X), lr.predict_proba(X), atol=1e-4)
-    np.testing.assert_allclose(est.predict_log_proba(X), np.log(est.predict_proba(X)), rtol=1e-10)
+    np.testing.assert_allclose(est.predict_log_proba(X), np.log(est.predict_proba(X)), rtol=1e-6, atol=1e-12)
 
 
 def test_pickle_round_trip_predicts_identically():
@@ -299,7 +308,12 @@ def test_warm_start_resumes_from_previous_solution():
 def test_early_stopping_records_validation_scores_and_keeps_best():
     X, y = _standardized("digits")
     est = FGNClassifier(
-        hidden_layer_sizes=(32,), batch_size=64, early_stopping=True, max_iter=50, random_state=0, device="cpu"
+        hidden_layer_sizes=(32,),
+        batch_size=64,
+        early_stopping=True,
+        max_iter=50,
+        random_state=0,
+        device="cpu",
     ).fit(X, y)
     assert len(est.validation_scores_) == est.n_iter_ < 50
     assert max(est.validation_scores_) > 0.9
