@@ -17,6 +17,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 from threadpoolctl import threadpool_info
 
+try:  # scikit-learn >= 1.9: the callback protocol (set_callbacks, ProgressBar, ScoringMonitor)
+    from sklearn.callback import CallbackSupportMixin
+except ImportError:  # older releases have no callbacks to support
+
+    class CallbackSupportMixin:  # noqa: D101
+        pass
+
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._solver import CURVATURE_OPTIONS, DAMPING_SCHEDULES, LoopConfig, LoopState, TrainingData, run_epochs
 from ._step import SOLVERS
@@ -28,7 +35,7 @@ AUTO_FULL_BATCH_MAX = 4096
 AUTO_BATCH_SIZE = 1024
 
 
-class FGNClassifier(ClassifierMixin, BaseEstimator):
+class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
     r"""Multinomial logistic or MLP classifier head fitted by Fast Gauss-Newton steps.
 
     Each step solves a damped Gauss-Newton system with one row per example of
@@ -284,12 +291,12 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
         reuse = self.warm_start and hasattr(self, "damping_") and coef_init is None and intercept_init is None
         state = LoopState(params, self.damping_ if reuse else float(self.damping))
         state = self._train(head, state, X, y_enc, sample_weight, self.early_stopping, None)
-        if not state.converged:
+        if not (state.converged or state.stopped):
             warnings.warn(
                 f"FGNClassifier stopped at max_iter={self.max_iter} before converging; "
                 "increase max_iter or tol.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return self
 
@@ -411,11 +418,13 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
         )  # fmt: skip
         state.params = {k: t.to(data.device) for k, t in state.params.items()}
         generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
+        events = _EpochCallbacks(self, head, X, self.classes_[y_enc], sample_weight, n_epochs or self.max_iter)
         with _torch_threads_like_threadpools():
-            state = run_epochs(head, state, data, cfg, generator, n_epochs)
+            state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
         if early_stopping and state.best_params is not None:
             state.params = state.best_params
         self._store(head, state)
+        events.close()
         return state
 
     def _training_data(self, X, y_enc, sample_weight, early_stopping):
@@ -440,6 +449,12 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
         return self.batch_size
 
     def _store(self, head, state):
+        for name, value in self._fitted_attributes(head, state).items():
+            setattr(self, name, value)
+        self._no_improvement_count = state.no_improvement_count
+
+    def _fitted_attributes(self, head, state):
+        """The fitted attributes for ``state``, as CPU numpy arrays."""
         params = {k: t.detach().cpu().numpy().copy() for k, t in state.params.items()}
         if not all(np.all(np.isfinite(p)) for p in params.values()):
             raise ValueError(
@@ -451,14 +466,14 @@ class FGNClassifier(ClassifierMixin, BaseEstimator):
             for layer, w in enumerate(weights)
         ]
         if head.is_linear:
-            self.coef_, self.intercept_ = weights[0], biases[0]
+            attributes = {"coef_": weights[0], "intercept_": biases[0]}
         else:
-            self.coefs_, self.intercepts_ = [w.T.copy() for w in weights], biases
-        self._head = head
-        self.n_iter_, self.t_, self.damping_ = state.n_iter, state.t, state.damping
-        self.loss_curve_, self.validation_scores_ = list(state.loss_curve), list(state.validation_scores)
-        self.best_loss_ = state.best_loss
-        self._no_improvement_count = state.no_improvement_count
+            attributes = {"coefs_": [w.T.copy() for w in weights], "intercepts_": biases}
+        return attributes | {
+            "_head": head, "n_iter_": state.n_iter, "t_": state.t, "damping_": state.damping,
+            "loss_curve_": list(state.loss_curve), "validation_scores_": list(state.validation_scores),
+            "best_loss_": state.best_loss,
+        }  # fmt: skip
 
     # ------------------------------------------------------------- predict
     def _logits(self, X):
@@ -620,3 +635,38 @@ def _torch_threads_like_threadpools():
     finally:
         if target != previous:
             torch.set_num_threads(previous)
+
+
+class _EpochCallbacks:
+    """Forward each iteration to scikit-learn's callback protocol (``sklearn.callback``).
+
+    The fit is the root task and every iteration (epoch, or step in full
+    batch) a subtask, whose end hook may ask to stop. Without callback
+    support (scikit-learn < 1.9) every method is a no-op.
+    """
+
+    def __init__(self, estimator, head, X, y, sample_weight, max_subtasks):
+        self.estimator, self.head, self.X, self.y = estimator, head, X, y
+        self.metadata = None if np.all(sample_weight == 1) else {"sample_weight": sample_weight}
+        self.context = self.iteration = None
+        if hasattr(estimator, "_init_callback_context"):
+            self.context = estimator._init_callback_context(max_subtasks=max_subtasks)
+            self.context.call_on_fit_task_begin(**self._hook_args())
+
+    def _hook_args(self):
+        return {"estimator": self.estimator, "X": self.X, "y": self.y, "metadata": self.metadata}
+
+    def begin(self, state):
+        if self.context is not None:
+            self.iteration = self.context.subcontext(task_name=f"iteration {state.n_iter}")
+            self.iteration.call_on_fit_task_begin(**self._hook_args())
+
+    def end(self, state):
+        if self.context is None:
+            return False
+        attributes = lambda: self.estimator._fitted_attributes(self.head, state)  # noqa: E731
+        return bool(self.iteration.call_on_fit_task_end(**self._hook_args(), reconstruction_attributes=attributes))
+
+    def close(self):
+        if self.context is not None:
+            self.context.call_on_fit_task_end(**self._hook_args(), reconstruction_attributes={})

@@ -69,6 +69,7 @@ class LoopState:
     best_params: Params | None = None
     no_improvement_count: int = 0
     converged: bool = False
+    stopped: bool = False
     last_relative_decrease: float = math.inf
 
 
@@ -297,15 +298,19 @@ def run_epochs(
     cfg: LoopConfig,
     generator: torch.Generator,
     n_epochs: int | None = None,
-    on_epoch: Callable[[LoopState], None] | None = None,
+    on_epoch_begin: Callable[[LoopState], None] | None = None,
+    on_epoch_end: Callable[[LoopState], bool] | None = None,
 ) -> LoopState:
     """Run up to ``n_epochs`` (default ``cfg.max_iter``) epochs, updating ``state``.
 
     An epoch is one step in full batch, one pass over shuffled mini-batches
-    otherwise. Stops early on convergence (``state.converged`` is set).
+    otherwise. Stops early on convergence (``state.converged`` is set) or
+    when ``on_epoch_end`` returns True (``state.stopped`` is set).
     """
     full_batch = cfg.batch_size is None or cfg.batch_size >= data.X.shape[0]
     for _ in range(cfg.max_iter if n_epochs is None else n_epochs):
+        if on_epoch_begin is not None:
+            on_epoch_begin(state)
         start = time.perf_counter()
         records = _run_epoch(head, state, data, cfg, generator)
         state.n_iter += 1
@@ -317,13 +322,13 @@ def run_epochs(
             state.validation_scores.append(score)
         if cfg.verbose:
             _log_epoch(state, records, time.perf_counter() - start, score)
-        if on_epoch is not None:
-            on_epoch(state)
         stop = _update_stopping(state, cfg, score)
         if full_batch and score is None:  # MLP's no-improvement rule is for noisy epochs
             stop = _full_batch_converged(records[-1][1], cfg)
-        if stop:
-            state.converged = True
+        state.converged = stop
+        if on_epoch_end is not None and on_epoch_end(state):
+            state.stopped = True
+        if state.converged or state.stopped:
             break
     return state
 

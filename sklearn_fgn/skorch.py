@@ -74,10 +74,11 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         ``"adaptive"`` compares the batch objective's actual decrease with
         the decrease the quadratic model predicts (Levenberg-Marquardt, as
         ``FGNClassifier``): ratio below 0.25 doubles ``lambda``, above 0.75
-        divides it by 10, never below ``damping`` (an exact step on a batch
-        with fewer rows than parameters always lowers that batch's loss, so
-        the ratio cannot see a step that memorises it), and a step that raises
-        the batch objective is rejected.
+        divides it by 10, never below ``damping`` on mini-batches (an exact
+        step on a batch with fewer rows than parameters always lowers that
+        batch's loss, so the ratio cannot see a step that memorises it; with
+        ``batch_size=-1`` there is no floor), and a step that raises the batch
+        objective is rejected.
     curvature : {"fgn", "ggn"}, default="fgn"
         FGN (one row per example) or the full softmax GGN (``n_classes``
         rows per example).
@@ -259,8 +260,9 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
             with torch.no_grad():
                 new_loss = float(objective(logits_fn, trial, X, y, weights, self.alpha))
             predicted = float(result.predicted_decrease)
+            floor = 0.0 if self.batch_size == -1 else float(self.damping)  # see damping_schedule
             accepted, _, self.damping_ = levenberg_marquardt(
-                float(result.loss), new_loss, predicted, self.damping_, float(self.damping)
+                float(result.loss), new_loss, predicted, self.damping_, floor
             )
             if not accepted:
                 return False

@@ -339,3 +339,19 @@ def test_verbose_prints_one_line_per_iteration(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Iteration")]
     assert len(lines) == est.n_iter_
     assert "damping" in lines[0] and "CG iterations" in lines[0]
+
+
+def test_scoring_monitor_sees_every_iteration():
+    callback = pytest.importorskip("sklearn.callback")
+    X, y = _standardized("digits")
+    monitor = callback.ScoringMonitor(scoring="accuracy")
+    kw = dict(batch_size=256, max_iter=3, device="cpu", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = FGNClassifier(**kw).set_callbacks(monitor).fit(X, y)
+        rows = [row for row in monitor.get_logs().data if row["task_name"].startswith("iteration")]
+        assert len(rows) == est.n_iter_ == 3
+        for i, row in enumerate(rows):  # the score of the fit as if it had stopped there
+            assert row["accuracy"] == pytest.approx(
+                FGNClassifier(**{**kw, "max_iter": i + 1}).fit(X, y).score(X, y)
+            )
