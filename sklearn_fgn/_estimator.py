@@ -418,7 +418,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         )  # fmt: skip
         state.params = {k: t.to(data.device) for k, t in state.params.items()}
         generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
-        events = _EpochCallbacks(self, head, X, self.classes_[y_enc], sample_weight, n_epochs or self.max_iter)
+        y_labels, max_subtasks = self.classes_[y_enc], n_epochs or self.max_iter
+        events = _EpochCallbacks(self, head, X, y_labels, sample_weight, max_subtasks)
         with _torch_threads_like_threadpools():
             state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
         if early_stopping and state.best_params is not None:
@@ -665,7 +666,8 @@ class _EpochCallbacks:
         if self.context is None:
             return False
         attributes = lambda: self.estimator._fitted_attributes(self.head, state)  # noqa: E731
-        return bool(self.iteration.call_on_fit_task_end(**self._hook_args(), reconstruction_attributes=attributes))
+        stop = self.iteration.call_on_fit_task_end(**self._hook_args(), reconstruction_attributes=attributes)
+        return bool(stop)
 
     def close(self):
         if self.context is not None:
