@@ -29,12 +29,16 @@ class CGResult:
         (0.0 for a zero rhs).
     reason : str
         One of ``CG_STOP_REASONS``.
+    residual : Tensor or None
+        That residual ``rhs - A x`` itself (recursively updated, so it costs
+        no extra matvec), e.g. to evaluate ``x' A x = x' rhs - x' residual``.
     """
 
     solution: Tensor
     n_iter: int
     residual_norm: float
     reason: str
+    residual: Tensor | None = None
 
 
 def conjugate_gradient(
@@ -76,13 +80,13 @@ def conjugate_gradient(
     """
     rhs_norm = float(torch.linalg.vector_norm(rhs))
     if rhs_norm == 0.0:
-        return CGResult(torch.zeros_like(rhs), 0, 0.0, "zero_rhs")
+        return CGResult(torch.zeros_like(rhs), 0, 0.0, "zero_rhs", torch.zeros_like(rhs))
     apply_m = preconditioner if preconditioner is not None else (lambda r: r)
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     residual = rhs - matvec(x) if x0 is not None else rhs.clone()
     res_norm = float(torch.linalg.vector_norm(residual))
     if res_norm <= tol * rhs_norm:
-        return CGResult(x, 0, res_norm / rhs_norm, "converged")
+        return CGResult(x, 0, res_norm / rhs_norm, "converged", residual)
     precond_res = apply_m(residual)
     direction = precond_res.clone()
     rz = torch.dot(residual.flatten(), precond_res.flatten())
@@ -91,16 +95,16 @@ def conjugate_gradient(
         curvature = torch.dot(direction.flatten(), a_dir.flatten())
         step = rz / curvature
         x_new = x + step * direction
-        residual = residual - step * a_dir
-        precond_res = apply_m(residual)
-        rz_new = torch.dot(residual.flatten(), precond_res.flatten())
-        rr = torch.dot(residual.flatten(), residual.flatten())
+        residual_new = residual - step * a_dir
+        precond_res = apply_m(residual_new)
+        rz_new = torch.dot(residual_new.flatten(), precond_res.flatten())
+        rr = torch.dot(residual_new.flatten(), residual_new.flatten())
         curvature_val, rr_val = torch.stack([curvature, rr]).tolist()  # the one sync per iteration
         if not curvature_val > 0.0:  # also catches NaN
-            return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature")
-        x, res_norm = x_new, rr_val**0.5
+            return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature", residual)
+        x, residual, res_norm = x_new, residual_new, rr_val**0.5
         if res_norm <= tol * rhs_norm:
-            return CGResult(x, n_iter, res_norm / rhs_norm, "converged")
+            return CGResult(x, n_iter, res_norm / rhs_norm, "converged", residual)
         direction = precond_res + (rz_new / rz) * direction
         rz = rz_new
-    return CGResult(x, max_iter, res_norm / rhs_norm, "max_iter")
+    return CGResult(x, max_iter, res_norm / rhs_norm, "max_iter", residual)

@@ -234,11 +234,11 @@ def make_ggn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> R
 
 
 def _margin_gradients_by_layer(
-    head: Head, params: Params, X: Tensor, y: Tensor
+    head: Head, params: Params, X: Tensor, y: Tensor, logits: Tensor | None
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Logits, layer inputs and per-example ``dm_i/d(pre-activation_l)``."""
     if head.is_linear:  # d m / d logits is the margin direction: no autograd needed
-        logits = forward(head, params, X)
+        logits = forward(head, params, X) if logits is None else logits
         return logits, [X], [margin_direction(logits, y)]
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in params.items()}
@@ -254,8 +254,12 @@ def fgn_gram(
     y: Tensor,
     weights: Tensor,
     damping: dict[str, float],
+    logits: Tensor | None = None,
 ) -> Tensor:
     r"""Exact ``B Lambda^{-1} B^T`` for FGN, shape (n, n), without forming ``B``.
+
+    ``logits`` (the head's logits at ``params``, if already computed) saves
+    the linear head its forward pass.
 
     ``m_i`` depends on example ``i`` only, so one backward pass of
     ``sum_i m_i`` gives every layer's per-example margin gradients ``Delta_l``
@@ -269,7 +273,7 @@ def fgn_gram(
     scaled by ``sqrt(omega w) sqrt(omega w)^T``. Cost O(n^2 (d + sum h_l)),
     independent of the number of parameters.
     """
-    logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y)
+    logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, logits)
     gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
     for layer, (hidden, delta) in enumerate(zip(inputs, deltas, strict=True)):
         kernel = (hidden @ hidden.T) / damping[f"coef_{layer}"]

@@ -107,8 +107,8 @@ class StepResult:
         Gradient of the objective at ``params``.
     predicted_decrease : Tensor
         ``-(g^T delta + 1/2 delta^T (G + alpha P) delta)``, the decrease the
-        undamped quadratic model predicts for the step taken (0-d; one extra
-        JVP).
+        undamped quadratic model predicts for the step taken (0-d; from CG's
+        residual, no extra matvec).
     solver : str
         ``"cholesky"`` (Gram-preconditioned CG) or ``"cg"``.
     cg : CGResult
@@ -320,14 +320,19 @@ def compute_step(
     preconditioner = None
     if solver == "cholesky":
         preconditioner = make_fgn_preconditioner(
-            fgn_op, fgn_gram(head, params, X, y, weights, lam), lam, grad
+            fgn_op, fgn_gram(head, params, X, y, weights, lam, lin.logits), lam, grad
         )
         if preconditioner is None:
             warnings.warn("Cholesky factorisation of the FGN row-space system failed; using plain CG.",
                           RuntimeWarning, stacklevel=2)  # fmt: skip
             solver = "cg"
     step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter)
-    b_step = op.matvec(step)
+    # CG's residual r = -grad - (G + Lambda) step gives the curvature term for
+    # free: step' G step = -grad' step - r' step - step' Lambda step, so the
+    # model change grad' step + step' (G + alpha P) step / 2 needs no matvec.
+    residual = _unflat(cg_result.residual, grad)
+    step_damping = sum(lam[k] * (t * t).sum() for k, t in step.items())
     step_pen = {k: t for k, t in step.items() if k in penalized}
-    model_change = _dot(grad, step) + 0.5 * (b_step * b_step).sum() + 0.5 * alpha * _dot(step_pen, step_pen)
+    curvature_term = -_dot(grad, step) - _dot(residual, step) - step_damping
+    model_change = _dot(grad, step) + 0.5 * curvature_term + 0.5 * alpha * _dot(step_pen, step_pen)
     return StepResult(step, loss, grad, -model_change, solver, cg_result, lin.logits)
