@@ -258,7 +258,7 @@ def main() -> None:
         p.add_argument("--sizes", default=None,
                        help="comma-separated NxdxK sizes (default 20000x256x100,100000x512x1000)"),
     ))
-    sizes = args.sizes or ("5000x64x20" if args.quick else "20000x256x100,100000x512x1000")
+    sizes = args.sizes if args.sizes is not None else ("5000x64x20" if args.quick else "20000x256x100,100000x512x1000")
     print(_common.machine_description())
     rows = []
     for size in [s for s in sizes.split(",") if s] + ["digits"]:
