@@ -78,8 +78,9 @@ class LogitsLinearization:
 def _linearize_linear(head: Head, params: Params, X: Tensor) -> LogitsLinearization:
     # logits = X W^T + b, so J v = X V^T + v_b and J^T C = (C^T X, sum_i C_i).
     def jvp(v: Params) -> Tensor:
-        out = X @ v["coef_0"].T
-        return out + v["intercept_0"] if head.fit_intercept else out
+        if head.fit_intercept:  # one fused pass: v_b + X V^T
+            return torch.addmm(v["intercept_0"], X, v["coef_0"].T)
+        return X @ v["coef_0"].T
 
     def vjp(cotangent: Tensor) -> Params:
         grads = {"coef_0": cotangent.T @ X}
@@ -172,14 +173,20 @@ class RowSpaceOperator:
         ``v (params dict) -> B v``, a Tensor (``(n,)`` or ``(n, n_classes)``).
     rmatvec : callable
         ``u -> B^T u``, a params-shaped dict.
+    fused_curvature_matvec : callable or None
+        ``v -> G v`` computed without the row-space intermediate, where that
+        is cheaper (the softmax GGN: ``J^T (omega (p*Jv - p (p . Jv)))``).
     """
 
     n_rows: int
     matvec: Callable[[Params], Tensor]
     rmatvec: Callable[[Tensor], Params]
+    fused_curvature_matvec: Callable[[Params], Params] | None = None
 
     def curvature_matvec(self, v: Params) -> Params:
         """``G v = B^T (B v)``: the curvature applied in parameter space."""
+        if self.fused_curvature_matvec is not None:
+            return self.fused_curvature_matvec(v)
         return self.rmatvec(self.matvec(v))
 
 
@@ -230,7 +237,15 @@ def make_ggn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> R
         projected = u - sqrt_proba * (sqrt_proba * u).sum(1, keepdim=True)
         return lin.vjp(row_weight * sqrt_proba * projected)
 
-    return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec)
+    weighted_proba = weights[:, None] * proba
+
+    def curvature_matvec(v: Params) -> Params:
+        # S^T S = diag(p) - p p^T applied in O(K) per example (kfac-jax style):
+        # half the elementwise passes of rmatvec(matvec(v)).
+        jv = lin.jvp(v)
+        return lin.vjp(weighted_proba * (jv - (proba * jv).sum(1, keepdim=True)))
+
+    return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec, curvature_matvec)
 
 
 def _margin_gradients_by_layer(

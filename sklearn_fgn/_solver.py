@@ -233,7 +233,7 @@ def _run_epoch(
         # Full batch: inexact Newton with a forcing term that shrinks with the
         # predicted decrease (Eisenstat-Walker), so the end game is superlinear.
         floor = max(1e-10, 10 * torch.finfo(batch.X.dtype).eps)  # reachable in float32 too
-        cg_tol = max(min(cfg.cg_tol, state.last_relative_decrease**2), floor) if full_batch else None
+        cg_tol = max(min(cfg.cg_tol, state.last_relative_decrease**0.5), floor) if full_batch else None
         state.params, state.damping, record = damped_update(
             head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping
         )
