@@ -98,8 +98,11 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         Share held out with ``early_stopping``.
     cg_max_iter : int, default=100
         Conjugate-gradient iterations per step at most.
-    cg_tol : float, default=1e-4
-        Relative residual at which CG stops.
+    cg_tol : float or "auto", default="auto"
+        Relative residual at which CG stops. ``"auto"``: 1e-4 on
+        mini-batches; in full batch the inexact-Newton forcing term
+        ``min(0.5, sqrt(predicted relative decrease of the last step))``,
+        loose far from the optimum and tight near it.
     fit_intercept : bool, default=True
         Whether the layers have (unpenalised) biases.
     class_weight : dict, "balanced" or None, default=None
@@ -198,7 +201,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "cg_max_iter": [Interval(Integral, 1, None, closed="left")],
-        "cg_tol": [Interval(Real, 0, None, closed="left")],
+        "cg_tol": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
         "warm_start": ["boolean"],
@@ -223,7 +226,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         early_stopping=False,
         validation_fraction=0.1,
         cg_max_iter=100,
-        cg_tol=1e-4,
+        cg_tol="auto",
         fit_intercept=True,
         class_weight=None,
         warm_start=False,
@@ -414,7 +417,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             solver=self.solver, damping_schedule=self.damping_schedule,
             batch_size=self._resolve_batch_size(data.X.shape[0]),
             max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
-            cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, verbose=self.verbose,
+            cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
         )  # fmt: skip
         state.params = {k: t.to(data.device) for k, t in state.params.items()}
         generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))

@@ -34,6 +34,9 @@ CURVATURE_OPTIONS = ("fgn", "ggn", "auto")
 # Levenberg-Marquardt: lambda stays inside these bounds.
 DAMPING_BOUNDS = (1e-8, 1e8)
 _EPS = float(torch.finfo(torch.float64).eps)
+# cg_tol="auto" on mini-batches (FGN steps there converge in 1-2 Gram-
+# preconditioned iterations whatever the tolerance).
+AUTO_CG_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class LoopConfig:
     max_iter: int = 100
     tol: float = 1e-4
     n_iter_no_change: int = 5
-    cg_tol: float = 1e-4
+    cg_tol: float | str = "auto"
     cg_max_iter: int = 100
     verbose: int = 0
 
@@ -106,7 +109,10 @@ def levenberg_marquardt(
 
     ``ratio = (loss - new_loss) / predicted_decrease``; below 0.25 the damping
     doubles, above 0.75 it is divided by 10 (Nocedal & Wright 4.1, Martens
-    2010), within ``[min_damping, DAMPING_BOUNDS[1]]``. The step is accepted
+    2010), by 100 when the ratio is within 2 % of 1 (the quadratic model is
+    exact there, so damping only shortens the step: on a 100-class probe the
+    first two steps from lambda = 1 had ratios 1.000 and moved the loss 5 %),
+    within ``[min_damping, DAMPING_BOUNDS[1]]``. The step is accepted
     when the objective did not go up.
 
     Returns
@@ -119,6 +125,8 @@ def levenberg_marquardt(
     ratio = (loss - new_loss) / predicted_decrease if predicted_decrease > 0 else -math.inf
     if ratio < 0.25:
         damping *= 2.0
+    elif abs(ratio - 1.0) < 0.02:  # the model is exact to 2 %: damping only slows the step
+        damping /= 100.0
     elif ratio > 0.75:
         damping /= 10.0
     damping = min(max(damping, min_damping, DAMPING_BOUNDS[0]), DAMPING_BOUNDS[1])
@@ -137,6 +145,7 @@ class StepRecord:
     cg_iter: int
     predicted_decrease: float
     ratio: float
+    cg_tol: float = 0.0
 
 
 def damped_update(
@@ -146,18 +155,17 @@ def damped_update(
     damping: float,
     cfg: LoopConfig,
     curvature: str,
-    cg_tol: float | None = None,
+    cg_tol: float,
     min_damping: float = DAMPING_BOUNDS[0],
 ) -> tuple[Params, float, StepRecord]:
     """Compute one ``curvature`` step on ``batch``, accept or reject it, adapt ``damping``.
 
-    ``cg_tol`` overrides ``cfg.cg_tol`` (the full-batch loop tightens it);
-    the adapted damping stays at or above ``min_damping``.
+    ``cg_tol`` is CG's tolerance for this step (see ``_forcing_term``); the
+    adapted damping stays at or above ``min_damping``.
     """
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
-        curvature=curvature, solver=cfg.solver, cg_tol=cfg.cg_tol if cg_tol is None else cg_tol,
-        cg_max_iter=cfg.cg_max_iter,
+        curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=cfg.cg_max_iter,
     )  # fmt: skip
     trial = {k: params[k] + result.step[k] for k in params}
     cg_iter = result.cg.n_iter
@@ -165,10 +173,14 @@ def damped_update(
     new_loss = float(_batch_objective(head, trial, batch, cfg.alpha))
     predicted = float(result.predicted_decrease)
     if cfg.damping_schedule == "constant":
-        return trial, damping, StepRecord(loss, new_loss, True, damping, curvature, cg_iter, predicted, 1.0)
+        return (
+            trial,
+            damping,
+            StepRecord(loss, new_loss, True, damping, curvature, cg_iter, predicted, 1.0, cg_tol),
+        )
     accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, min_damping)
     record = StepRecord(
-        loss, new_loss if accepted else loss, accepted, damping, curvature, cg_iter, predicted, ratio
+        loss, new_loss if accepted else loss, accepted, damping, curvature, cg_iter, predicted, ratio, cg_tol
     )
     return (trial if accepted else params), next_damping, record
 
@@ -217,6 +229,25 @@ class TrainingData:
     y_val: Tensor | None = None
 
 
+def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: torch.dtype) -> float:
+    """CG's relative tolerance for the next step.
+
+    A number ``cfg.cg_tol`` is used as given. ``"auto"``: mini-batches use
+    ``AUTO_CG_TOL``; full batch is inexact Newton with the forcing term
+    ``min(0.5, sqrt(last predicted relative decrease))`` (Eisenstat-Walker;
+    ``sqrt`` of the decrease is O(||grad||), which keeps the end game
+    quadratic), floored where the dtype can still resolve it. Measured on
+    make_classification(20000, 256, 100 classes): 33 CG iterations instead of
+    58 with a fixed 1e-4, same six steps, same final gap.
+    """
+    if cfg.cg_tol != "auto":
+        return float(cfg.cg_tol)
+    if not full_batch:
+        return AUTO_CG_TOL
+    floor = max(1e-10, 10 * torch.finfo(dtype).eps)
+    return max(min(0.5, state.last_relative_decrease**0.5), floor)
+
+
 def _run_epoch(
     head: Head, state: LoopState, data: TrainingData, cfg: LoopConfig, generator: torch.Generator
 ) -> list[tuple[int, StepRecord]]:
@@ -230,10 +261,7 @@ def _run_epoch(
     records = []
     for batch in iter_batches(data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device):
         curvature = _resolve_curvature(cfg, head, full_batch)
-        # Full batch: inexact Newton with a forcing term that shrinks with the
-        # predicted decrease (Eisenstat-Walker), so the end game is superlinear.
-        floor = max(1e-10, 10 * torch.finfo(batch.X.dtype).eps)  # reachable in float32 too
-        cg_tol = max(min(cfg.cg_tol, state.last_relative_decrease**0.5), floor) if full_batch else None
+        cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
         state.params, state.damping, record = damped_update(
             head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping
         )
@@ -273,12 +301,16 @@ def _update_stopping(state: LoopState, cfg: LoopConfig, score: float | None) -> 
 
 def _full_batch_converged(record: StepRecord, cfg: LoopConfig) -> bool:
     # A trusted step (the quadratic model agrees with the objective) whose
-    # predicted decrease is below tol relative to the loss: once it is taken
-    # the remaining gap is far smaller (Newton-type steps converge
-    # superlinearly). At round-off level the ratio is noise: stop as well.
+    # predicted decrease p is below tol relative to the loss ends the fit
+    # once it is taken, if it was solved accurately enough: with CG stopped
+    # at relative residual eta the step misses about eta^2 p of the decrease,
+    # so we ask eta^2 p <= tol^2. (Without that rule breast_cancer at C=100
+    # stopped 1.3e-6 from the optimum after a step solved to eta = 0.065.)
+    # At round-off level the ratio is noise: stop as well.
     relative = record.predicted_decrease / max(abs(record.loss), 1e-300)
     trusted = record.accepted and record.ratio > 0.5
-    return (trusted and relative <= cfg.tol) or relative <= 1e3 * _EPS
+    accurate = record.cg_tol**2 * relative <= cfg.tol**2
+    return (trusted and accurate and relative <= cfg.tol) or relative <= 1e3 * _EPS
 
 
 def _log_epoch(state: LoopState, records: list[tuple[int, StepRecord]], seconds: float, score) -> None:
