@@ -155,6 +155,11 @@ def linearize(head: Head | LogitsFn, params: Params, X: Tensor) -> LogitsLineari
     the saved graph for anything but the linear head). Each later
     ``jvp``/``vjp`` costs about one forward pass: for the linear head exactly
     one ``(n, d) @ (d, n_logits)`` matmul.
+
+    Returns
+    -------
+    LogitsLinearization
+        The logits and the closures for ``J v`` and ``J^T C``.
     """
     if isinstance(head, Head) and head.is_linear:
         return _linearize_linear(head, params, X)
@@ -202,6 +207,11 @@ def make_fgn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> R
     ``B v = sqrt(omega w) * (a * J v).sum(1)`` and
     ``B^T u = J^T ((sqrt(omega w) u)[:, None] * a)``: one JVP or VJP of the
     logits map plus O(n * n_logits). ``weights`` are the normalised ``omega``.
+
+    Returns
+    -------
+    RowSpaceOperator
+        ``B`` with ``n`` rows.
     """
     direction = margin_direction(lin.logits, y)
     scale = fgn_row_scale(lin.logits, y, weights)
@@ -222,6 +232,11 @@ def make_ggn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> R
     ``S^T y = s * (y - s (s . y))``, so ``S^T S x = p*x - p (p . x)``, the
     softmax Hessian product. For a single-logit binary head the GGN is the
     FGN (exact Gauss-Newton) and that operator is returned.
+
+    Returns
+    -------
+    RowSpaceOperator
+        ``B`` with ``n * n_classes`` rows (``n`` for a single logit).
     """
     if lin.logits.shape[1] == 1:
         return make_fgn_operator(lin, y, weights)
@@ -287,6 +302,11 @@ def fgn_gram(
 
     scaled by ``sqrt(omega w) sqrt(omega w)^T``. Cost O(n^2 (d + sum h_l)),
     independent of the number of parameters.
+
+    Returns
+    -------
+    Tensor of shape (n, n)
+        ``B Lambda^{-1} B^T``, symmetric positive semidefinite.
     """
     logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, logits)
     gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
@@ -305,6 +325,11 @@ def damping_diagonal(
     """``Lambda`` per parameter block: ``damping + alpha`` on weights, ``damping`` on biases.
 
     ``penalized`` names the weights; by default the head's ``coef_*`` entries.
+
+    Returns
+    -------
+    dict of str to float
+        ``Lambda`` per parameter name.
     """
     if penalized is None:
         penalized = {k for k in params if is_penalized(k)}

@@ -24,6 +24,7 @@ except ImportError:  # older releases have no callbacks to support
     class CallbackSupportMixin:  # noqa: D101
         pass
 
+
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._solver import CURVATURE_OPTIONS, DAMPING_SCHEDULES, LoopConfig, LoopState, TrainingData, run_epochs
 from ._step import SOLVERS
@@ -322,6 +323,12 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         -------
         self : FGNClassifier
             The updated estimator.
+
+        Raises
+        ------
+        ValueError
+            If ``classes`` is missing on the first call or changes later, or
+            ``y`` has labels outside it.
         """
         first = not hasattr(self, "classes_")
         X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
@@ -353,7 +360,19 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         return X, y, sample_weight
 
     def _check_params(self):
-        """Cross-parameter rules; returns the hidden layer sizes as a tuple."""
+        """Check the cross-parameter rules.
+
+        Returns
+        -------
+        tuple of int
+            The hidden layer sizes.
+
+        Raises
+        ------
+        ValueError
+            For hidden layer sizes that are not positive ints, or a device torch
+            cannot use.
+        """
         sizes = np.atleast_1d(np.asarray(self.hidden_layer_sizes, dtype=object))
         if sizes.ndim != 1 or not all(
             isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in sizes
@@ -458,7 +477,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         self._no_improvement_count = state.no_improvement_count
 
     def _fitted_attributes(self, head, state):
-        """The fitted attributes for ``state``, as CPU numpy arrays."""
+        """Return the fitted attributes for ``state``, as CPU numpy arrays."""
         params = {k: t.detach().cpu().numpy().copy() for k, t in state.params.items()}
         if not all(np.all(np.isfinite(p)) for p in params.values()):
             raise ValueError(
@@ -555,7 +574,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
 
 
 def _seed_from(random_state):
-    """An int seed from ``random_state`` (None draws one from numpy's global RNG)."""
+    """Return an int seed from ``random_state`` (None draws one from numpy's global RNG)."""
     from sklearn.utils import check_random_state
 
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))

@@ -79,6 +79,11 @@ def init_params(
     The linear head starts at zero (the convex problem needs no symmetry
     breaking). MLP layers use Glorot-uniform weights drawn from ``generator``
     (on the CPU, so CPU and CUDA fits start identically) and zero biases.
+
+    Returns
+    -------
+    dict of Tensor
+        Parameters on ``device`` in ``dtype``.
     """
     params = {}
     sizes = head.layer_sizes
@@ -108,6 +113,11 @@ def forward(head: Head, params: dict[str, Tensor], X: Tensor) -> Tensor:
 
     Cost: one matmul per layer. Pure function of ``params`` (usable under
     ``torch.func`` transforms).
+
+    Returns
+    -------
+    Tensor of shape (n, n_logits)
+        The logits.
     """
     activation = ACTIVATIONS[head.activation]
     hidden = X

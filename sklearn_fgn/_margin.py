@@ -1,4 +1,4 @@
-"""Scalar true-vs-rest margin of softmax cross-entropy.
+r"""Scalar true-vs-rest margin of softmax cross-entropy.
 
 For logits ``z`` of one example with label ``y`` (``logits`` is what
 scikit-learn calls ``raw_prediction``), the margin is
@@ -94,6 +94,11 @@ def margin_direction(logits: Tensor, y: Tensor) -> Tensor:
     """Return ``a = dm/dz = e_y - q``, shape (n, n_logits).
 
     For one logit this is the column ``2 y - 1``.
+
+    Returns
+    -------
+    Tensor of shape (n, n_logits)
+        ``e_y - q`` (the column ``2 y - 1`` for one logit).
     """
     _check_logits(logits, y)
     if logits.shape[1] == 1:

@@ -145,6 +145,11 @@ def objective(
 
     ``head`` is a :class:`Head` or a ``LogitsFn``; see :func:`compute_step` for
     which parameters ``alpha`` penalises.
+
+    Returns
+    -------
+    Tensor
+        The 0-d objective.
     """
     m = margin(logits_function(head)(params, X), y)
     return (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized_names(head, params))
@@ -189,6 +194,11 @@ def make_fgn_preconditioner(
     with ``gram = B Lambda^{-1} B^T`` (n x n). Returns None when ``I + gram``
     is not numerically positive definite. Cost per call: one JVP, one VJP and
     two triangular solves (O(n^2)); the factorisation is O(n^3 / 3), once.
+
+    Returns
+    -------
+    callable or None
+        ``r -> (G_F + Lambda)^{-1} r`` on flat vectors, or None.
     """
     system = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(system)
@@ -221,6 +231,13 @@ def _solve(
     row-space form scales its right-hand side by ``1 / lambda`` and, for small
     ``lambda``, a row-space relative tolerance is far looser than it looks and
     ``delta`` is a difference of ``O(1 / lambda)`` terms.
+
+    Returns
+    -------
+    step : dict of Tensor
+        ``delta``, shaped like ``grad``.
+    result : CGResult
+        The CG record.
     """
     lam_vec = _flat({k: torch.full_like(g, lam[k]) for k, g in grad.items()})
 
