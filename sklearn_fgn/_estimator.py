@@ -31,8 +31,9 @@ from ._step import SOLVERS
 
 __all__ = ["FGNClassifier"]
 
-# batch_size="auto": full batch up to this many samples, else AUTO_BATCH_SIZE.
-AUTO_FULL_BATCH_MAX = 4096
+# batch_size="auto": full batch while n_samples * n_logits stays below this
+# (the full-GGN step keeps a few (n, K) arrays), else AUTO_BATCH_SIZE.
+AUTO_FULL_BATCH_MAX_ENTRIES = 2**24
 AUTO_BATCH_SIZE = 1024
 
 
@@ -79,10 +80,12 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         ``"auto"``: ``"cholesky"`` up to 4096 rows when forming the Gram costs
         less than about 20 CG iterations, ``"cg"`` otherwise.
     batch_size : int, "auto" or None, default="auto"
-        ``None`` is full batch. ``"auto"``: full batch up to 4096 samples
-        (then one exact step per iteration is cheap), else 1024 (the measured
-        sweet spot of the Gram-Cholesky step on CPU: its per-sample cost grows
-        with the batch while larger batches gain little per epoch).
+        ``None`` is full batch. ``"auto"``: full batch while
+        ``n_samples * n_classes <= 2**24`` (about 16.7 million logits), else
+        1024. Measured on the 20000 x 256 x 50 probe of
+        ``examples/linear_probe.py``: full batch converges in a few exact
+        Newton steps in seconds, where mini-batch FGN epochs with a damping
+        floor of 1.0 took over 100 s to the same accuracy.
     max_iter : int, default=100
         Steps in full batch, epochs otherwise.
     tol : float, default=1e-4
@@ -468,7 +471,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
 
     def _resolve_batch_size(self, n_samples):
         if self.batch_size == "auto":
-            return None if n_samples <= AUTO_FULL_BATCH_MAX else AUTO_BATCH_SIZE
+            n_logits = 1 if len(self.classes_) == 2 else len(self.classes_)
+            return None if n_samples * n_logits <= AUTO_FULL_BATCH_MAX_ENTRIES else AUTO_BATCH_SIZE
         return self.batch_size
 
     def _store(self, head, state):
