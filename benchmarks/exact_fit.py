@@ -50,20 +50,10 @@ from __future__ import annotations
 import os
 import sys
 
-
-def _preset_threads(argv: list[str]) -> None:
-    """Set BENCH_THREADS from ``--threads N`` before ``_common`` imports numpy/torch."""
-    threads = "2"
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            threads = argv[i + 1]
-        elif arg.startswith("--threads="):
-            threads = arg.split("=", 1)[1]
-    os.environ["BENCH_THREADS"] = threads
-
-
-_preset_threads(sys.argv)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _threads import preset_threads  # noqa: E402
+
+preset_threads(sys.argv)
 
 import _common  # noqa: E402  (sets thread env vars, imports numpy and torch)
 
