@@ -45,8 +45,8 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
     r"""A skorch classifier trained by damped Fast Gauss-Newton steps.
 
     Each training batch takes one step ``delta = -(G + Lambda)^{-1} grad L``
-    of :func:`sklearn_fgn._step.compute_step` (conjugate gradient in the
-    batch's row space) on the module's trainable parameters; no torch
+    of :func:`sklearn_fgn._step.compute_step` (matrix-free conjugate
+    gradient, damping-preconditioned) on the module's trainable parameters; no torch
     optimizer step is taken. Everything else (data handling, callbacks,
     ``predict``, checkpointing, ``GridSearchCV``) is skorch's.
 
