@@ -23,9 +23,16 @@ __all__ = [
     "CURVATURE_OPTIONS",
     "DAMPING_BOUNDS",
     "DAMPING_SCHEDULES",
+    "Batch",
     "LoopConfig",
     "LoopState",
+    "StepRecord",
+    "TrainingData",
+    "damped_update",
+    "iter_batches",
+    "levenberg_marquardt",
     "run_epochs",
+    "validation_accuracy",
 ]
 
 Params = dict[str, Tensor]
@@ -228,9 +235,6 @@ def _to_device(X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch
     return Batch(move(X), move(y), None if sample_weight is None else move(sample_weight))
 
 
-__all__ += ["Batch", "StepRecord", "damped_update", "iter_batches", "levenberg_marquardt"]
-
-
 @dataclass(frozen=True)
 class TrainingData:
     """Training (and optional validation) tensors; ``X`` may live on the host."""
@@ -387,6 +391,3 @@ def run_epochs(
         if state.converged or state.stopped:
             break
     return state
-
-
-__all__ += ["TrainingData", "validation_accuracy"]
