@@ -74,7 +74,8 @@ def conjugate_gradient(
 
     Notes
     -----
-    Cost per iteration: one ``matvec`` plus O(size) vector work. Host-device
+    Cost per iteration: one ``matvec`` and one ``preconditioner`` (none after
+    the last iteration) plus O(size) vector work. Host-device
     synchronisations: one per iteration (the curvature ``p'Ap`` and the new
     residual norm are read together), plus one at the start.
     """
@@ -96,15 +97,15 @@ def conjugate_gradient(
         step = rz / curvature
         x_new = x + step * direction
         residual_new = residual - step * a_dir
-        precond_res = apply_m(residual_new)
-        rz_new = torch.dot(residual_new.flatten(), precond_res.flatten())
         rr = torch.dot(residual_new.flatten(), residual_new.flatten())
         curvature_val, rr_val = torch.stack([curvature, rr]).tolist()  # the one sync per iteration
         if not curvature_val > 0.0:  # also catches NaN
             return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature", residual)
         x, residual, res_norm = x_new, residual_new, rr_val**0.5
-        if res_norm <= tol * rhs_norm:
+        if res_norm <= tol * rhs_norm:  # before preconditioning: the last M^-1 r is never needed
             return CGResult(x, n_iter, res_norm / rhs_norm, "converged", residual)
+        precond_res = apply_m(residual)
+        rz_new = torch.dot(residual.flatten(), precond_res.flatten())
         direction = precond_res + (rz_new / rz) * direction
         rz = rz_new
     return CGResult(x, max_iter, res_norm / rhs_norm, "max_iter", residual)
