@@ -370,23 +370,21 @@ def findings_for(best_rows, rows, l_star, l_ref) -> list[str]:
             + " At small damping FGN stalls above the GGN (or overshoots: G_F <= G makes its unit "
             "steps longer), the dropped within-competitor curvature being only damped (DESIGN.md section 5)."
         )
-    pcg = [r for r in rows if r["method"] == "GGN-PCG"]
-    if pcg:
+    pairs = [
+        (p, g)
+        for p in rows
+        if p["method"] == "GGN-PCG"
+        for g in rows
+        if g["method"] == "GGN" and g["λ or lr"] == p["λ or lr"]
+    ]
+    if pairs:
         out.append(
             "FGN-preconditioned GGN-CG (GGN-PCG) vs Lambda-preconditioned GGN-CG: CG iterations per step "
             + ", ".join(
-                f"λ={fmt(p['λ or lr'])}: {fmt(p['CG it/step'])} vs {fmt(g['CG it/step'])}"
-                for p in pcg
-                for g in rows
-                if g["method"] == "GGN" and g["λ or lr"] == p["λ or lr"]
+                f"λ={fmt(p['λ or lr'])}: {fmt(p['CG it/step'])} vs {fmt(g['CG it/step'])}" for p, g in pairs
             )
             + "; time per step ratio "
-            + ", ".join(
-                f"{fmt(p['s/step'] / g['s/step'])}"
-                for p in pcg
-                for g in rows
-                if g["method"] == "GGN" and g["λ or lr"] == p["λ or lr"]
-            )
+            + ", ".join(f"{fmt(p['s/step'] / g['s/step'])}" for p, g in pairs)
             + "."
         )
     diverged = [f"{r['method']} λ/lr={fmt(r['λ or lr'])}" for r in rows if r["diverged"]]

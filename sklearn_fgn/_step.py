@@ -252,16 +252,12 @@ def _solve(
     return _unflat(result.solution, grad), result
 
 
-def _pick_solver(solver: str, head: Head | LogitsFn, params: Params, n_rows: int) -> str:
-    has_gram = isinstance(head, Head)
-    if solver == "cholesky" and not has_gram:
+def _check_solver(solver: str, head: Head | LogitsFn) -> None:
+    if solver == "cholesky" and not isinstance(head, Head):
         raise ValueError(
             "solver='cholesky' needs the per-layer structure of a Head to form the Gram; "
             "use solver='cg' (or 'auto') with a logits function"
         )
-    if solver != "auto":
-        return solver
-    return "auto" if has_gram and n_rows <= CHOLESKY_MAX_ROWS else "cg"
 
 
 def _gram_pays_off(
@@ -384,7 +380,7 @@ def compute_step(
         (O(n^2 (d + h))), an O(n^3 / 3) factorisation and per iteration one
         more JVP/VJP pair and two triangular solves.
     """
-    solver = _pick_solver(solver, head, params, y.shape[0])
+    _check_solver(solver, head)
     lin = linearize(head, params, X)
     weights = normalized_weights(sample_weight, y.shape[0], lin.logits)
     penalized = penalized_names(head, params)
@@ -392,8 +388,12 @@ def compute_step(
     fgn_op = make_fgn_operator(lin, y, weights)
     op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights)
     lam = damping_diagonal(params, damping, alpha, penalized)
-    if solver == "auto":
-        pays_off = _gram_pays_off(head, params, X, y, lin.logits, weights, lam, cg_tol, curvature)
+    if solver == "auto":  # the Gram needs a Head's layers and O(n^2) memory
+        pays_off = (
+            isinstance(head, Head)
+            and y.shape[0] <= CHOLESKY_MAX_ROWS
+            and _gram_pays_off(head, params, X, y, lin.logits, weights, lam, cg_tol, curvature)
+        )
         solver = "cholesky" if pays_off else "cg"
     preconditioner = None
     if solver == "cholesky":
