@@ -75,7 +75,7 @@ class LogitsLinearization:
     vjp: Callable[[Tensor], Params]
 
 
-def _linearize_linear(head: Head, params: Params, X: Tensor) -> LogitsLinearization:
+def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | None) -> LogitsLinearization:
     # logits = X W^T + b, so J v = X V^T + v_b and J^T C = (C^T X, sum_i C_i).
     def jvp(v: Params) -> Tensor:
         if head.fit_intercept:  # one fused pass: v_b + X V^T
@@ -88,7 +88,7 @@ def _linearize_linear(head: Head, params: Params, X: Tensor) -> LogitsLinearizat
             grads["intercept_0"] = cotangent.sum(0)
         return grads
 
-    return LogitsLinearization(forward(head, params, X), jvp, vjp)
+    return LogitsLinearization(forward(head, params, X) if logits is None else logits, jvp, vjp)
 
 
 def logits_function(model: Head | LogitsFn) -> LogitsFn:
@@ -147,12 +147,16 @@ def _linearize_autograd(model: Head | LogitsFn, params: Params, X: Tensor) -> Lo
     return LogitsLinearization(logits, jvp, vjp)
 
 
-def linearize(head: Head | LogitsFn, params: Params, X: Tensor) -> LogitsLinearization:
+def linearize(
+    head: Head | LogitsFn, params: Params, X: Tensor, logits: Tensor | None = None
+) -> LogitsLinearization:
     """Linearise the logits map at ``params`` on the batch ``X``.
 
     ``head`` is a :class:`Head` spec or a ``LogitsFn`` (then ``X`` is
     whatever that function takes as its batch). Cost: one forward pass (plus
-    the saved graph for anything but the linear head). Each later
+    the saved graph for anything but the linear head); a linear head skips
+    it when given ``logits``, the logits at ``params`` on ``X`` (other maps
+    need the forward pass for their graph and ignore them). Each later
     ``jvp``/``vjp`` costs about one forward pass: for the linear head exactly
     one ``(n, d) @ (d, n_logits)`` matmul.
 
@@ -162,7 +166,7 @@ def linearize(head: Head | LogitsFn, params: Params, X: Tensor) -> LogitsLineari
         The logits and the closures for ``J v`` and ``J^T C``.
     """
     if isinstance(head, Head) and head.is_linear:
-        return _linearize_linear(head, params, X)
+        return _linearize_linear(head, params, X, logits)
     return _linearize_autograd(head, params, X)
 
 

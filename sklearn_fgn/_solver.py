@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._heads import Head, forward
-from ._step import StepResult, compute_step, normalized_weights, objective
+from ._step import StepResult, compute_step, normalized_weights, objective_from_logits
 
 __all__ = [
     "CURVATURE_OPTIONS",
@@ -169,11 +169,13 @@ def damped_update(
     curvature: str,
     cg_tol: float,
     min_damping: float = DAMPING_BOUNDS[0],
-) -> tuple[Params, float, StepRecord]:
+    logits: Tensor | None = None,
+) -> tuple[Params, float, StepRecord, Tensor]:
     """Compute one ``curvature`` step on ``batch``, accept or reject it, adapt ``damping``.
 
     ``cg_tol`` is CG's tolerance for this step (see ``_forcing_term``); the
-    adapted damping stays at or above ``min_damping``.
+    adapted damping stays at or above ``min_damping``. ``logits``, when
+    known, are the logits at ``params`` on ``batch`` (see ``compute_step``).
 
     Returns
     -------
@@ -183,32 +185,30 @@ def damped_update(
         The damping for the next step.
     record : StepRecord
         What the step did.
+    logits : Tensor
+        The logits at the returned parameters on ``batch``.
     """
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
-        curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=cfg.cg_max_iter,
+        curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=cfg.cg_max_iter, logits=logits,
     )  # fmt: skip
     trial = {k: params[k] + result.step[k] for k in params}
     cg_iter = result.cg.n_iter
     loss = float(result.loss)
-    new_loss = float(_batch_objective(head, trial, batch, cfg.alpha))
+    trial_logits = forward(head, trial, batch.X)
+    weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
+    new_loss = float(objective_from_logits(head, trial, trial_logits, batch.y, weights, cfg.alpha))
     predicted = float(result.predicted_decrease)
     if cfg.damping_schedule == "constant":
-        return (
-            trial,
-            damping,
-            StepRecord(loss, new_loss, True, damping, curvature, cg_iter, predicted, 1.0, cg_tol),
-        )
+        record = StepRecord(loss, new_loss, True, damping, curvature, cg_iter, predicted, 1.0, cg_tol)
+        return trial, damping, record, trial_logits
     accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, min_damping)
     record = StepRecord(
         loss, new_loss if accepted else loss, accepted, damping, curvature, cg_iter, predicted, ratio, cg_tol
     )
-    return (trial if accepted else params), next_damping, record
-
-
-def _batch_objective(head: Head, params: Params, batch: Batch, alpha: float) -> Tensor:
-    weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
-    return objective(head, params, batch.X, batch.y, weights, alpha)
+    if accepted:
+        return trial, next_damping, record, trial_logits
+    return params, next_damping, record, result.logits
 
 
 def iter_batches(
@@ -272,8 +272,18 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
 
 
 def _run_epoch(
-    head: Head, state: LoopState, data: TrainingData, cfg: LoopConfig, generator: torch.Generator
-) -> list[tuple[int, StepRecord]]:
+    head: Head, state: LoopState, data: TrainingData, cfg: LoopConfig, generator: torch.Generator,
+    logits: Tensor | None = None,
+) -> tuple[list[tuple[int, StepRecord]], Tensor | None]:  # fmt: skip
+    """One epoch of damped updates; ``logits`` carry a full batch's logits from step to step.
+
+    Returns
+    -------
+    records : list of (int, StepRecord)
+        Batch size and record of each update.
+    logits : Tensor or None
+        In full batch, the logits at ``state.params`` (None otherwise).
+    """
     n = data.X.shape[0]
     full_batch = cfg.batch_size is None or cfg.batch_size >= n
     # Mini-batches: with fewer rows than parameters an exact step on its own
@@ -285,13 +295,14 @@ def _run_epoch(
     for batch in iter_batches(data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device):
         curvature = _resolve_curvature(cfg, head, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
-        state.params, state.damping, record = damped_update(
-            head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping
-        )
+        state.params, state.damping, record, logits = damped_update(
+            head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping,
+            logits if full_batch else None,
+        )  # fmt: skip
         if full_batch:
             state.last_relative_decrease = record.predicted_decrease / max(abs(record.loss), 1e-300)
         records.append((batch.X.shape[0], record))
-    return records
+    return records, (logits if full_batch else None)
 
 
 def validation_accuracy(head: Head, params: Params, X: Tensor, y: Tensor) -> float:
@@ -368,11 +379,12 @@ def run_epochs(
         ``state``, updated in place.
     """
     full_batch = cfg.batch_size is None or cfg.batch_size >= data.X.shape[0]
+    logits = None  # full batch: the logits at state.params, reused by the next step
     for _ in range(cfg.max_iter if n_epochs is None else n_epochs):
         if on_epoch_begin is not None:
             on_epoch_begin(state)
         start = time.perf_counter()
-        records = _run_epoch(head, state, data, cfg, generator)
+        records, logits = _run_epoch(head, state, data, cfg, generator, logits)
         state.n_iter += 1
         state.t += data.X.shape[0]
         state.loss_curve.append(_epoch_loss(records, full_batch))

@@ -81,6 +81,7 @@ __all__ = [
     "compute_step",
     "normalized_weights",
     "objective",
+    "objective_from_logits",
 ]
 
 Params = dict[str, Tensor]
@@ -152,7 +153,20 @@ def objective(
     Tensor
         The 0-d objective.
     """
-    m = margin(logits_function(head)(params, X), y)
+    return objective_from_logits(head, params, logits_function(head)(params, X), y, weights, alpha)
+
+
+def objective_from_logits(
+    head: Head | LogitsFn, params: Params, logits: Tensor, y: Tensor, weights: Tensor, alpha: float
+) -> Tensor:
+    """:func:`objective` given the logits at ``params`` (no forward pass).
+
+    Returns
+    -------
+    Tensor
+        The 0-d objective.
+    """
+    m = margin(logits, y)
     return (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized_names(head, params))
 
 
@@ -334,6 +348,7 @@ def compute_step(
     solver: str = "auto",
     cg_tol: float = 1e-5,
     cg_max_iter: int = 100,
+    logits: Tensor | None = None,
 ) -> StepResult:
     """Return the damped step ``-(G + Lambda)^{-1} grad L`` on one batch.
 
@@ -371,6 +386,10 @@ def compute_step(
     cg_tol, cg_max_iter : float, int
         CG's relative-residual tolerance (on the parameter-space system) and
         iteration cap.
+    logits : Tensor of shape (n, n_logits), optional
+        The logits at ``params`` on ``X`` when the caller has them (from
+        evaluating the previous trial step): a linear head then skips its
+        forward pass; other heads recompute them with their graph.
 
     Returns
     -------
@@ -381,7 +400,7 @@ def compute_step(
         more JVP/VJP pair and two triangular solves.
     """
     _check_solver(solver, head)
-    lin = linearize(head, params, X)
+    lin = linearize(head, params, X, logits)
     weights = normalized_weights(sample_weight, y.shape[0], lin.logits)
     penalized = penalized_names(head, params)
     loss, grad = _loss_and_gradient(lin, params, y, weights, alpha, penalized)
