@@ -103,8 +103,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
     cg_max_iter : int, default=100
         Conjugate-gradient iterations per step at most.
     cg_tol : float or "auto", default="auto"
-        Relative residual at which CG stops. ``"auto"``: 1e-4 on
-        mini-batches; in full batch the inexact-Newton forcing term
+        Relative residual at which CG stops. ``"auto"``: 1e-2 on
+        mini-batches (a batch's step is noisy anyway); in full batch the inexact-Newton forcing term
         ``min(0.5, sqrt(predicted relative decrease of the last step))``,
         loose far from the optimum and tight near it.
     fit_intercept : bool, default=True
