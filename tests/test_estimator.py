@@ -171,6 +171,24 @@ def test_same_random_state_is_bit_identical():
     assert a.loss_curve_ == b.loss_curve_
 
 
+def test_full_batch_linear_fit_does_one_forward_pass_per_step(monkeypatch):
+    # Each step evaluates its trial point once; the next linearisation reuses
+    # those logits instead of running the forward pass again.
+    import sklearn_fgn._curvature as curvature_module
+    import sklearn_fgn._solver as solver_module
+
+    calls = []
+    for module in (curvature_module, solver_module):
+        original = module.forward
+        monkeypatch.setattr(module, "forward", lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    X, y = _standardized("iris")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = FGNClassifier(batch_size=None, tol=0.0, max_iter=6, device="cpu").fit(X, y)
+    assert est.n_iter_ == 6
+    assert len(calls) == 1 + 6  # the first linearisation, then one trial evaluation per step
+
+
 def test_grid_search_parallel_equals_serial():
     X, y = _standardized("iris")
     grid = {"damping": [0.1, 1.0, 10.0]}
