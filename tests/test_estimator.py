@@ -337,6 +337,34 @@ def test_early_stopping_records_validation_scores_and_keeps_best():
     assert max(est.validation_scores_) > 0.9
 
 
+def test_early_stopping_auto_is_on_for_mini_batches_only():
+    X, y = _standardized("digits")
+    kw = dict(max_iter=30, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mini = FGNClassifier(batch_size=128, **kw).fit(X, y)
+        full = FGNClassifier(batch_size=None, **kw).fit(X, y)
+        off = FGNClassifier(batch_size=128, early_stopping=False, **kw).fit(X, y)
+    assert len(mini.validation_scores_) == mini.n_iter_ < 30  # stopped on the held-out score
+    assert mini.best_validation_score_ == max(mini.validation_scores_) > 0.9
+    assert len(off.validation_scores_) == 0 and off.best_validation_score_ is None
+    assert len(full.validation_scores_) == 0
+    assert full.n_iter_ < 30  # full batch still stops on its own convergence test
+
+
+def test_early_stopping_auto_is_off_when_a_class_cannot_be_split():
+    X, y = _standardized("iris")
+    y = y.copy()
+    y[0] = 3  # a class with a single sample: no stratified validation split
+    est = FGNClassifier(batch_size=16, max_iter=5, device="cpu", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, y)
+    assert est.validation_scores_ == []
+    with pytest.raises(ValueError, match="least populated class"):
+        clone(est).set_params(early_stopping=True).fit(X, y)
+
+
 def test_mlp_head_matches_mlp_classifier_on_digits():
     from sklearn.neural_network import MLPClassifier
 
