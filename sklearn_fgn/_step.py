@@ -314,11 +314,16 @@ def _cg_iterations_estimate(
 ) -> float:  # fmt: skip
     """CG iterations for FGN's linear-head system, from its condition number.
 
-    ``lambda_max(Lambda^{-1/2} G_F Lambda^{-1/2})`` lies between the largest
-    scaled row norm ``max_i ||b_i||^2 / Lambda`` (rows nearly orthogonal) and
-    the trace (rows all parallel); the estimate is their geometric mean. On a
-    40000 x 512 x 1000 probe at lambda = 1 it predicted 2-7 iterations where
-    CG took 2-3, and the trace alone predicted 19.
+    The scaled system ``I + Lambda^{-1/2} G_F Lambda^{-1/2}`` has ``lambda_min = 1``
+    and ``lambda_max`` at least the largest scaled row norm ``max_i ||b_i||^2 /
+    Lambda`` and at least the mean nonzero eigenvalue ``trace / min(n, P)``;
+    the estimate takes the larger of these lower bounds. The trace itself (all
+    rows parallel) is an upper bound that CG, which gains from clustered
+    spectra, rarely meets. Measured on a 30000 x 512 x 1000 probe (lambda =
+    1, cg_tol 1e-2): CG took 1.0 to 2.0 iterations per batch across eight
+    epochs, this bound predicts 0.7 to 1.6, and the geometric mean of the row
+    and trace bounds used before predicted up to 5.5 and sent the later
+    epochs to the Gram path at 1.6x the cost.
 
     Returns
     -------
@@ -329,8 +334,8 @@ def _cg_iterations_estimate(
     scaled = row * (X * X).sum(1) / lam["coef_0"]
     if fit_intercept:
         scaled = scaled + row / lam["intercept_0"]
-    largest, trace = float(scaled.max()), float(scaled.sum())
-    kappa = 1.0 + math.sqrt(largest * trace)
+    rank = min(X.shape[0], (X.shape[1] + fit_intercept) * logits.shape[1])
+    kappa = 1.0 + max(float(scaled.max()), float(scaled.sum()) / rank)
     rate = (math.sqrt(kappa) + 1.0) / max(math.sqrt(kappa) - 1.0, 1e-12)
     return math.log(2.0 / max(cg_tol, 1e-16)) / math.log(rate)
 
