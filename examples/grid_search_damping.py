@@ -1,7 +1,7 @@
 """Grid-search the FGN damping: with a finite budget, lambda acts like a step size.
 
 A ``Pipeline(StandardScaler, FGNClassifier(batch_size=256, max_iter=3,
-damping_schedule="constant"))`` is tuned by ``GridSearchCV`` (3-fold) over
+damping_schedule="constant", early_stopping=False))`` is tuned by ``GridSearchCV`` (3-fold) over
 ``damping`` (6 values, log-spaced 1e-3..1e2) and ``alpha`` (3 values) on the digits
 data (75/25 stratified split, seed 0). Three epochs of constant-damping steps do not
 converge, so the damping changes the fitted model: too small and the steps overshoot,
@@ -37,8 +37,8 @@ def make_search(n_jobs: int) -> GridSearchCV:
     """The pipeline and its grid over damping and alpha."""
     pipe = Pipeline([
         ("scale", StandardScaler()),
-        ("fgn", FGNClassifier(batch_size=256, max_iter=3, damping_schedule="constant", device="cpu",
-                              random_state=0)),
+        ("fgn", FGNClassifier(batch_size=256, max_iter=3, damping_schedule="constant", early_stopping=False,
+                              device="cpu", random_state=0)),
     ])
     grid = {"fgn__damping": DAMPINGS, "fgn__alpha": ALPHAS}
     return GridSearchCV(pipe, grid, cv=3, n_jobs=n_jobs)
