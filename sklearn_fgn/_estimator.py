@@ -110,9 +110,10 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         Conjugate-gradient iterations per step at most.
     cg_tol : float or "auto", default="auto"
         Relative residual at which CG stops. ``"auto"``: 1e-2 on
-        mini-batches (a batch's step is noisy anyway); in full batch the inexact-Newton forcing term
-        ``min(0.5, sqrt(predicted relative decrease of the last step))``,
-        loose far from the optimum and tight near it.
+        mini-batches (a batch's step is noisy anyway); in full batch the
+        inexact-Newton forcing term ``min(0.5, sqrt(predicted relative
+        decrease of the last step))``, loose far from the optimum and tight
+        near it.
     fit_intercept : bool, default=True
         Whether the layers have (unpenalised) biases.
     class_weight : dict, "balanced" or None, default=None
