@@ -391,7 +391,7 @@ def test_scoring_monitor_sees_every_iteration():
     callback = pytest.importorskip("sklearn.callback")
     X, y = _standardized("digits")
     monitor = callback.ScoringMonitor(scoring="accuracy")
-    kw = dict(batch_size=256, max_iter=3, device="cpu", random_state=0)
+    kw = dict(batch_size=256, max_iter=3, early_stopping=False, device="cpu", random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = FGNClassifier(**kw).set_callbacks(monitor).fit(X, y)
@@ -401,3 +401,15 @@ def test_scoring_monitor_sees_every_iteration():
             assert row["accuracy"] == pytest.approx(
                 FGNClassifier(**{**kw, "max_iter": i + 1}).fit(X, y).score(X, y)
             )
+
+
+def test_progress_bar_renders_a_fit(capsys):
+    # The per-iteration hooks are checked by the ScoringMonitor test above; this
+    # checks that sklearn's ProgressBar (it needs rich) accepts FGNClassifier's task tree.
+    callback = pytest.importorskip("sklearn.callback")
+    pytest.importorskip("rich")
+    X, y = _standardized("digits")
+    est = FGNClassifier(batch_size=None, device="cpu").set_callbacks(callback.ProgressBar())
+    est.fit(X, y)
+    out = capsys.readouterr()
+    assert "FGNClassifier - fit" in out.out + out.err
