@@ -32,6 +32,8 @@ class CGResult:
     residual : Tensor or None
         That residual ``rhs - A x`` itself (recursively updated, so it costs
         no extra matvec), e.g. to evaluate ``x' A x = x' rhs - x' residual``.
+    image : Tensor or None
+        ``B x`` for the second linear map ``B`` of ``image_matvec`` (None without one).
     """
 
     solution: Tensor
@@ -39,6 +41,7 @@ class CGResult:
     residual_norm: float
     reason: str
     residual: Tensor | None = None
+    image: Tensor | None = None
 
 
 def conjugate_gradient(
@@ -49,13 +52,15 @@ def conjugate_gradient(
     max_iter: int = 100,
     x0: Tensor | None = None,
     preconditioner: Callable[[Tensor], Tensor] | None = None,
+    image_matvec: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> CGResult:
     """Solve ``A x = rhs`` for symmetric positive definite ``A`` given as ``matvec``.
 
     Parameters
     ----------
     matvec : callable
-        ``v -> A v`` on tensors shaped like ``rhs``.
+        ``v -> A v`` on tensors shaped like ``rhs``. Unused (may be None)
+        when ``image_matvec`` is given.
     rhs : Tensor
         Right-hand side, any shape (treated as a flat vector).
     tol : float, default=1e-5
@@ -67,10 +72,21 @@ def conjugate_gradient(
     preconditioner : callable, optional
         ``r -> M^{-1} r`` for a symmetric positive definite ``M`` close to
         ``A`` (preconditioned CG); identity when omitted.
+    image_matvec : callable, optional
+        ``v -> (A v, B v)`` for a second linear map ``B`` that ``A v``
+        computes on the way (the logits JVP inside a curvature product):
+        ``B x`` is then accumulated along the iterates, as ``x`` is, and
+        returned as ``image`` at the cost of one axpy per iteration.
+        Replaces ``matvec``; needs ``x0`` None.
 
     Returns
     -------
     CGResult
+
+    Raises
+    ------
+    ValueError
+        If ``image_matvec`` is given with ``x0``.
 
     Notes
     -----
@@ -79,20 +95,26 @@ def conjugate_gradient(
     synchronisations: one per iteration (the curvature ``p'Ap`` and the new
     residual norm are read together), plus one at the start.
     """
+    if image_matvec is not None and x0 is not None:
+        raise ValueError("image_matvec needs x0=None (the image of x0 is unknown)")
     rhs_norm = float(torch.linalg.vector_norm(rhs))
+    image = None  # B x, once B's shape is known
     if rhs_norm == 0.0:
-        return CGResult(torch.zeros_like(rhs), 0, 0.0, "zero_rhs", torch.zeros_like(rhs))
+        return CGResult(torch.zeros_like(rhs), 0, 0.0, "zero_rhs", torch.zeros_like(rhs), image)
     apply_m = preconditioner if preconditioner is not None else (lambda r: r)
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     residual = rhs - matvec(x) if x0 is not None else rhs.clone()
     res_norm = float(torch.linalg.vector_norm(residual))
     if res_norm <= tol * rhs_norm:
-        return CGResult(x, 0, res_norm / rhs_norm, "converged", residual)
+        return CGResult(x, 0, res_norm / rhs_norm, "converged", residual, image)
     precond_res = apply_m(residual)
     direction = precond_res.clone()
     rz = torch.dot(residual.flatten(), precond_res.flatten())
     for n_iter in range(1, max_iter + 1):
-        a_dir = matvec(direction)
+        if image_matvec is None:
+            a_dir, b_dir = matvec(direction), None
+        else:
+            a_dir, b_dir = image_matvec(direction)
         curvature = torch.dot(direction.flatten(), a_dir.flatten())
         step = rz / curvature
         x_new = x + step * direction
@@ -100,12 +122,14 @@ def conjugate_gradient(
         rr = torch.dot(residual_new.flatten(), residual_new.flatten())
         curvature_val, rr_val = torch.stack([curvature, rr]).tolist()  # the one sync per iteration
         if not curvature_val > 0.0:  # also catches NaN
-            return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature", residual)
+            return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature", residual, image)
         x, residual, res_norm = x_new, residual_new, rr_val**0.5
+        if b_dir is not None:
+            image = step * b_dir if image is None else image + step * b_dir
         if res_norm <= tol * rhs_norm:  # before preconditioning: the last M^-1 r is never needed
-            return CGResult(x, n_iter, res_norm / rhs_norm, "converged", residual)
+            return CGResult(x, n_iter, res_norm / rhs_norm, "converged", residual, image)
         precond_res = apply_m(residual)
         rz_new = torch.dot(residual.flatten(), precond_res.flatten())
         direction = precond_res + (rz_new / rz) * direction
         rz = rz_new
-    return CGResult(x, max_iter, res_norm / rhs_norm, "max_iter", residual)
+    return CGResult(x, max_iter, res_norm / rhs_norm, "max_iter", residual, image)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ._heads import Head, forward, forward_with_cache, is_penalized
-from ._margin import log_curvature_weight, margin, margin_direction
+from ._margin import MarginStats, log_curvature_weight, margin
 
 __all__ = [
     "LogitsFn",
@@ -182,54 +182,74 @@ class RowSpaceOperator:
         ``v (params dict) -> B v``, a Tensor (``(n,)`` or ``(n, n_classes)``).
     rmatvec : callable
         ``u -> B^T u``, a params-shaped dict.
-    fused_curvature_matvec : callable or None
-        ``v -> G v`` computed without the row-space intermediate, where that
-        is cheaper (the softmax GGN: ``J^T (omega (p*Jv - p (p . Jv)))``).
+    jvp : callable
+        ``v -> J v``, the logits map's JVP (shape ``(n, n_logits)``).
+    curvature_from_jvp : callable
+        ``J v -> G v`` without the row-space intermediate (the softmax GGN:
+        ``J^T (omega (p*Jv - p (p . Jv)))``, half the elementwise passes of
+        ``B^T (B v)``). Split from the JVP so that a caller can keep ``J v``.
     """
 
     n_rows: int
     matvec: Callable[[Params], Tensor]
     rmatvec: Callable[[Tensor], Params]
-    fused_curvature_matvec: Callable[[Params], Params] | None = None
+    jvp: Callable[[Params], Tensor]
+    curvature_from_jvp: Callable[[Tensor], Params]
 
     def curvature_matvec(self, v: Params) -> Params:
         """``G v = B^T (B v)``: the curvature applied in parameter space."""
-        if self.fused_curvature_matvec is not None:
-            return self.fused_curvature_matvec(v)
-        return self.rmatvec(self.matvec(v))
+        return self.curvature_from_jvp(self.jvp(v))
 
 
-def fgn_row_scale(logits: Tensor, y: Tensor, weights: Tensor) -> Tensor:
-    """``sqrt(omega_i w_i)`` computed in log space, shape (n,)."""
-    m = margin(logits, y)
+def fgn_row_scale(logits: Tensor, y: Tensor, weights: Tensor, m: Tensor | None = None) -> Tensor:
+    """``sqrt(omega_i w_i)`` computed in log space, shape (n,); ``m``: the margins, if known."""
+    m = margin(logits, y) if m is None else m
     return torch.exp(0.5 * (torch.log(weights) + log_curvature_weight(m)))
 
 
-def make_fgn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> RowSpaceOperator:
+def make_fgn_operator(
+    lin: LogitsLinearization, y: Tensor, weights: Tensor, stats: MarginStats | None = None
+) -> RowSpaceOperator:
     r"""FGN rows ``b_i = sqrt(omega_i w_i) a_i^T J_i``.
 
     ``B v = sqrt(omega w) * (a * J v).sum(1)`` and
     ``B^T u = J^T ((sqrt(omega w) u)[:, None] * a)``: one JVP or VJP of the
-    logits map plus O(n * n_logits). ``weights`` are the normalised ``omega``.
+    logits map plus O(n * n_logits). ``weights`` are the normalised ``omega``;
+    ``stats`` the :class:`._margin.MarginStats` of ``lin.logits``, if known.
+    The row quantities are formed on first use (a full-GGN step that only
+    builds this operator for reference never pays for them).
 
     Returns
     -------
     RowSpaceOperator
         ``B`` with ``n`` rows.
     """
-    direction = margin_direction(lin.logits, y)
-    scale = fgn_row_scale(lin.logits, y, weights)
+    cache: list[tuple[Tensor, Tensor]] = []
+
+    def rows() -> tuple[Tensor, Tensor]:
+        if not cache:
+            st = MarginStats(lin.logits, y) if stats is None else stats
+            cache.append((st.direction, fgn_row_scale(lin.logits, y, weights, st.margin)))
+        return cache[0]
 
     def matvec(v: Params) -> Tensor:
+        direction, scale = rows()
         return scale * (direction * lin.jvp(v)).sum(1)
 
     def rmatvec(u: Tensor) -> Params:
+        direction, scale = rows()
         return lin.vjp((scale * u)[:, None] * direction)
 
-    return RowSpaceOperator(y.shape[0], matvec, rmatvec)
+    def curvature_from_jvp(jv: Tensor) -> Params:
+        direction, scale = rows()
+        return lin.vjp((scale * scale * (direction * jv).sum(1))[:, None] * direction)
+
+    return RowSpaceOperator(y.shape[0], matvec, rmatvec, lin.jvp, curvature_from_jvp)
 
 
-def make_ggn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> RowSpaceOperator:
+def make_ggn_operator(
+    lin: LogitsLinearization, y: Tensor, weights: Tensor, stats: MarginStats | None = None
+) -> RowSpaceOperator:
     r"""Full softmax GGN rows ``sqrt(omega_i) S_i J_i``, ``S_i = (I - s s^T) diag(s)``.
 
     With ``s = sqrt(p)``: ``S x = s*x - s (p . x)`` and
@@ -243,37 +263,41 @@ def make_ggn_operator(lin: LogitsLinearization, y: Tensor, weights: Tensor) -> R
         ``B`` with ``n * n_classes`` rows (``n`` for a single logit).
     """
     if lin.logits.shape[1] == 1:
-        return make_fgn_operator(lin, y, weights)
-    log_proba = torch.log_softmax(lin.logits, dim=1)
-    proba, sqrt_proba = log_proba.exp(), (0.5 * log_proba).exp()
+        return make_fgn_operator(lin, y, weights, stats)
+    proba = (MarginStats(lin.logits, y) if stats is None else stats).proba
     row_weight = weights.sqrt()[:, None]
+    roots: list[Tensor] = []  # sqrt(p), formed on first use (CG uses the fused product)
+
+    def root() -> Tensor:
+        if not roots:
+            roots.append(proba.sqrt())
+        return roots[0]
 
     def matvec(v: Params) -> Tensor:
-        jv = lin.jvp(v)
+        jv, sqrt_proba = lin.jvp(v), root()
         return row_weight * (sqrt_proba * jv - sqrt_proba * (proba * jv).sum(1, keepdim=True))
 
     def rmatvec(u: Tensor) -> Params:
+        sqrt_proba = root()
         projected = u - sqrt_proba * (sqrt_proba * u).sum(1, keepdim=True)
         return lin.vjp(row_weight * sqrt_proba * projected)
 
     weighted_proba = weights[:, None] * proba
 
-    def curvature_matvec(v: Params) -> Params:
-        # S^T S = diag(p) - p p^T applied in O(K) per example (kfac-jax style):
-        # half the elementwise passes of rmatvec(matvec(v)).
-        jv = lin.jvp(v)
+    def curvature_from_jvp(jv: Tensor) -> Params:
+        # S^T S = diag(p) - p p^T applied in O(K) per example (kfac-jax style).
         return lin.vjp(weighted_proba * (jv - (proba * jv).sum(1, keepdim=True)))
 
-    return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec, curvature_matvec)
+    return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec, lin.jvp, curvature_from_jvp)
 
 
 def _margin_gradients_by_layer(
-    head: Head, params: Params, X: Tensor, y: Tensor, logits: Tensor | None
+    head: Head, params: Params, X: Tensor, y: Tensor, logits: Tensor | None, stats: MarginStats | None
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Logits, layer inputs and per-example ``dm_i/d(pre-activation_l)``."""
     if head.is_linear:  # d m / d logits is the margin direction: no autograd needed
         logits = forward(head, params, X) if logits is None else logits
-        return logits, [X], [margin_direction(logits, y)]
+        return logits, [X], [(MarginStats(logits, y) if stats is None else stats).direction]
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in params.items()}
         logits, inputs, preacts = forward_with_cache(head, leaves, X)
@@ -289,11 +313,13 @@ def fgn_gram(
     weights: Tensor,
     damping: dict[str, float],
     logits: Tensor | None = None,
+    stats: MarginStats | None = None,
 ) -> Tensor:
     r"""Exact ``B Lambda^{-1} B^T`` for FGN, shape (n, n), without forming ``B``.
 
     ``logits`` (the head's logits at ``params``, if already computed) saves
-    the linear head its forward pass.
+    the linear head its forward pass, and ``stats`` (their
+    :class:`._margin.MarginStats`) its margin quantities.
 
     ``m_i`` depends on example ``i`` only, so one backward pass of
     ``sum_i m_i`` gives every layer's per-example margin gradients ``Delta_l``
@@ -312,14 +338,14 @@ def fgn_gram(
     Tensor of shape (n, n)
         ``B Lambda^{-1} B^T``, symmetric positive semidefinite.
     """
-    logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, logits)
+    logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, logits, stats)
     gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
     for layer, (hidden, delta) in enumerate(zip(inputs, deltas, strict=True)):
         kernel = (hidden @ hidden.T) / damping[f"coef_{layer}"]
         if head.fit_intercept:
             kernel = kernel + 1.0 / damping[f"intercept_{layer}"]
         gram += (delta @ delta.T) * kernel
-    scale = fgn_row_scale(logits, y, weights)
+    scale = fgn_row_scale(logits, y, weights, None if stats is None else stats.margin)
     return scale[:, None] * gram * scale[None, :]
 
 

@@ -16,17 +16,22 @@ Binary problems may use ONE logit per example (``logits`` of shape
 ``(n, 1)``): then ``m = (2 y - 1) z`` and ``a = 2 y - 1``, the logistic loss.
 
 Every function here works on float32 and float64 tensors on any device and
-costs O(n * n_logits). Everything is computed from ``logsumexp`` and
-``log_softmax``; nothing overflows for finite logits.
+costs O(n * n_logits). Everything is computed from (masked) ``softmax``,
+``log_softmax`` and log-sigmoids; nothing overflows for finite logits.
+:class:`MarginStats` computes a batch's margin quantities once and shares
+them between the loss, the gradient and the curvature operators.
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "MarginStats",
     "competitor_log_proba",
     "curvature_weight",
     "log_curvature_weight",
@@ -67,8 +72,27 @@ def margin(logits: Tensor, y: Tensor) -> Tensor:
     _check_logits(logits, y)
     if logits.shape[1] == 1:
         return (2 * y - 1).to(logits.dtype) * logits[:, 0]
-    true_logit = logits.gather(1, y[:, None])[:, 0]
-    return true_logit - torch.logsumexp(_masked_competitors(logits, y), dim=1)
+    return _margin_and_competitors(logits, y)[0]
+
+
+def _margin_and_competitors(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``m`` and ``q`` from one masked softmax (one fused pass over the logits).
+
+    With ``M = max_{k != y} z_k`` the competitor ``logsumexp`` is
+    ``M - log max_k q_k``: the largest competitor has ``q_k = 1 / sum_k e^{z_k - M}``
+    in ``[1 / (K - 1), 1]``, so its log is exact to rounding; this saves the
+    separate ``logsumexp`` pass over the logits.
+
+    Returns
+    -------
+    margin : Tensor of shape (n,)
+    competitors : Tensor of shape (n, n_classes)
+        ``q``, zero at the true class.
+    """
+    masked = _masked_competitors(logits, y)
+    competitors = torch.softmax(masked, dim=1)
+    log_normalizer = masked.amax(dim=1) - torch.log(competitors.amax(dim=1))
+    return logits.gather(1, y[:, None])[:, 0] - log_normalizer, competitors
 
 
 def competitor_log_proba(logits: Tensor, y: Tensor) -> Tensor:
@@ -103,8 +127,54 @@ def margin_direction(logits: Tensor, y: Tensor) -> Tensor:
     _check_logits(logits, y)
     if logits.shape[1] == 1:
         return (2 * y - 1).to(logits.dtype)[:, None]
-    direction = -competitor_log_proba(logits, y).exp()
-    return direction.scatter(1, y[:, None], 1.0)
+    return _direction(torch.softmax(_masked_competitors(logits, y), dim=1), y)
+
+
+def _direction(competitors: Tensor, y: Tensor) -> Tensor:
+    return competitors.neg().scatter_(1, y[:, None], 1.0)
+
+
+class MarginStats:
+    """Margin quantities of one batch's logits, each computed at most once.
+
+    Parameters
+    ----------
+    logits : Tensor of shape (n, n_logits)
+        Raw predictions (one column: the single-logit binary form).
+    y : Tensor of shape (n,), int64
+        Class indices.
+
+    Attributes
+    ----------
+    margin : Tensor of shape (n,)
+        ``m`` (see :func:`margin`).
+    direction : Tensor of shape (n, n_logits)
+        ``a = e_y - q`` (see :func:`margin_direction`), formed on first use.
+    proba : Tensor of shape (n, n_classes)
+        ``softmax(z)`` as ``sigmoid(-m) q + sigmoid(m) e_y`` (products of
+        positive numbers, no cancellation), formed on first use; multiclass only.
+    """
+
+    def __init__(self, logits: Tensor, y: Tensor):
+        _check_logits(logits, y)
+        self.logits, self.y = logits, y
+        if logits.shape[1] == 1:
+            self.margin, self._competitors = margin(logits, y), None
+        else:
+            self.margin, self._competitors = _margin_and_competitors(logits, y)
+
+    @cached_property
+    def direction(self) -> Tensor:  # noqa: D102
+        if self._competitors is None:
+            return margin_direction(self.logits, self.y)
+        return _direction(self._competitors, self.y)
+
+    @cached_property
+    def proba(self) -> Tensor:  # noqa: D102
+        if self._competitors is None:
+            raise ValueError("proba needs the multiclass (n_classes >= 2 logits) form")
+        proba = self._competitors * torch.sigmoid(-self.margin)[:, None]
+        return proba.scatter_(1, self.y[:, None], torch.sigmoid(self.margin)[:, None])
 
 
 def per_example_loss(m: Tensor) -> Tensor:

@@ -198,7 +198,10 @@ def damped_update(
     trial = {k: params[k] + result.step[k] for k in params}
     cg_iter = result.cg.n_iter
     loss = float(result.loss)
-    trial_logits = forward(head, trial, batch.X)
+    if result.logits_step is not None:  # linear head: the logits move by J delta exactly
+        trial_logits = result.logits + result.logits_step
+    else:
+        trial_logits = forward(head, trial, batch.X)
     weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
     new_loss = float(objective_from_logits(head, trial, trial_logits, batch.y, weights, cfg.alpha))
     predicted = float(result.predicted_decrease)

@@ -70,7 +70,7 @@ from ._curvature import (
     penalized_names,
 )
 from ._heads import Head
-from ._margin import curvature_weight, loss_derivative, margin, margin_direction, per_example_loss
+from ._margin import MarginStats, curvature_weight, loss_derivative, per_example_loss
 
 __all__ = [
     "CHOLESKY_MAX_ROWS",
@@ -117,6 +117,12 @@ class StepResult:
         The CG record.
     logits : Tensor of shape (n, n_logits) or None
         Logits at ``params`` (computed anyway; skorch reports them as ``y_pred``).
+    logits_step : Tensor of shape (n, n_logits) or None
+        ``J delta``, the change of the logits along the step, accumulated by
+        CG from the JVPs its curvature products compute anyway. For the
+        linear head (logits linear in the parameters) ``logits + logits_step``
+        are the logits at ``params + delta``: no forward pass is needed to
+        evaluate the step. None for other heads.
     """
 
     step: Params
@@ -126,6 +132,7 @@ class StepResult:
     solver: str
     cg: CGResult
     logits: Tensor | None = None
+    logits_step: Tensor | None = None
 
 
 def normalized_weights(sample_weight: Tensor | None, n: int, like: Tensor) -> Tensor:
@@ -166,17 +173,17 @@ def objective_from_logits(
     Tensor
         The 0-d objective.
     """
-    m = margin(logits, y)
+    m = MarginStats(logits, y).margin
     return (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized_names(head, params))
 
 
 def _loss_and_gradient(
-    lin, params: Params, y: Tensor, weights: Tensor, alpha: float, penalized: Collection[str]
+    lin, stats: MarginStats, params: Params, weights: Tensor, alpha: float, penalized: Collection[str]
 ):
-    m = margin(lin.logits, y)
+    m = stats.margin
     loss = (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized)
     # d(sum omega_i phi(m_i))/dz_i = omega_i phi'(m_i) a_i, pulled back by J^T.
-    coeff = (weights * loss_derivative(m))[:, None] * margin_direction(lin.logits, y)
+    coeff = (weights * loss_derivative(m))[:, None] * stats.direction
     grad = lin.vjp(coeff)
     for k in grad:
         if k in penalized:
@@ -236,6 +243,7 @@ def _solve(
     preconditioner: Callable[[Tensor], Tensor] | None,
     cg_tol: float,
     cg_max_iter: int,
+    track_logits: bool = False,
 ) -> tuple[Params, CGResult]:
     """Preconditioned CG on ``(B^T B + Lambda) delta = -grad`` in parameter space.
 
@@ -247,6 +255,9 @@ def _solve(
     ``lambda``, a row-space relative tolerance is far looser than it looks and
     ``delta`` is a difference of ``O(1 / lambda)`` terms.
 
+    With ``track_logits`` CG also accumulates ``J delta`` (``result.image``)
+    from the JVP inside each curvature product.
+
     Returns
     -------
     step : dict of Tensor
@@ -256,13 +267,18 @@ def _solve(
     """
     lam_vec = _flat({k: torch.full_like(g, lam[k]) for k, g in grad.items()})
 
+    def image_matvec(v: Tensor) -> tuple[Tensor, Tensor]:
+        jv = op.jvp(_unflat(v, grad))
+        return _flat(op.curvature_from_jvp(jv)) + lam_vec * v, jv
+
     def system_matvec(v: Tensor) -> Tensor:
-        return _flat(op.curvature_matvec(_unflat(v, grad))) + lam_vec * v
+        return image_matvec(v)[0]
 
     apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
     result = conjugate_gradient(
-        system_matvec, -_flat(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m
-    )
+        system_matvec, -_flat(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m,
+        image_matvec=image_matvec if track_logits else None,
+    )  # fmt: skip
     return _unflat(result.solution, grad), result
 
 
@@ -276,7 +292,7 @@ def _check_solver(solver: str, head: Head | LogitsFn) -> None:
 
 def _gram_pays_off(
     head: Head, params: Params, X: Tensor, y: Tensor, logits: Tensor, weights: Tensor,
-    lam: dict[str, float], cg_tol: float, curvature: str,
+    lam: dict[str, float], cg_tol: float, curvature: str, stats: MarginStats | None = None,
 ) -> bool:  # fmt: skip
     """Whether forming and factorising the Gram costs less than the CG it saves.
 
@@ -304,13 +320,13 @@ def _gram_pays_off(
     cholesky_cost = 3 * gram_flops + 2 * cg_iteration_cost
     iterations = GRAM_WORTH_CG_ITERS
     if head.is_linear and curvature == "fgn":
-        iterations = _cg_iterations_estimate(X, y, logits, weights, lam, cg_tol, head.fit_intercept)
+        iterations = _cg_iterations_estimate(X, y, logits, weights, lam, cg_tol, head.fit_intercept, stats)
     return cholesky_cost <= iterations * cg_iteration_cost
 
 
 def _cg_iterations_estimate(
     X: Tensor, y: Tensor, logits: Tensor, weights: Tensor, lam: dict[str, float], cg_tol: float,
-    fit_intercept: bool,
+    fit_intercept: bool, stats: MarginStats | None = None,
 ) -> float:  # fmt: skip
     """CG iterations for FGN's linear-head system, from its condition number.
 
@@ -330,7 +346,8 @@ def _cg_iterations_estimate(
     float
         ``ln(2 / tol) / ln((sqrt(kappa) + 1) / (sqrt(kappa) - 1))``.
     """
-    row = weights * curvature_weight(margin(logits, y)) * (margin_direction(logits, y) ** 2).sum(1)
+    stats = MarginStats(logits, y) if stats is None else stats
+    row = weights * curvature_weight(stats.margin) * (stats.direction**2).sum(1)
     scaled = row * (X * X).sum(1) / lam["coef_0"]
     if fit_intercept:
         scaled = scaled + row / lam["intercept_0"]
@@ -408,27 +425,32 @@ def compute_step(
     lin = linearize(head, params, X, logits)
     weights = normalized_weights(sample_weight, y.shape[0], lin.logits)
     penalized = penalized_names(head, params)
-    loss, grad = _loss_and_gradient(lin, params, y, weights, alpha, penalized)
-    fgn_op = make_fgn_operator(lin, y, weights)
-    op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights)
+    stats = MarginStats(lin.logits, y)
+    loss, grad = _loss_and_gradient(lin, stats, params, weights, alpha, penalized)
+    fgn_op = make_fgn_operator(lin, y, weights, stats)
+    op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights, stats)
     lam = damping_diagonal(params, damping, alpha, penalized)
     if solver == "auto":  # the Gram needs a Head's layers and O(n^2) memory
         pays_off = (
             isinstance(head, Head)
             and y.shape[0] <= CHOLESKY_MAX_ROWS
-            and _gram_pays_off(head, params, X, y, lin.logits, weights, lam, cg_tol, curvature)
+            and _gram_pays_off(head, params, X, y, lin.logits, weights, lam, cg_tol, curvature, stats)
         )
         solver = "cholesky" if pays_off else "cg"
     preconditioner = None
     if solver == "cholesky":
         preconditioner = make_fgn_preconditioner(
-            fgn_op, fgn_gram(head, params, X, y, weights, lam, lin.logits), lam, grad
+            fgn_op, fgn_gram(head, params, X, y, weights, lam, lin.logits, stats), lam, grad
         )
         if preconditioner is None:
             warnings.warn("Cholesky factorisation of the FGN row-space system failed; using plain CG.",
                           RuntimeWarning, stacklevel=2)  # fmt: skip
             solver = "cg"
-    step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter)
+    linear = isinstance(head, Head) and head.is_linear  # logits linear in params: J delta is exact
+    step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter, linear)
+    logits_step = None
+    if linear:
+        logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(lin.logits)
     # CG's residual r = -grad - (G + Lambda) step gives the curvature term for
     # free: step' G step = -grad' step - r' step - step' Lambda step, so the
     # model change grad' step + step' (G + alpha P) step / 2 needs no matvec.
@@ -437,4 +459,4 @@ def compute_step(
     step_pen = {k: t for k, t in step.items() if k in penalized}
     curvature_term = -_dot(grad, step) - _dot(residual, step) - step_damping
     model_change = _dot(grad, step) + 0.5 * curvature_term + 0.5 * alpha * _dot(step_pen, step_pen)
-    return StepResult(step, loss, grad, -model_change, solver, cg_result, lin.logits)
+    return StepResult(step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step)

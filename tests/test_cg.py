@@ -232,3 +232,22 @@ def test_identity_preconditioner_is_plain_cg(seed):
     )
     assert plain.n_iter == identity.n_iter
     torch.testing.assert_close(plain.solution, identity.solution, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("tol", [1e-1, 1e-10])
+def test_cg_image_is_second_map_of_the_solution(seed, tol):
+    # image_matvec returns (A v, B v); CG accumulates B x along its iterates.
+    A, rhs = _spd(N, seed)
+    B = torch.randn(7, N, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
+    plain = conjugate_gradient(_Counted(A), rhs, tol=tol, max_iter=N)
+    tracked = conjugate_gradient(None, rhs, tol=tol, max_iter=N, image_matvec=lambda v: (A @ v, B @ v))
+    assert plain.image is None
+    assert torch.equal(tracked.solution, plain.solution) and tracked.n_iter == plain.n_iter
+    torch.testing.assert_close(tracked.image, B @ tracked.solution, rtol=1e-12, atol=1e-12)
+
+
+def test_cg_image_needs_zero_start():
+    A, rhs = _spd(N, 0)
+    with pytest.raises(ValueError, match="x0"):
+        conjugate_gradient(None, rhs, x0=rhs, image_matvec=lambda v: (A @ v, v))

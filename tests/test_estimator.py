@@ -171,9 +171,10 @@ def test_same_random_state_is_bit_identical():
     assert a.loss_curve_ == b.loss_curve_
 
 
-def test_full_batch_linear_fit_does_one_forward_pass_per_step(monkeypatch):
-    # Each step evaluates its trial point once; the next linearisation reuses
-    # those logits instead of running the forward pass again.
+def test_full_batch_linear_fit_does_one_forward_pass(monkeypatch):
+    # The linear head's trial logits are logits + J delta, accumulated by CG;
+    # the next linearisation reuses them. Only the first linearisation runs
+    # the forward pass.
     import sklearn_fgn._curvature as curvature_module
     import sklearn_fgn._solver as solver_module
 
@@ -186,7 +187,7 @@ def test_full_batch_linear_fit_does_one_forward_pass_per_step(monkeypatch):
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = FGNClassifier(batch_size=None, tol=0.0, max_iter=6, device="cpu").fit(X, y)
     assert est.n_iter_ == 6
-    assert len(calls) == 1 + 6  # the first linearisation, then one trial evaluation per step
+    assert len(calls) == 1
 
 
 def test_grid_search_parallel_equals_serial():

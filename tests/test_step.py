@@ -100,6 +100,21 @@ def test_step_and_predicted_decrease_match_dense(case, curvature, solver):
     assert result.predicted_decrease > 0
 
 
+@cases
+@pytest.mark.parametrize("curvature, solver", [("fgn", "cg"), ("fgn", "cholesky"), ("ggn", "cg")])
+def test_logits_step_is_the_forward_pass_at_the_trial_point(case, curvature, solver):
+    # Linear heads: CG accumulates J delta from its curvature products, and the
+    # logits are linear in the parameters, so logits + J delta needs no forward pass.
+    problem = make_problem(case)
+    result = _step(problem, case, _damping(case), curvature=curvature, solver=solver, cg_tol=1e-3)
+    head, params = problem.head, problem.params
+    trial = forward(head, {k: params[k] + result.step[k] for k in params}, problem.X)
+    if not head.is_linear:
+        assert result.logits_step is None
+        return
+    torch.testing.assert_close(result.logits + result.logits_step, trial, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", BASE_CASES, ids=case_id)
 @pytest.mark.parametrize("curvature", ["fgn", "ggn"])
 def test_auto_solver_uses_gram_for_small_batches(case, curvature):
