@@ -117,19 +117,19 @@ def conjugate_gradient(
             a_dir, b_dir = image_matvec(direction)
         curvature = torch.dot(direction.flatten(), a_dir.flatten())
         step = rz / curvature
-        x_new = x + step * direction
-        residual_new = residual - step * a_dir
+        x_new = torch.addcmul(x, step, direction)  # one pass each: step stays on the device
+        residual_new = torch.addcmul(residual, step, a_dir, value=-1.0)
         rr = torch.dot(residual_new.flatten(), residual_new.flatten())
         curvature_val, rr_val = torch.stack([curvature, rr]).tolist()  # the one sync per iteration
         if not curvature_val > 0.0:  # also catches NaN
             return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature", residual, image)
         x, residual, res_norm = x_new, residual_new, rr_val**0.5
         if b_dir is not None:
-            image = step * b_dir if image is None else image + step * b_dir
+            image = step * b_dir if image is None else torch.addcmul(image, step, b_dir)
         if res_norm <= tol * rhs_norm:  # before preconditioning: the last M^-1 r is never needed
             return CGResult(x, n_iter, res_norm / rhs_norm, "converged", residual, image)
         precond_res = apply_m(residual)
         rz_new = torch.dot(residual.flatten(), precond_res.flatten())
-        direction = precond_res + (rz_new / rz) * direction
+        direction = torch.addcmul(precond_res, rz_new / rz, direction)
         rz = rz_new
     return CGResult(x, max_iter, res_norm / rhs_norm, "max_iter", residual, image)

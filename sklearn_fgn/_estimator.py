@@ -68,9 +68,11 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
     curvature : {"auto", "fgn", "ggn"}, default="auto"
         ``"fgn"`` keeps each example's true-vs-rest curvature (one row per
         example); ``"ggn"`` the full softmax Gauss-Newton matrix (exact Newton
-        for the linear head). ``"auto"`` uses FGN on mini-batches and, in full
-        batch, the full GGN while the within-competitor curvature FGN drops
-        exceeds half the softmax curvature's trace (FGN otherwise).
+        for the linear head). ``"auto"`` uses FGN on mini-batches and for
+        binary heads (where FGN is exact Gauss-Newton), and the full GGN for
+        multiclass full-batch fits: there FGN steps converge only linearly
+        once the competitor mass is dispersed (on digits they stopped 6e-6
+        from the optimum after 13 steps, full-GGN steps reached 5e-8 in 11).
     solver : {"auto", "cg", "cholesky"}, default="auto"
         Inner solver. ``"cg"``: conjugate gradient preconditioned by the
         damping. ``"cholesky"``: the exact FGN step from a Cholesky

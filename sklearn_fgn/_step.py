@@ -144,7 +144,7 @@ def normalized_weights(sample_weight: Tensor | None, n: int, like: Tensor) -> Te
 
 
 def _penalty(params: Params, alpha: float, penalized: Collection[str]) -> Tensor:
-    return 0.5 * alpha * sum((t * t).sum() for k, t in params.items() if k in penalized)
+    return 0.5 * alpha * sum(_sq(t) for k, t in params.items() if k in penalized)
 
 
 def objective(
@@ -187,12 +187,17 @@ def _loss_and_gradient(
     grad = lin.vjp(coeff)
     for k in grad:
         if k in penalized:
-            grad[k] = grad[k] + alpha * params[k]
+            grad[k] = torch.add(grad[k], params[k], alpha=alpha)
     return loss, grad
 
 
 def _dot(a: Params, b: Params) -> Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)
+    return sum(torch.dot(a[k].reshape(-1), b[k].reshape(-1)) for k in a)
+
+
+def _sq(t: Tensor) -> Tensor:
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _flat(params: Params) -> Tensor:
@@ -269,7 +274,7 @@ def _solve(
 
     def image_matvec(v: Tensor) -> tuple[Tensor, Tensor]:
         jv = op.jvp(_unflat(v, grad))
-        return _flat(op.curvature_from_jvp(jv)) + lam_vec * v, jv
+        return torch.addcmul(_flat(op.curvature_from_jvp(jv)), lam_vec, v), jv
 
     def system_matvec(v: Tensor) -> Tensor:
         return image_matvec(v)[0]
@@ -455,7 +460,7 @@ def compute_step(
     # free: step' G step = -grad' step - r' step - step' Lambda step, so the
     # model change grad' step + step' (G + alpha P) step / 2 needs no matvec.
     residual = _unflat(cg_result.residual, grad)
-    step_damping = sum(lam[k] * (t * t).sum() for k, t in step.items())
+    step_damping = sum(lam[k] * _sq(t) for k, t in step.items())
     step_pen = {k: t for k, t in step.items() if k in penalized}
     curvature_term = -_dot(grad, step) - _dot(residual, step) - step_damping
     model_change = _dot(grad, step) + 0.5 * curvature_term + 0.5 * alpha * _dot(step_pen, step_pen)
