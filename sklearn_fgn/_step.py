@@ -424,7 +424,9 @@ def compute_step(
         Cost: one forward pass and one VJP (gradient), then per CG iteration
         one JVP and one VJP of the logits map; ``"cholesky"`` adds one Gram
         (O(n^2 (d + h))), an O(n^3 / 3) factorisation and per iteration one
-        more JVP/VJP pair and two triangular solves.
+        more JVP/VJP pair and two triangular solves. For the linear head CG
+        also accumulates ``logits_step = J delta`` (one ``(n, n_logits)``
+        axpy per iteration), so evaluating the step needs no forward pass.
     """
     _check_solver(solver, head)
     lin = linearize(head, params, X, logits)
