@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import SEEDS
 
 from sklearn_fgn._margin import (
+    MarginStats,
     competitor_log_proba,
     curvature_weight,
     log_curvature_weight,
@@ -142,3 +143,30 @@ def test_margin_rejects_bad_shapes():
         margin(torch.zeros(3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="logits must be"):
         margin(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n_logits", [2, 3, 5])
+@pytest.mark.parametrize("scale", [3.0, 1e3])
+def test_margin_stats_match_softmax_and_logsumexp(n_logits, seed, scale):
+    # One masked softmax gives m (via max - log max q), a = e_y - q and
+    # p = sigmoid(-m) q + sigmoid(m) e_y; compare with the direct formulas.
+    logits, y = _logits(n_logits, seed, scale=scale)
+    stats = MarginStats(logits, y)
+    masked = logits.scatter(1, y[:, None], float("-inf"))
+    expected_margin = logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(masked, dim=1)
+    torch.testing.assert_close(stats.margin, expected_margin, rtol=1e-13, atol=1e-13 * scale)
+    torch.testing.assert_close(stats.proba, torch.softmax(logits, dim=1), rtol=1e-12, atol=1e-300)
+    expected_direction = -torch.softmax(masked, dim=1)
+    expected_direction[torch.arange(N), y] = 1.0
+    torch.testing.assert_close(stats.direction, expected_direction, rtol=1e-13, atol=1e-300)
+    assert torch.isfinite(stats.margin).all() and torch.isfinite(stats.proba).all()
+
+
+def test_margin_stats_single_logit_has_no_softmax():
+    logits, y = _logits(1, 0)
+    stats = MarginStats(logits, y)
+    torch.testing.assert_close(stats.margin, margin(logits, y), rtol=0, atol=0)
+    torch.testing.assert_close(stats.direction, margin_direction(logits, y), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiclass"):
+        _ = stats.proba
