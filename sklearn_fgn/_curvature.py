@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import Tensor
@@ -224,13 +224,11 @@ def make_fgn_operator(
     RowSpaceOperator
         ``B`` with ``n`` rows.
     """
-    cache: list[tuple[Tensor, Tensor]] = []
 
+    @cache
     def rows() -> tuple[Tensor, Tensor]:
-        if not cache:
-            st = MarginStats(lin.logits, y) if stats is None else stats
-            cache.append((st.direction, fgn_row_scale(lin.logits, y, weights, st.margin)))
-        return cache[0]
+        st = MarginStats(lin.logits, y) if stats is None else stats
+        return st.direction, fgn_row_scale(lin.logits, y, weights, st.margin)
 
     def matvec(v: Params) -> Tensor:
         direction, scale = rows()
@@ -266,12 +264,10 @@ def make_ggn_operator(
         return make_fgn_operator(lin, y, weights, stats)
     proba = (MarginStats(lin.logits, y) if stats is None else stats).proba
     row_weight = weights.sqrt()[:, None]
-    roots: list[Tensor] = []  # sqrt(p), formed on first use (CG uses the fused product)
 
-    def root() -> Tensor:
-        if not roots:
-            roots.append(proba.sqrt())
-        return roots[0]
+    @cache
+    def root() -> Tensor:  # sqrt(p), formed on first use (CG uses the fused product)
+        return proba.sqrt()
 
     def matvec(v: Params) -> Tensor:
         jv, sqrt_proba = lin.jvp(v), root()

@@ -70,7 +70,7 @@ from ._curvature import (
     penalized_names,
 )
 from ._heads import Head
-from ._margin import MarginStats, curvature_weight, loss_derivative, per_example_loss
+from ._margin import MarginStats, curvature_weight, loss_derivative, margin, per_example_loss
 
 __all__ = [
     "CHOLESKY_MAX_ROWS",
@@ -173,7 +173,7 @@ def objective_from_logits(
     Tensor
         The 0-d objective.
     """
-    m = MarginStats(logits, y).margin
+    m = margin(logits, y)
     return (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized_names(head, params))
 
 
@@ -296,8 +296,8 @@ def _check_solver(solver: str, head: Head | LogitsFn) -> None:
 
 
 def _gram_pays_off(
-    head: Head, params: Params, X: Tensor, y: Tensor, logits: Tensor, weights: Tensor,
-    lam: dict[str, float], cg_tol: float, curvature: str, stats: MarginStats | None = None,
+    head: Head, params: Params, X: Tensor, stats: MarginStats, weights: Tensor,
+    lam: dict[str, float], cg_tol: float, curvature: str,
 ) -> bool:  # fmt: skip
     """Whether forming and factorising the Gram costs less than the CG it saves.
 
@@ -325,13 +325,13 @@ def _gram_pays_off(
     cholesky_cost = 3 * gram_flops + 2 * cg_iteration_cost
     iterations = GRAM_WORTH_CG_ITERS
     if head.is_linear and curvature == "fgn":
-        iterations = _cg_iterations_estimate(X, y, logits, weights, lam, cg_tol, head.fit_intercept, stats)
+        iterations = _cg_iterations_estimate(X, stats, weights, lam, cg_tol, head.fit_intercept)
     return cholesky_cost <= iterations * cg_iteration_cost
 
 
 def _cg_iterations_estimate(
-    X: Tensor, y: Tensor, logits: Tensor, weights: Tensor, lam: dict[str, float], cg_tol: float,
-    fit_intercept: bool, stats: MarginStats | None = None,
+    X: Tensor, stats: MarginStats, weights: Tensor, lam: dict[str, float], cg_tol: float,
+    fit_intercept: bool,
 ) -> float:  # fmt: skip
     """CG iterations for FGN's linear-head system, from its condition number.
 
@@ -351,12 +351,11 @@ def _cg_iterations_estimate(
     float
         ``ln(2 / tol) / ln((sqrt(kappa) + 1) / (sqrt(kappa) - 1))``.
     """
-    stats = MarginStats(logits, y) if stats is None else stats
     row = weights * curvature_weight(stats.margin) * (stats.direction**2).sum(1)
     scaled = row * (X * X).sum(1) / lam["coef_0"]
     if fit_intercept:
         scaled = scaled + row / lam["intercept_0"]
-    rank = min(X.shape[0], (X.shape[1] + fit_intercept) * logits.shape[1])
+    rank = min(X.shape[0], (X.shape[1] + fit_intercept) * stats.logits.shape[1])
     kappa = 1.0 + max(float(scaled.max()), float(scaled.sum()) / rank)
     rate = (math.sqrt(kappa) + 1.0) / max(math.sqrt(kappa) - 1.0, 1e-12)
     return math.log(2.0 / max(cg_tol, 1e-16)) / math.log(rate)
@@ -441,7 +440,7 @@ def compute_step(
         pays_off = (
             isinstance(head, Head)
             and y.shape[0] <= CHOLESKY_MAX_ROWS
-            and _gram_pays_off(head, params, X, y, lin.logits, weights, lam, cg_tol, curvature, stats)
+            and _gram_pays_off(head, params, X, stats, weights, lam, cg_tol, curvature)
         )
         solver = "cholesky" if pays_off else "cg"
     preconditioner = None
