@@ -125,7 +125,7 @@ def conjugate_gradient(
             return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature", residual, image)
         x, residual, res_norm = x_new, residual_new, rr_val**0.5
         if b_dir is not None:
-            image = step * b_dir if image is None else torch.addcmul(image, step, b_dir)
+            image = step * b_dir if image is None else image.addcmul_(step, b_dir)
         if res_norm <= tol * rhs_norm:  # before preconditioning: the last M^-1 r is never needed
             return CGResult(x, n_iter, res_norm / rhs_norm, "converged", residual, image)
         precond_res = apply_m(residual)
