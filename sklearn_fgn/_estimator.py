@@ -65,13 +65,19 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         the initial value when ``damping_schedule="adaptive"``.
     damping_schedule : {"adaptive", "constant"}, default="adaptive"
         ``"constant"`` applies every step as computed with fixed ``damping``
-        (unit step, no line search). ``"adaptive"`` rejects steps that raise the
-        (batch) loss and adapts ``damping`` by the Levenberg-Marquardt
-        reduction ratio: ``/10`` above 0.75, ``*2`` below 0.25, within
-        [1e-8, 1e8]. With mini-batches ``damping`` is also its floor: an exact
-        step on a batch with fewer rows than parameters always lowers that
-        batch's loss, so the ratio cannot see a step that memorises the batch,
-        and ``damping`` acts as a step size there.
+        (unit step, no line search). ``"adaptive"`` adapts ``damping`` by the
+        Levenberg-Marquardt reduction ratio: ``/10`` above 0.75 (``/100``
+        within 2 % of 1), ``*2`` below 0.25, within [1e-8, 1e8]; a step that
+        raises the (batch) loss is cut back by Armijo backtracking, and
+        discarded only if that fails. In full batch a trusted step is also
+        lengthened to the quadratic model's minimiser along it when the
+        objective confirms it there (and ``damping`` shrinks by the same
+        factor): the first step from a large ``damping`` is not wasted. For
+        the linear head these trial points cost no extra pass over the data.
+        With mini-batches ``damping`` is also its floor: an exact step on a
+        batch with fewer rows than parameters always lowers that batch's loss,
+        so the ratio cannot see a step that memorises the batch, and
+        ``damping`` acts as a step size there.
     curvature : {"auto", "fgn", "ggn"}, default="auto"
         ``"fgn"`` keeps each example's true-vs-rest curvature (one row per
         example); ``"ggn"`` the full softmax Gauss-Newton matrix (exact Newton

@@ -123,6 +123,12 @@ class StepResult:
         linear head (logits linear in the parameters) ``logits + logits_step``
         are the logits at ``params + delta``: no forward pass is needed to
         evaluate the step. None for other heads.
+    slope : Tensor or None
+        ``g' delta`` (0-d), the directional derivative along the step.
+    step_curvature : Tensor or None
+        ``delta' (G + alpha P) delta`` (0-d). With ``slope`` it gives the
+        model along the ray, ``q(t) = t slope + t^2 step_curvature / 2``;
+        ``predicted_decrease`` is ``-q(1)``.
     """
 
     step: Params
@@ -133,6 +139,8 @@ class StepResult:
     cg: CGResult
     logits: Tensor | None = None
     logits_step: Tensor | None = None
+    slope: Tensor | None = None
+    step_curvature: Tensor | None = None
 
 
 def normalized_weights(sample_weight: Tensor | None, n: int, like: Tensor) -> Tensor:
@@ -463,6 +471,9 @@ def compute_step(
     residual = _unflat(cg_result.residual, grad)
     step_damping = sum(lam[k] * _sq(t) for k, t in step.items())
     step_pen = {k: t for k, t in step.items() if k in penalized}
-    curvature_term = -_dot(grad, step) - _dot(residual, step) - step_damping
-    model_change = _dot(grad, step) + 0.5 * curvature_term + 0.5 * alpha * _dot(step_pen, step_pen)
-    return StepResult(step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step)
+    slope = _dot(grad, step)
+    curvature_term = -slope - _dot(residual, step) - step_damping + alpha * _dot(step_pen, step_pen)
+    model_change = slope + 0.5 * curvature_term
+    return StepResult(
+        step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step, slope, curvature_term
+    )

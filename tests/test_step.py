@@ -98,6 +98,9 @@ def test_step_and_predicted_decrease_match_dense(case, curvature, solver):
     at_dense_step = -(grad @ expected + 0.5 * expected @ model @ expected)
     torch.testing.assert_close(result.predicted_decrease, at_dense_step, rtol=1e-8, atol=1e-15)
     assert result.predicted_decrease > 0
+    # The model along the ray: q(t) = t g'delta + t^2 delta'(G + alpha P)delta / 2.
+    torch.testing.assert_close(result.slope, grad @ delta, rtol=1e-8, atol=1e-15)
+    torch.testing.assert_close(result.step_curvature, delta @ model @ delta, rtol=1e-8, atol=1e-15)
 
 
 @cases

@@ -1,0 +1,170 @@
+"""Tests of the outer loop's step-length control (sklearn_fgn._solver) against dense float64 references."""
+
+import math
+
+import pytest
+import torch
+from cases import (
+    Case,
+    dense_ggn,
+    dense_objective_fn,
+    flatten,
+    make_problem,
+    penalty_mask,
+    reference_weights,
+)
+
+from sklearn_fgn._heads import forward
+from sklearn_fgn._solver import (
+    ARMIJO,
+    EXTEND_MIN,
+    Batch,
+    LoopConfig,
+    LoopState,
+    StepRecord,
+    _forcing_term,
+    _remaining_gap,
+    damped_update,
+    levenberg_marquardt,
+)
+from sklearn_fgn._step import compute_step
+
+EXACT = 1e-12
+
+
+def _setup(case: Case, damping: float):
+    """Problem, config, dense objective and the step ``damped_update`` computes."""
+    problem = make_problem(case)
+    head, params, X, y, sw = problem
+    cfg = LoopConfig(alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_max_iter=200)
+    fn = dense_objective_fn(head, params, X, y, reference_weights(sw, X.shape[0], X), case.alpha)
+    step = compute_step(
+        head, params, X, y, sw, alpha=case.alpha, damping=damping, curvature="ggn", solver="cg",
+        cg_tol=EXACT, cg_max_iter=200,
+    )  # fmt: skip
+    return problem, cfg, fn, flatten(step.step)
+
+
+def _ray(problem, case, fn, delta):
+    """Dense slope g'delta, curvature delta'(G + alpha P)delta and objective along the ray."""
+    head, params, X, y, sw = problem
+    theta = flatten(params)
+    G = dense_ggn(head, params, X, y, reference_weights(sw, X.shape[0], X))
+    model = G + case.alpha * torch.diag(penalty_mask(params))
+    slope = float(torch.func.grad(fn)(theta) @ delta)
+    return slope, float(delta @ model @ delta), (lambda t: float(fn(theta + t * delta)))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(n_classes=3, n_samples=16, alpha=0.01, seed=0),
+        Case(hidden_layer_sizes=(5,), n_classes=3, n_samples=16, alpha=0.01, seed=1),
+    ],
+    ids=["linear", "mlp"],
+)
+def test_trusted_full_batch_step_is_extended_to_the_model_minimiser(case):
+    damping = 1.0  # dominates the curvature: the step is far too short
+    problem, cfg, fn, delta = _setup(case, damping)
+    slope, curvature, f = _ray(problem, case, fn, delta)
+    t_star = -slope / curvature
+    predicted = -(t_star * slope + 0.5 * t_star**2 * curvature)
+    ratio = (f(0.0) - f(t_star)) / predicted
+    assert t_star >= EXTEND_MIN and ratio > 0.75  # the precondition of the extension
+    head, params, X, y, sw = problem
+    new_params, next_damping, record, logits = damped_update(
+        head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, extend=True
+    )
+    assert record.accepted and record.step_size == pytest.approx(t_star, rel=1e-8)
+    torch.testing.assert_close(flatten(new_params), flatten(params) + t_star * delta, rtol=1e-8, atol=1e-12)
+    assert record.new_loss == pytest.approx(f(t_star), rel=1e-10)
+    assert record.new_loss < f(1.0)  # better than the step as computed
+    assert record.predicted_decrease == pytest.approx(predicted, rel=1e-8)
+    assert record.ratio == pytest.approx(ratio, rel=1e-6)
+    # Levenberg-Marquardt runs from lambda / t*, the damping the longer step corresponds to.
+    expected = levenberg_marquardt(f(0.0), f(t_star), predicted, damping / t_star, 1e-8)[2]
+    assert next_damping == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(logits, forward(head, new_params, X), rtol=1e-10, atol=1e-12)
+
+
+def test_step_is_not_extended_when_the_model_disagrees_or_without_extend():
+    case = Case(n_classes=3, n_samples=16, alpha=0.01, seed=1)
+    problem, cfg, fn, delta = _setup(case, 1.0)
+    slope, curvature, f = _ray(problem, case, fn, delta)
+    t_star = -slope / curvature
+    ratio = (f(0.0) - f(t_star)) / -(t_star * slope + 0.5 * t_star**2 * curvature)
+    assert not (t_star >= EXTEND_MIN and ratio > 0.75)  # the extension's test fails here
+    head, params, X, y, sw = problem
+    for extend in (True, False):
+        new_params, _, record, _ = damped_update(
+            head, params, Batch(X, y, sw), 1.0, cfg, "ggn", EXACT, extend=extend
+        )
+        assert record.step_size == 1.0
+        torch.testing.assert_close(flatten(new_params), flatten(params) + delta, rtol=1e-8, atol=1e-12)
+    # A case that would extend does not when extend=False (mini-batches: the damping is a step size).
+    case = Case(n_classes=3, n_samples=16, alpha=0.01, seed=0)
+    problem, cfg, _, _ = _setup(case, 1.0)
+    head, params, X, y, sw = problem
+    _, _, record, _ = damped_update(head, params, Batch(X, y, sw), 1.0, cfg, "ggn", EXACT, extend=False)
+    assert record.step_size == 1.0
+
+
+@pytest.mark.parametrize("hidden, seed", [((), 1), ((), 2), ((5,), 0), ((5,), 2)])
+def test_rejected_step_is_cut_back_by_armijo_backtracking(hidden, seed):
+    # Tiny damping on 8 examples and 15+ parameters: the step overshoots.
+    case = Case(hidden_layer_sizes=hidden, n_classes=3, n_samples=8, seed=seed)
+    damping = 1e-6
+    problem, cfg, fn, delta = _setup(case, damping)
+    slope, _, f = _ray(problem, case, fn, delta)
+    assert f(1.0) > f(0.0) and slope < 0  # the full step is rejected, delta is a descent direction
+    armijo = lambda t: f(t) <= f(0.0) + ARMIJO * t * slope  # noqa: E731
+    t = next(0.5**k for k in range(1, 11) if armijo(0.5**k))
+    head, params, X, y, sw = problem
+    new_params, next_damping, record, logits = damped_update(
+        head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, extend=True
+    )
+    assert record.accepted and record.step_size == t and record.ratio < 0
+    assert record.new_loss == pytest.approx(f(t), rel=1e-10) and record.new_loss < record.loss
+    torch.testing.assert_close(flatten(new_params), flatten(params) + t * delta, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(logits, forward(head, new_params, X), rtol=1e-10, atol=1e-12)
+    assert next_damping == 2 * damping  # the damping still grows after a bad step
+
+
+def test_constant_schedule_takes_the_step_as_computed():
+    case = Case(n_classes=3, n_samples=8, seed=1)
+    problem, cfg, fn, delta = _setup(case, 1e-6)
+    cfg = LoopConfig(alpha=0.0, damping=1e-6, curvature="ggn", solver="cg", damping_schedule="constant")
+    head, params, X, y, sw = problem
+    new_params, next_damping, record, _ = damped_update(
+        head, params, Batch(X, y, sw), 1e-6, cfg, "ggn", EXACT
+    )
+    assert record.new_loss > record.loss and record.step_size == 1.0 and next_damping == 1e-6
+    torch.testing.assert_close(flatten(new_params), flatten(params) + delta, rtol=1e-8, atol=1e-12)
+
+
+def _record(ratio=1.001, step_size=1.0, accepted=True, cg_tol=0.05):
+    return StepRecord(3.0, 2.9, accepted, 1e-3, "ggn", 5, 3e-4, ratio, cg_tol, step_size)
+
+
+def test_remaining_gap_is_left_out_decrease_plus_model_error():
+    relative = 1e-4
+    assert _remaining_gap(_record(), relative) == pytest.approx(relative * (0.05**2 + 0.001))
+    for record in (
+        _record(step_size=2.0),
+        _record(step_size=0.5),
+        _record(ratio=0.3),
+        _record(accepted=False),
+    ):
+        assert _remaining_gap(record, relative) == math.inf
+
+
+@pytest.mark.parametrize("tol, gap, expected", [(1e-4, 1e-6, 0.05), (0.0, 1e-6, 0.01), (1e-4, math.inf, 0.01),
+                                                (1e-4, 1e-12, 0.5)])  # fmt: skip
+def test_forcing_term_asks_no_more_than_the_stop_rule_needs(tol, gap, expected):
+    cfg = LoopConfig(alpha=0.0, tol=tol)
+    state = LoopState(params={}, damping=1.0, last_relative_decrease=1e-4, gap_estimate=gap)
+    eta = _forcing_term(cfg, state, full_batch=True, dtype=torch.float64)
+    assert eta == pytest.approx(expected)
+    # The Eisenstat-Walker term alone is sqrt(1e-4) = 0.01; a fixed cg_tol and mini-batches ignore the gap.
+    assert _forcing_term(LoopConfig(alpha=0.0, cg_tol=1e-3), state, True, torch.float64) == 1e-3
+    assert _forcing_term(cfg, state, False, torch.float64) == 1e-2
