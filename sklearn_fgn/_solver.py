@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ._curvature import LogitsFn, logits_function
 from ._heads import Head, forward
 from ._step import StepResult, compute_step, normalized_weights, objective_from_logits
 
@@ -26,12 +27,14 @@ __all__ = [
     "Batch",
     "LoopConfig",
     "LoopState",
+    "StepOutcome",
     "StepRecord",
     "TrainingData",
     "damped_update",
     "iter_batches",
     "levenberg_marquardt",
     "run_epochs",
+    "take_step",
     "validation_accuracy",
 ]
 
@@ -178,12 +181,18 @@ class StepRecord:
 
 
 def _evaluate_step(
-    head: Head, params: Params, batch: Batch, result: StepResult, t: float, weights: Tensor, alpha: float
+    head: Head | LogitsFn,
+    params: Params,
+    batch: Batch,
+    result: StepResult,
+    t: float,
+    weights: Tensor,
+    alpha: float,
 ) -> tuple[Params, Tensor, float]:
     """Evaluate the objective at ``params + t * step``.
 
     For the linear head the logits move by ``t * J delta`` exactly, so no
-    forward pass is needed; other heads run one.
+    forward pass is needed; other heads and logits functions run one.
 
     Returns
     -------
@@ -195,12 +204,18 @@ def _evaluate_step(
     if result.logits_step is not None:
         logits = torch.add(result.logits, result.logits_step, alpha=t)
     else:
-        logits = forward(head, trial, batch.X)
+        logits = logits_function(head)(trial, batch.X)
     return trial, logits, float(objective_from_logits(head, trial, logits, batch.y, weights, alpha))
 
 
 def _backtrack(
-    head: Head, params: Params, batch: Batch, result: StepResult, loss: float, weights: Tensor, alpha: float
+    head: Head | LogitsFn,
+    params: Params,
+    batch: Batch,
+    result: StepResult,
+    loss: float,
+    weights: Tensor,
+    alpha: float,
 ) -> tuple[float, Params, Tensor, float] | None:
     """Armijo backtracking along a rejected step: ``t = 1/2, 1/4, ...``.
 
@@ -224,7 +239,13 @@ def _backtrack(
 
 
 def _extend(
-    head: Head, params: Params, batch: Batch, result: StepResult, loss: float, weights: Tensor, alpha: float
+    head: Head | LogitsFn,
+    params: Params,
+    batch: Batch,
+    result: StepResult,
+    loss: float,
+    weights: Tensor,
+    alpha: float,
 ) -> tuple[float, Params, Tensor, float, float, float] | None:
     """Lengthen a trusted step to the undamped model's minimiser along it.
 
@@ -254,6 +275,80 @@ def _extend(
     return t, trial, logits, new_loss, predicted, ratio
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What :func:`take_step` did with a computed step.
+
+    ``params`` and ``logits`` are those after the update (unchanged when the
+    step was discarded); ``damping`` is the damping for the next step;
+    ``predicted_decrease`` and ``ratio`` refer to the step length taken when
+    it was lengthened, to the full step otherwise; ``step_size`` as in
+    :class:`StepRecord`.
+    """
+
+    params: Params
+    damping: float
+    accepted: bool
+    new_loss: float
+    predicted_decrease: float
+    ratio: float
+    step_size: float
+    logits: Tensor
+
+
+def take_step(
+    head: Head | LogitsFn,
+    params: Params,
+    batch: Batch,
+    result: StepResult,
+    damping: float,
+    alpha: float,
+    schedule: str = "adaptive",
+    min_damping: float = DAMPING_BOUNDS[0],
+    extend: bool = False,
+) -> StepOutcome:
+    """Accept, cut back, lengthen or discard the step ``result`` and adapt ``damping``.
+
+    ``"constant"`` takes the step as computed. ``"adaptive"`` adapts the
+    damping by the Levenberg-Marquardt reduction ratio (within
+    ``[min_damping, DAMPING_BOUNDS[1]]``) and the step length along the
+    step's direction (for the linear head each trial costs no matmul, for
+    other heads one forward pass):
+
+    * a step that raises the objective is cut back by Armijo backtracking
+      (``_backtrack``) before it is discarded; the damping still grows as
+      Levenberg-Marquardt says;
+    * with ``extend`` (full batch), a trusted step is lengthened to the
+      undamped model's minimiser along it (``_extend``) when that is
+      confirmed by the objective, and the damping is divided by the factor
+      taken before the Levenberg-Marquardt update (in the damping-dominated
+      regime ``t * delta(lambda)`` is about ``delta(lambda / t)``).
+
+    Returns
+    -------
+    StepOutcome
+    """
+    weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
+    trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, alpha)
+    loss, predicted = float(result.loss), float(result.predicted_decrease)
+    if schedule == "constant":
+        return StepOutcome(trial, damping, True, new_loss, predicted, 1.0, 1.0, trial_logits)
+    accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, min_damping)
+    step_size = 1.0
+    if not accepted:
+        cut = _backtrack(head, params, batch, result, loss, weights, alpha)
+        accepted = cut is not None
+        step_size, trial, trial_logits, new_loss = cut if accepted else (0.0, params, result.logits, loss)
+    elif extend and ratio > 0.75:
+        longer = _extend(head, params, batch, result, loss, weights, alpha)
+        if longer is not None:
+            step_size, trial, trial_logits, new_loss, predicted, ratio = longer
+            _, _, next_damping = levenberg_marquardt(
+                loss, new_loss, predicted, damping / step_size, min_damping
+            )
+    return StepOutcome(trial, next_damping, accepted, new_loss, predicted, ratio, step_size, trial_logits)
+
+
 def damped_update(
     head: Head,
     params: Params,
@@ -266,24 +361,12 @@ def damped_update(
     logits: Tensor | None = None,
     extend: bool = False,
 ) -> tuple[Params, float, StepRecord, Tensor]:
-    """Compute one ``curvature`` step on ``batch``, accept or reject it, adapt ``damping``.
+    """Compute one ``curvature`` step on ``batch`` and take it (:func:`take_step`).
 
     ``cg_tol`` is CG's tolerance for this step (see ``_forcing_term``); the
     adapted damping stays at or above ``min_damping``. ``logits``, when
-    known, are the logits at ``params`` on ``batch`` (see ``compute_step``).
-
-    With the adaptive schedule the step length is also adapted along the
-    step's direction (for the linear head each trial costs no matmul, for
-    other heads one forward pass):
-
-    * a step that raises the objective is cut back by Armijo backtracking
-      (``_backtrack``) before it is discarded; the damping still grows as
-      Levenberg-Marquardt says;
-    * with ``extend`` (full batch), a trusted step is lengthened to the
-      undamped model's minimiser along it (``_extend``) when that is
-      confirmed by the objective, and the damping is divided by the factor
-      taken before the Levenberg-Marquardt update (in the damping-dominated
-      regime ``t * delta(lambda)`` is about ``delta(lambda / t)``).
+    known, are the logits at ``params`` on ``batch`` (see ``compute_step``);
+    ``extend`` lets a trusted step be lengthened (full batch).
 
     Returns
     -------
@@ -300,29 +383,14 @@ def damped_update(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=cfg.cg_max_iter, logits=logits,
     )  # fmt: skip
-    weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
-    trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, cfg.alpha)
-    loss, predicted, cg_iter = float(result.loss), float(result.predicted_decrease), result.cg.n_iter
-    if cfg.damping_schedule == "constant":
-        record = StepRecord(loss, new_loss, True, damping, curvature, cg_iter, predicted, 1.0, cg_tol)
-        return trial, damping, record, trial_logits
-    accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, min_damping)
-    step_size = 1.0
-    if not accepted:
-        cut = _backtrack(head, params, batch, result, loss, weights, cfg.alpha)
-        accepted = cut is not None
-        step_size, trial, trial_logits, new_loss = cut if accepted else (0.0, params, result.logits, loss)
-    elif extend and ratio > 0.75:
-        longer = _extend(head, params, batch, result, loss, weights, cfg.alpha)
-        if longer is not None:
-            step_size, trial, trial_logits, new_loss, predicted, ratio = longer
-            _, _, next_damping = levenberg_marquardt(
-                loss, new_loss, predicted, damping / step_size, min_damping
-            )
+    out = take_step(
+        head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend
+    )
     record = StepRecord(
-        loss, new_loss, accepted, damping, curvature, cg_iter, predicted, ratio, cg_tol, step_size
+        float(result.loss), out.new_loss, out.accepted, damping, curvature, result.cg.n_iter,
+        out.predicted_decrease, out.ratio, cg_tol, out.step_size,
     )  # fmt: skip
-    return trial, next_damping, record, trial_logits
+    return out.params, out.damping, record, out.logits
 
 
 def iter_batches(

@@ -31,8 +31,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without skorch
     ) from exc
 
 from ._curvature import LogitsFn
-from ._solver import DAMPING_SCHEDULES, levenberg_marquardt
-from ._step import CURVATURES, StepResult, compute_step, normalized_weights, objective
+from ._solver import DAMPING_BOUNDS, DAMPING_SCHEDULES, Batch, StepOutcome, take_step
+from ._step import CURVATURES, StepResult, compute_step
 
 __all__ = ["DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
 
@@ -77,8 +77,11 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         divides it by 10, never below ``damping`` on mini-batches (an exact
         step on a batch with fewer rows than parameters always lowers that
         batch's loss, so the ratio cannot see a step that memorises it; with
-        ``batch_size=-1`` there is no floor), and a step that raises the batch
-        objective is rejected.
+        ``batch_size=-1`` there is no floor). A step that raises the batch
+        objective is cut back by Armijo backtracking (one forward pass per
+        halving) and rejected only if that fails; with ``batch_size=-1`` a
+        trusted step is also lengthened to the quadratic model's minimiser
+        along it when the objective confirms it there.
     curvature : {"fgn", "ggn"}, default="fgn"
         FGN (one row per example) or the full softmax GGN (``n_classes``
         rows per example).
@@ -103,7 +106,8 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
     history_ : skorch.history.History
         Besides skorch's entries, every training batch records ``loss`` (the
         objective before the step), ``damping`` (``lambda`` used),
-        ``cg_iter``, ``step_norm`` and ``accepted``.
+        ``cg_iter``, ``step_norm`` (of the step taken), ``accepted`` and
+        ``step_size`` (the fraction of the computed step taken).
 
     See Also
     --------
@@ -230,8 +234,8 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         damping = self.damping_ if self.damping_schedule == "adaptive" else float(self.damping)
         with _no_running_stats(self.module_), _clear_buffer_errors():
             result = self._compute_step(logits_fn, params, X, y, sample_weight, damping)
-            accepted = self._apply_step(logits_fn, params, result, X, y, sample_weight)
-        self._record_step(result, accepted, damping)
+            out = self._apply_step(logits_fn, params, result, X, y, sample_weight, damping)
+        self._record_step(result, out, damping)
         return {"loss": result.loss, "y_pred": result.logits}
 
     def _compute_step(
@@ -251,31 +255,30 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
 
     def _apply_step(
         self, logits_fn: LogitsFn, params: Params, result: StepResult, X: Tensor, y: Tensor,
-        sample_weight: Tensor | None,
-    ) -> bool:  # fmt: skip
-        # Write ``params + step`` into the module unless the adaptive schedule rejects it.
-        trial = {k: params[k] + result.step[k] for k in params}
+        sample_weight: Tensor | None, damping: float,
+    ) -> StepOutcome:  # fmt: skip
+        # FGNClassifier's step control (sklearn_fgn._solver.take_step); write the result into the module.
+        full_batch = self.batch_size == -1
+        floor = DAMPING_BOUNDS[0] if full_batch else float(self.damping)  # see damping_schedule
+        with torch.no_grad():
+            out = take_step(
+                logits_fn, params, Batch(X, y, sample_weight), result, damping, self.alpha,
+                self.damping_schedule, floor, extend=full_batch,
+            )  # fmt: skip
         if self.damping_schedule == "adaptive":
-            weights = normalized_weights(sample_weight, y.shape[0], result.logits)
-            with torch.no_grad():
-                new_loss = float(objective(logits_fn, trial, X, y, weights, self.alpha))
-            predicted = float(result.predicted_decrease)
-            floor = 0.0 if self.batch_size == -1 else float(self.damping)  # see damping_schedule
-            accepted, _, self.damping_ = levenberg_marquardt(
-                float(result.loss), new_loss, predicted, self.damping_, floor
-            )
-            if not accepted:
-                return False
-        _write_params(self.module_, trial)
-        return True
+            self.damping_ = out.damping
+        if out.accepted:
+            _write_params(self.module_, out.params)
+        return out
 
-    def _record_step(self, result: StepResult, accepted: bool, damping: float) -> None:
-        step_norm = math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))
+    def _record_step(self, result: StepResult, out: StepOutcome, damping: float) -> None:
+        step_norm = out.step_size * math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))
         self.history.record_batch("loss", float(result.loss))
         self.history.record_batch("damping", damping)
         self.history.record_batch("cg_iter", 0 if result.cg is None else result.cg.n_iter)
         self.history.record_batch("step_norm", step_norm)
-        self.history.record_batch("accepted", accepted)
+        self.history.record_batch("accepted", out.accepted)
+        self.history.record_batch("step_size", out.step_size)
 
     def _check_fgn_params(self) -> None:
         if self.solver == "cholesky":

@@ -15,10 +15,10 @@ from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from skorch.callbacks import Checkpoint, EarlyStopping, EpochScoring  # noqa: E402
 
-from sklearn_fgn._step import compute_step  # noqa: E402
+from sklearn_fgn._step import compute_step, objective  # noqa: E402
 from sklearn_fgn.skorch import FGNNeuralNetClassifier, _make_logits_fn  # noqa: E402
 
-BATCH_KEYS = {"loss", "damping", "cg_iter", "step_norm", "accepted", "train_loss"}
+BATCH_KEYS = {"loss", "damping", "cg_iter", "step_norm", "accepted", "step_size", "train_loss"}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,32 @@ def test_adaptive_schedule_accepts_or_restores(digits):
     assert changed == row["accepted"]
     assert row["damping"] == 0.05 and net.damping_ in (0.1, 0.05, 0.025)
     assert row["accepted"] or net.damping_ == 0.1  # a rejected step raises the damping
+
+
+def test_overshooting_step_is_cut_back_like_the_core(digits):
+    # Tiny damping on 64 rows and ~2400 parameters: the full step raises the
+    # batch objective; the net takes the Armijo fraction the core would.
+    X, y = digits[0][:64].astype(np.float64), digits[2][:64]
+    net = make_net(mlp(dtype=torch.float64), damping=1e-4, cg_max_iter=50, cg_tol=1e-10)
+    before, out = _one_train_step(net, X, y)
+    row = net.history[-1, "batches", -1]
+    module = mlp(dtype=torch.float64)
+    logits_fn = lambda p, X: torch.func.functional_call(module, p, (X,))  # noqa: E731
+    X_t, y_t = torch.as_tensor(X), torch.as_tensor(y)
+    ref = compute_step(logits_fn, before, X_t, y_t, damping=1e-4, solver="cg", cg_tol=1e-10, cg_max_iter=50)
+    weights = torch.full((64,), 1 / 64, dtype=torch.float64)
+
+    def f(t):
+        trial = {k: before[k] + t * ref.step[k] for k in before}
+        return float(objective(logits_fn, trial, X_t, y_t, weights, 0.0))
+
+    assert f(1.0) > f(0.0)  # the full step overshoots
+    slope = sum(float((ref.gradient[k] * ref.step[k]).sum()) for k in before)
+    t = next(0.5**j for j in range(1, 11) if f(0.5**j) <= f(0.0) + 1e-4 * 0.5**j * slope)
+    assert row["accepted"] and row["step_size"] == t < 1.0
+    for name, param in net.module_.named_parameters():
+        torch.testing.assert_close(param.detach(), before[name] + t * ref.step[name], rtol=1e-12, atol=1e-14)
+    assert net.damping_ == 2e-4  # the damping still grows after the bad full step
 
 
 @pytest.mark.parametrize(
