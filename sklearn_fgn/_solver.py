@@ -209,14 +209,9 @@ def _evaluate_step(
 
 
 def _backtrack(
-    head: Head | LogitsFn,
-    params: Params,
-    batch: Batch,
-    result: StepResult,
-    loss: float,
-    weights: Tensor,
+    head: Head | LogitsFn, params: Params, batch: Batch, result: StepResult, loss: float, weights: Tensor,
     alpha: float,
-) -> tuple[float, Params, Tensor, float] | None:
+) -> tuple[float, Params, Tensor, float] | None:  # fmt: skip
     """Armijo backtracking along a rejected step: ``t = 1/2, 1/4, ...``.
 
     Returns
@@ -239,14 +234,9 @@ def _backtrack(
 
 
 def _extend(
-    head: Head | LogitsFn,
-    params: Params,
-    batch: Batch,
-    result: StepResult,
-    loss: float,
-    weights: Tensor,
+    head: Head | LogitsFn, params: Params, batch: Batch, result: StepResult, loss: float, weights: Tensor,
     alpha: float,
-) -> tuple[float, Params, Tensor, float, float, float] | None:
+) -> tuple[float, Params, Tensor, float, float, float] | None:  # fmt: skip
     """Lengthen a trusted step to the undamped model's minimiser along it.
 
     Damping shortens a step; along its direction the model ``q(t) = t g'delta
