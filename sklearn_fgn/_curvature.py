@@ -286,8 +286,9 @@ def make_ggn_operator(
 
     def curvature_from_jvp(jv: Tensor) -> Params:
         # S^T S = diag(p) - p p^T applied in O(K) per example (kfac-jax style),
-        # in place: fresh (n, K) temporaries cost more than the arithmetic
-        # (page faults; measured 6 ms per product against 3.7 on 20000 x 100).
+        # into one buffer: fresh (n, K) temporaries per product cost more than
+        # the arithmetic (A/B in one process, a 10-iteration GGN step on
+        # 20000 x 256 x 100 float64: median 638 ms with them, 522 ms without).
         buf = work()
         coupling = torch.mul(proba, jv, out=buf).sum(1, keepdim=True)
         return lin.vjp(torch.sub(jv, coupling, out=buf).mul_(weighted_proba))

@@ -107,7 +107,9 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         Besides skorch's entries, every training batch records ``loss`` (the
         objective before the step), ``damping`` (``lambda`` used),
         ``cg_iter``, ``step_norm`` (of the step taken), ``accepted`` and
-        ``step_size`` (the fraction of the computed step taken).
+        ``step_size`` (the multiple of the computed step taken: below 1 when
+        backtracking cut it, 0 when it was discarded, above 1 when a
+        ``batch_size=-1`` step was lengthened).
 
     See Also
     --------
