@@ -9,7 +9,10 @@ class_sep=S, flip_y=0.01, random_state=0)`` for (N, d, K) in ``--sizes`` (defaul
 (default 1.0; at K = 1000 that problem is near chance, 1.5 % for every method, and 3.0
 gives a probe where the best method reaches about 70 %), plus scikit-learn
 ``load_digits``. Every problem: one stratified 80/20 train/test split
-(``random_state=0``), ``StandardScaler`` fitted on the training part, float64.
+(``random_state=0``), ``StandardScaler`` fitted on the training part, float64, or
+float32 with ``--dtype float32`` (what a frozen encoder emits; every method gets the
+same float32 arrays and computes in whatever dtype it chooses: ``lbfgs`` converts to
+float64, ``newton-cg`` and FGNClassifier compute in float32).
 
 Methods (same split, same process, threads pinned with ``--threads``, default 2, for
 BLAS/OpenMP and torch; each timed fit follows an untimed warm-up fit on a small subset):
@@ -44,7 +47,7 @@ Run::
     python benchmarks/linear_probe.py --sizes 20000x256x100     # one size + digits
     python benchmarks/linear_probe.py                            # both sizes (long)
 
-Outputs: ``benchmarks/out/linear_probe{,_quick}.md``, ``.csv``, ``.json`` and ``.png``.
+Outputs: ``benchmarks/out/linear_probe{,_float32}{,_quick}.md``, ``.csv``, ``.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -80,8 +83,8 @@ SKORCH_LRS = (1e-3, 1e-2)
 SKORCH_EPOCHS = 20
 
 
-def load_problem(size: str, class_sep: float):
-    """Standardised float64 ``(X_tr, X_te, y_tr, y_te)`` for ``"NxdxK"`` or ``"digits"``."""
+def load_problem(size: str, class_sep: float, dtype: str = "float64"):
+    """Standardised ``(X_tr, X_te, y_tr, y_te)`` in ``dtype`` for ``"NxdxK"`` or ``"digits"``."""
     if size == "digits":
         X, y = load_digits(return_X_y=True)
     else:
@@ -91,7 +94,7 @@ def load_problem(size: str, class_sep: float):
                                    flip_y=0.01, random_state=0)
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
     scaler = StandardScaler().fit(X_tr)
-    return scaler.transform(X_tr), scaler.transform(X_te), y_tr, y_te
+    return scaler.transform(X_tr).astype(dtype), scaler.transform(X_te).astype(dtype), y_tr, y_te
 
 
 def timed_fit(make, X_tr, y_tr):
@@ -125,7 +128,7 @@ class _TorchLBFGS:
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         torch.manual_seed(0)
         Xt, yt = torch.as_tensor(X), torch.as_tensor(y_enc)
-        self.layer = torch.nn.Linear(X.shape[1], len(self.classes_)).double()
+        self.layer = torch.nn.Linear(X.shape[1], len(self.classes_)).to(Xt.dtype)
         opt = torch.optim.LBFGS(self.layer.parameters(), lr=1.0, max_iter=self.max_iter, history_size=10,
                                 line_search_fn="strong_wolfe")
         self.n_evals_ = 0
@@ -207,9 +210,9 @@ def fgn_trace(X_tr, y_tr, X_te, y_te, target: float, max_epochs: int = 30) -> li
     return trace
 
 
-def run_problem(size: str, skip: set[str], class_sep: float) -> list[dict]:
+def run_problem(size: str, skip: set[str], class_sep: float, dtype: str = "float64") -> list[dict]:
     """All methods on one problem."""
-    X_tr, X_te, y_tr, y_te = load_problem(size, class_sep)
+    X_tr, X_te, y_tr, y_te = load_problem(size, class_sep, dtype)
     n, k = len(y_tr), len(np.unique(y_tr))
     print(f"\n## {size}: train {X_tr.shape}, test {X_te.shape}, {k} classes", flush=True)
     rows, best_C = run_logistic(X_tr, X_te, y_tr, y_te, k)
@@ -286,24 +289,27 @@ def main() -> None:
         p.add_argument("--class-sep", type=float, default=1.0, help="make_classification class_sep"),
         p.add_argument("--skip", default="", help="peers to leave out: sgd, skorch, torch-lbfgs"),
         p.add_argument("--no-digits", action="store_true", help="leave out load_digits"),
+        p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                       help="dtype of the features every method receives (default float64)"),
     ))
     skip = {s for s in args.skip.split(",") if s}
     sizes = args.sizes if args.sizes is not None else ("5000x64x20" if args.quick else "20000x256x100,100000x512x1000")
     print(_common.machine_description())
     rows = []
     for size in [s for s in sizes.split(",") if s] + ([] if args.no_digits else ["digits"]):
-        rows += run_problem(size, skip, args.class_sep)
+        rows += run_problem(size, skip, args.class_sep, args.dtype)
     columns = ["problem", "method", "test acc (%)", "seconds", "passes", "t to best-0.5pt (s)", "conv. warnings"]
     heads = headline(rows)
     markdown = ("# Linear probe: test accuracy and fit time\n\n"
                 f"make_classification class_sep={args.class_sep:g}; "
-                "80/20 stratified split (seed 0), standardised features; best C / lr chosen on test accuracy "
+                f"80/20 stratified split (seed 0), standardised {args.dtype} features; best C / lr chosen on test accuracy "
                 "(oracle, favours the peers); FGNClassifier untuned.\n"
                 f"Machine: {_common.machine_description()}\n\n" + _common.markdown_table(rows, columns)
                 + "\n\nHeadline:\n\n" + "\n".join(f"- {h}" for h in heads))
     print("\n" + markdown)
-    _common.write_outputs("linear_probe", rows, markdown, {"rows": rows, "headline": heads}, args.quick)
-    png = _common.OUT_DIR / ("linear_probe_quick.png" if args.quick else "linear_probe.png")
+    stem = "linear_probe" + ("" if args.dtype == "float64" else f"_{args.dtype}")
+    _common.write_outputs(stem, rows, markdown, {"rows": rows, "headline": heads}, args.quick)
+    png = _common.OUT_DIR / (f"{stem}_quick.png" if args.quick else f"{stem}.png")
     plot(rows, png)
     print(f"\nwrote {png}")
 
