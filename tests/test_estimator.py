@@ -414,3 +414,22 @@ def test_progress_bar_renders_a_fit(capsys):
     est.fit(X, y)
     out = capsys.readouterr()
     assert "FGNClassifier - fit" in out.out + out.err
+
+
+def test_batch_size_auto_takes_mini_batches_for_mlp_heads_past_the_sample_limit():
+    from sklearn_fgn._estimator import AUTO_MLP_FULL_BATCH_MAX_SAMPLES
+
+    n = AUTO_MLP_FULL_BATCH_MAX_SAMPLES
+    X, y = make_classification(n + 1, n_features=6, n_informative=4, n_classes=3, random_state=0)
+    kw = dict(max_iter=1, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp = FGNClassifier(hidden_layer_sizes=(4,), **kw).fit(X, y)
+        mlp_small = FGNClassifier(hidden_layer_sizes=(4,), **kw).fit(X[:n], y[:n])
+        linear = FGNClassifier(**kw).fit(X, y)
+    # Mini-batches: early_stopping="auto" holds out a validation split and
+    # each epoch visits every training sample once.
+    assert len(mlp.validation_scores_) == 1
+    assert mlp.t_ == n + 1 - int(np.ceil(0.1 * (n + 1)))
+    assert mlp_small.validation_scores_ == [] and mlp_small.t_ == n  # full batch
+    assert linear.validation_scores_ == [] and linear.t_ == n + 1  # full batch
