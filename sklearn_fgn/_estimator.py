@@ -46,7 +46,8 @@ AUTO_BATCH_SIZE = 512
 # batch: their full-batch fits run many near-Newton steps of up to cg_max_iter
 # CG iterations on a nonconvex objective, and the time grows faster than n.
 # FGNClassifier((64,)) on make_classification problems (class_sep 1.5-2,
-# standardised, test accuracy, mean of 3 seeds, full batch / 512-row batches):
+# standardised, test accuracy, full batch / 512-row batches; float64, mean of
+# 3 seeds, except 20000 x 256 x 100: float32, one seed):
 #   4500 x 64 x 10: 88.4 % in 13 s / 84.3 % in 0.8 s;  8000 x 64 x 10: 91.6 % in 21 s / 89.4 % in 1.8 s
 #   10000 x 128 x 50: 75.8 % in 62 s / 75.4 % in 5.0 s;  20000 x 256 x 100: 59.5 % in 132 s / 60.8 % in 6.5 s
 AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
