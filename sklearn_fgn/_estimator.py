@@ -44,7 +44,7 @@ AUTO_FULL_BATCH_MAX_ENTRIES = 2**24
 AUTO_BATCH_SIZE = 512
 # MLP heads also need n_samples <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES for full
 # batch: their full-batch fits run many near-Newton steps of up to cg_max_iter
-# CG iterations on a nonconvex objective, and the time grows faster than n.
+# CG iterations each on a nonconvex objective.
 # FGNClassifier((64,)) on make_classification problems (class_sep 1.5-2,
 # standardised, test accuracy, full batch / 512-row batches; float64, mean of
 # 3 seeds, except 20000 x 256 x 100: float32, one seed):
