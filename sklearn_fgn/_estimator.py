@@ -339,7 +339,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         params = self._initial_params(head, X.dtype, coef_init, intercept_init)
         reuse = self.warm_start and hasattr(self, "damping_") and coef_init is None and intercept_init is None
         state = LoopState(params, self.damping_ if reuse else float(self.damping))
-        early_stopping = self._resolve_early_stopping(y_enc)
+        early_stopping = self._resolve_early_stopping(y_enc, head)
         state = self._train(head, state, X, y_enc, sample_weight, early_stopping, None)
         if not (state.converged or state.stopped):
             warnings.warn(
@@ -480,7 +480,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         cfg = LoopConfig(
             alpha=float(self.alpha), damping=float(self.damping), curvature=self.curvature,
             solver=self.solver, damping_schedule=self.damping_schedule,
-            batch_size=self._resolve_batch_size(X.shape[0]),  # as decided before any split
+            batch_size=self._resolve_batch_size(X.shape[0], head),  # as decided before any split
             max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
             cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
         )  # fmt: skip
@@ -512,11 +512,11 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             X_t, y_t, None if weights is None else weights.to(X_t.device), device, X_val, y_val
         )
 
-    def _resolve_early_stopping(self, y_enc):
+    def _resolve_early_stopping(self, y_enc, head):
         if self.early_stopping != "auto":
             return bool(self.early_stopping)
         n_samples = y_enc.shape[0]
-        batch_size = self._resolve_batch_size(n_samples)
+        batch_size = self._resolve_batch_size(n_samples, head)
         if batch_size is None or batch_size >= n_samples:
             return False
         # A stratified split needs two samples of every class and a validation
@@ -526,12 +526,11 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         n_validation = self.validation_fraction * n_samples
         return bool(counts.min() >= 2 and min(n_validation, n_samples - n_validation) >= n_classes)
 
-    def _resolve_batch_size(self, n_samples):
+    def _resolve_batch_size(self, n_samples, head):
         if self.batch_size != "auto":
             return self.batch_size
-        n_logits = 1 if len(self.classes_) == 2 else len(self.classes_)
-        full = n_samples * n_logits <= AUTO_FULL_BATCH_MAX_ENTRIES
-        if len(self.hidden_layer_sizes) > 0:
+        full = n_samples * head.n_logits <= AUTO_FULL_BATCH_MAX_ENTRIES
+        if not head.is_linear:
             full = full and n_samples <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES
         return None if full else AUTO_BATCH_SIZE
 
