@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "Head", "forward", "forward_with_cache", "init_params", "is_penalized"]
+__all__ = [
+    "ACTIVATIONS",
+    "Head",
+    "activation_slope",
+    "forward",
+    "forward_with_cache",
+    "init_params",
+    "is_penalized",
+]
 
 ACTIVATIONS = {
     "identity": lambda t: t,
@@ -24,6 +32,36 @@ ACTIVATIONS = {
     "logistic": torch.sigmoid,
     "gelu": torch.nn.functional.gelu,
 }
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_slope(pre: Tensor, out: Tensor) -> Tensor:
+    # gelu(x) = x Phi(x) (the exact erf form, torch's default): Phi(x) + x phi(x)
+    cdf = 0.5 * (1.0 + torch.erf(pre * _INV_SQRT_2))
+    return cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
+
+
+# d act / d pre from the pre-activation and the activation's output; None: slope 1.
+_SLOPES = {
+    "identity": None,
+    "relu": lambda pre, out: (pre > 0).to(pre.dtype),  # 0 at 0, as torch's autograd
+    "tanh": lambda pre, out: 1.0 - out * out,
+    "logistic": lambda pre, out: out * (1.0 - out),
+    "gelu": _gelu_slope,
+}
+
+
+def activation_slope(name: str, pre: Tensor, out: Tensor) -> Tensor | None:
+    """Elementwise derivative of activation ``name`` at ``pre``, given ``out = act(pre)``.
+
+    Returns
+    -------
+    Tensor or None
+        The slopes, shaped like ``pre``; None for the identity (slope 1).
+    """
+    slope = _SLOPES[name]
+    return None if slope is None else slope(pre, out)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from sklearn_fgn._curvature import (
     make_ggn_operator,
     penalized_names,
 )
-from sklearn_fgn._heads import forward
+from sklearn_fgn._heads import Head, forward, init_params
 from sklearn_fgn._margin import curvature_weight, margin
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -71,6 +71,29 @@ def test_linearization_matches_dense_jacobian(case):
     vjp = lin.vjp(cotangent)
     assert vjp.keys() == params.keys()
     torch.testing.assert_close(flatten(vjp), torch.einsum("nk,nkp->p", cotangent, J), **TOL)
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "tanh", "logistic", "gelu"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_mlp_linearization_matches_torch_func(activation, fit_intercept):
+    # The closed-form MLP J v / J^T C against torch.func's forward and reverse
+    # mode on the same logits function, with some pre-activations exactly 0
+    # (zero rows of X and zero biases: relu's kink).
+    head = Head(6, 4, (5, 3), activation, fit_intercept)
+    params = init_params(head, torch.Generator().manual_seed(3), torch.float64, "cpu")
+    X = torch.randn(9, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    X[:2] = 0.0
+    lin = linearize(head, params, X)
+    reference = linearize(logits_function(head), params, X)  # a plain function: torch.func
+    v = random_params_like(params, seed=5)
+    cotangent = torch.randn(9, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(lin.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(lin.jvp(v), reference.jvp(v), rtol=1e-13, atol=1e-14)
+    vjp, expected = lin.vjp(cotangent), reference.vjp(cotangent)
+    assert vjp.keys() == expected.keys() == params.keys()
+    for k in params:
+        torch.testing.assert_close(vjp[k], expected[k], rtol=1e-13, atol=1e-14)
+    assert torch.equal(lin.jvp(v), lin.jvp(v))  # no state carried between products
 
 
 @cases

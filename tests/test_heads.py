@@ -5,7 +5,15 @@ import torch
 from cases import BASE_CASES, case_id, make_problem
 from conftest import SEEDS
 
-from sklearn_fgn._heads import ACTIVATIONS, Head, forward, forward_with_cache, init_params, is_penalized
+from sklearn_fgn._heads import (
+    ACTIVATIONS,
+    Head,
+    activation_slope,
+    forward,
+    forward_with_cache,
+    init_params,
+    is_penalized,
+)
 
 HEADS = [
     Head(4, 3),
@@ -121,6 +129,23 @@ def test_forward_with_cache(case):
         assert preacts[layer].shape == (X.shape[0], head.layer_sizes[layer + 1])
         if layer > 0:
             torch.testing.assert_close(inputs[layer], activation(preacts[layer - 1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activation_slope_matches_autograd(name, dtype):
+    # Every activation has a slope; relu's is autograd's 0 at exactly 0.
+    pre = torch.cat([torch.linspace(-6, 6, 121, dtype=dtype), torch.zeros(1, dtype=dtype)])
+    expected = torch.func.vmap(torch.func.grad(ACTIVATIONS[name]))(pre)
+    slope = activation_slope(name, pre, ACTIVATIONS[name](pre))
+    if slope is None:
+        assert name == "identity"
+        slope = torch.ones_like(pre)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(slope, expected, rtol=8 * eps, atol=8 * eps)
+    assert slope.dtype == dtype
+    if name == "relu":
+        assert slope[-1] == 0 and expected[-1] == 0
 
 
 def test_is_penalized():
