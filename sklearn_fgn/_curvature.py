@@ -19,7 +19,8 @@ rows ``sqrt(omega_i) S_i J_i``. ``S_i`` is applied in O(n_classes); no
 Both operators only need the logits map's Jacobian-vector product
 (``v -> J v``, shape ``(n, n_logits)``) and vector-Jacobian product
 (``C -> J^T C``). :class:`LogitsLinearization` carries them; the linear
-head has closed forms (two matmuls), other heads use ``torch.func``. The
+and MLP heads have closed forms (two matmuls per layer), other logits
+maps use ``torch.func``. The
 logits map is a :class:`Head` spec or any ``LogitsFn`` ``(params, X) ->
 logits`` that is pure in ``params`` (a ``torch.func.functional_call`` of an
 ``nn.Module``, say), so the same operators serve arbitrary networks.
