@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import SEEDS
 
+import sklearn_fgn._cg as cg_module
 from sklearn_fgn._cg import CG_STOP_REASONS, CGResult, conjugate_gradient
 
 N = 20
@@ -196,7 +197,39 @@ def test_cg_loose_tolerance_stops_early():
 
 
 def test_cg_stop_reasons_constant():
-    assert set(CG_STOP_REASONS) == {"converged", "max_iter", "zero_rhs", "nonpositive_curvature"}
+    assert set(CG_STOP_REASONS) == {"converged", "max_iter", "zero_rhs", "nonpositive_curvature", "stagnated"}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float32_cg_stops_when_the_iterate_stops_moving(seed, monkeypatch):
+    # cond 1e7 in float32 with an exact (float32) inverse as preconditioner:
+    # after a few iterations the updates are round-off of x, and the recursive
+    # residual is no longer the true one. Stopping there loses nothing
+    # against running on.
+    A, rhs = _spd(N, seed, cond=1e7)
+    A32, rhs32, inverse32 = A.float(), rhs.float(), torch.linalg.inv(A).float()
+    exact = torch.linalg.solve(A32.double(), rhs32.double())  # of the float32 system
+
+    def solve():
+        return conjugate_gradient(
+            lambda v: A32 @ v, rhs32, tol=1e-9, max_iter=50, preconditioner=lambda r: inverse32 @ r
+        )
+
+    def error(x):
+        return float(torch.linalg.vector_norm(x.double() - exact) / torch.linalg.vector_norm(exact))
+
+    result = solve()
+    assert result.reason == "stagnated" and result.n_iter <= 6
+    assert result.solution.dtype == torch.float32
+    monkeypatch.setattr(cg_module, "STAGNATION_ULPS", 0.0)
+    longer = solve()
+    assert longer.n_iter > result.n_iter
+    assert error(result.solution) <= 1.1 * error(longer.solution)
+    # The same system in float64 converges; the stop never fires there.
+    result64 = conjugate_gradient(
+        lambda v: A @ v, rhs, tol=1e-9, max_iter=50, preconditioner=lambda r: torch.linalg.inv(A) @ r
+    )
+    assert result64.reason == "converged" and result64.n_iter <= 2
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -294,26 +294,23 @@ def test_extreme_features_float64_step_matches_dense(seed, solver):
     assert rel_err(flatten(_hazard_step(head, params, X, y, solver, **EXACT_CG).step), expected) <= 1e-8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Gram-preconditioned CG (solver='cholesky') stagnates in float32 on ill-conditioned "
-    "batches and runs to cg_max_iter; see the report",
-)
-def test_extreme_features_float32_cholesky_converges_in_few_iterations():
+def test_extreme_features_float32_cholesky_stops_in_few_iterations():
     # _step.py documents that the exact FGN preconditioner converges in one
     # iteration plus at most one refinement. In float32 with cond(G_F + Lambda)
-    # ~ 1e7 the parameter-space residual cannot be measured below ~1e-1, and
-    # the recursive residual of the preconditioned iteration stalls near 3e-4.
-    failures = []
+    # ~ 1e7 the parameter-space residual cannot be measured below ~1e-1, so CG
+    # used to run on to cg_max_iter with the step already at float32 accuracy;
+    # it now stops when the iterate stops moving ("stagnated").
+    reasons = set()
     for seed in range(6):
         for param_scale in (0.01, 0.005, 0.002):
+            head, params64, X64, y = _hazard_problem(seed, torch.float64, param_scale=param_scale)
+            reference = flatten(_hazard_step(head, params64, X64, y, "cholesky", **EXACT_CG).step)
             head, params, X, y = _hazard_problem(seed, torch.float32, param_scale=param_scale)
             result = _hazard_step(head, params, X, y, "cholesky", cg_tol=1e-4, cg_max_iter=100)
-            if result.cg.reason != "converged" or result.cg.n_iter > 10:
-                failures.append(
-                    (seed, param_scale, result.cg.reason, result.cg.n_iter, result.cg.residual_norm)
-                )
-    assert not failures, failures
+            assert result.cg.reason in ("converged", "stagnated") and result.cg.n_iter <= 3
+            assert rel_err(flatten(result.step).double(), reference) <= 2e-6
+            reasons.add(result.cg.reason)
+    assert reasons == {"converged", "stagnated"}  # both stops are exercised
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
