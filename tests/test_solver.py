@@ -23,6 +23,7 @@ from sklearn_fgn._solver import (
     LoopState,
     StepRecord,
     _forcing_term,
+    _full_batch_converged,
     _remaining_gap,
     damped_update,
     levenberg_marquardt,
@@ -156,6 +157,18 @@ def test_remaining_gap_is_left_out_decrease_plus_model_error():
         _record(accepted=False),
     ):
         assert _remaining_gap(record, relative) == math.inf
+
+
+@pytest.mark.parametrize("relative, ratio, dtype, expected", [
+    (3e-8, 0.0, torch.float32, True),  # below float32's resolution: the ratio is noise
+    (3e-8, 0.0, torch.float64, False),  # float64 still resolves it: keep going
+    (1e-13, 0.0, torch.float64, True),
+    (3e-6, 0.0, torch.float32, False),  # untrusted and above round-off
+    (3e-6, 1.0, torch.float32, True),  # trusted, below tol, solved accurately
+])  # fmt: skip
+def test_full_batch_stop_at_the_objectives_roundoff(relative, ratio, dtype, expected):
+    record = StepRecord(1.0, 1.0 - relative, True, 1e-8, "ggn", 5, relative, ratio, 0.01, 1.0)
+    assert _full_batch_converged(record, LoopConfig(alpha=0.0, tol=1e-4), dtype) is expected
 
 
 @pytest.mark.parametrize("tol, gap, expected", [(1e-4, 1e-6, 0.05), (0.0, 1e-6, 0.01), (1e-4, math.inf, 0.01),
