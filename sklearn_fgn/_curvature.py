@@ -206,10 +206,11 @@ def linearize(
     """Linearise the logits map at ``params`` on the batch ``X``.
 
     ``head`` is a :class:`Head` spec or a ``LogitsFn`` (then ``X`` is
-    whatever that function takes as its batch). Cost: one forward pass (plus
-    the saved graph for anything but the linear head); a linear head skips
-    it when given ``logits``, the logits at ``params`` on ``X`` (other maps
-    need the forward pass for their graph and ignore them). Each later
+    whatever that function takes as its batch). Cost: one forward pass,
+    keeping every layer's input and activation slopes for an MLP head and the
+    autograd graph for a logits function; a linear head skips it when given
+    ``logits``, the logits at ``params`` on ``X`` (other maps need the
+    forward pass for their intermediates and ignore them). Each later
     ``jvp``/``vjp`` costs about one forward pass: for the linear head exactly
     one ``(n, d) @ (d, n_logits)`` matmul.
 
