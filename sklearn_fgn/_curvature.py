@@ -69,11 +69,18 @@ class LogitsLinearization:
         ``v (params-shaped dict) -> J v``, Tensor of shape (n, n_logits).
     vjp : callable
         ``C (n, n_logits) -> J^T C``, a params-shaped dict.
+    layer_inputs : list of Tensor or None
+        For an MLP head, every layer's input (``X`` first); None otherwise.
+    backprop : callable or None
+        For an MLP head, ``C -> [dC/d(pre-activation_l)]`` for every layer,
+        first layer first (what ``vjp`` pulls back to the weights); None otherwise.
     """
 
     logits: Tensor
     jvp: Callable[[Params], Tensor]
     vjp: Callable[[Tensor], Params]
+    layer_inputs: list[Tensor] | None = None
+    backprop: Callable[[Tensor], list[Tensor]] | None = None
 
 
 def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | None) -> LogitsLinearization:
@@ -130,16 +137,6 @@ def penalized_names(model: Head | LogitsFn, params: Params) -> frozenset[str]:
     return frozenset(k for k, t in params.items() if t.ndim >= 2)
 
 
-def _mlp_cache(head: Head, params: Params, X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-    """Logits, every layer's input and every hidden layer's activation slopes (None: identity)."""
-    with torch.no_grad():
-        logits, inputs, preacts = forward_with_cache(head, params, X)
-    slopes = [
-        activation_slope(head.activation, pre, out) for pre, out in zip(preacts[:-1], inputs[1:], strict=True)
-    ]
-    return logits, inputs, slopes
-
-
 def _preact_cotangents(
     head: Head, params: Params, slopes: list[Tensor | None], cotangent: Tensor
 ) -> list[Tensor]:
@@ -157,7 +154,11 @@ def _linearize_mlp(head: Head, params: Params, X: Tensor) -> LogitsLinearization
     # layer by layer, J^T C backpropagates; two matmuls per layer each way
     # (one for the first layer's J v). On 1437 x 64 -> 64 -> 10 batches
     # torch.func's forward mode took 1.10 ms per J v, these 0.31 ms.
-    logits, inputs, slopes = _mlp_cache(head, params, X)
+    with torch.no_grad():
+        logits, inputs, preacts = forward_with_cache(head, params, X)
+    slopes = [
+        activation_slope(head.activation, pre, out) for pre, out in zip(preacts[:-1], inputs[1:], strict=True)
+    ]
 
     def jvp(v: Params) -> Tensor:
         tangent = None  # J v of the current layer's input
@@ -171,15 +172,18 @@ def _linearize_mlp(head: Head, params: Params, X: Tensor) -> LogitsLinearization
                 tangent = out if slopes[layer] is None else out.mul_(slopes[layer])
         return out
 
+    def backprop(cotangent: Tensor) -> list[Tensor]:
+        return _preact_cotangents(head, params, slopes, cotangent)
+
     def vjp(cotangent: Tensor) -> Params:
         grads = {}
-        for layer, delta in enumerate(_preact_cotangents(head, params, slopes, cotangent)):
+        for layer, delta in enumerate(backprop(cotangent)):
             grads[f"coef_{layer}"] = delta.T @ inputs[layer]
             if head.fit_intercept:
                 grads[f"intercept_{layer}"] = delta.sum(0)
         return grads
 
-    return LogitsLinearization(logits, jvp, vjp)
+    return LogitsLinearization(logits, jvp, vjp, inputs, backprop)
 
 
 def _linearize_autograd(model: Head | LogitsFn, params: Params, X: Tensor) -> LogitsLinearization:
@@ -353,15 +357,19 @@ def make_ggn_operator(
 
 
 def _margin_gradients_by_layer(
-    head: Head, params: Params, X: Tensor, y: Tensor, logits: Tensor | None, stats: MarginStats | None
+    head: Head,
+    params: Params,
+    X: Tensor,
+    y: Tensor,
+    lin: LogitsLinearization | None,
+    stats: MarginStats | None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Logits, layer inputs and per-example ``dm_i/d(pre-activation_l)``."""
-    if head.is_linear:  # d m / d logits is the margin direction: no autograd needed
-        logits = forward(head, params, X) if logits is None else logits
-        return logits, [X], [(MarginStats(logits, y) if stats is None else stats).direction]
-    logits, inputs, slopes = _mlp_cache(head, params, X)
-    direction = MarginStats(logits, y).direction
-    return logits, inputs, _preact_cotangents(head, params, slopes, direction)
+    lin = linearize(head, params, X) if lin is None else lin
+    direction = (MarginStats(lin.logits, y) if stats is None else stats).direction  # d m / d logits
+    if head.is_linear:
+        return lin.logits, [X], [direction]
+    return lin.logits, lin.layer_inputs, lin.backprop(direction)
 
 
 def fgn_gram(
@@ -371,14 +379,14 @@ def fgn_gram(
     y: Tensor,
     weights: Tensor,
     damping: dict[str, float],
-    logits: Tensor | None = None,
+    lin: LogitsLinearization | None = None,
     stats: MarginStats | None = None,
 ) -> Tensor:
     r"""Exact ``B Lambda^{-1} B^T`` for FGN, shape (n, n), without forming ``B``.
 
-    ``logits`` (the head's logits at ``params``, if already computed) saves
-    the linear head its forward pass, and ``stats`` (their
-    :class:`._margin.MarginStats`) its margin quantities.
+    ``lin`` (the head linearised at ``params`` on ``X``, if already
+    computed) saves the forward pass, and ``stats`` (the
+    :class:`._margin.MarginStats` of its logits) the margin quantities.
 
     ``m_i`` depends on example ``i`` only, so one backward pass of
     ``sum_i m_i`` gives every layer's per-example margin gradients ``Delta_l``
@@ -397,7 +405,7 @@ def fgn_gram(
     Tensor of shape (n, n)
         ``B Lambda^{-1} B^T``, symmetric positive semidefinite.
     """
-    logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, logits, stats)
+    logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, lin, stats)
     gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
     for layer, (hidden, delta) in enumerate(zip(inputs, deltas, strict=True)):
         kernel = (hidden @ hidden.T) / damping[f"coef_{layer}"]

@@ -454,7 +454,7 @@ def compute_step(
     preconditioner = None
     if solver == "cholesky":
         preconditioner = make_fgn_preconditioner(
-            fgn_op, fgn_gram(head, params, X, y, weights, lam, lin.logits, stats), lam, grad
+            fgn_op, fgn_gram(head, params, X, y, weights, lam, lin, stats), lam, grad
         )
         if preconditioner is None:
             warnings.warn("Cholesky factorisation of the FGN row-space system failed; using plain CG.",
