@@ -143,8 +143,8 @@ def test_constant_schedule_takes_the_step_as_computed():
     torch.testing.assert_close(flatten(new_params), flatten(params) + delta, rtol=1e-8, atol=1e-12)
 
 
-def _record(ratio=1.001, step_size=1.0, accepted=True, cg_tol=0.05):
-    return StepRecord(3.0, 2.9, accepted, 1e-3, "ggn", 5, 3e-4, ratio, cg_tol, step_size)
+def _record(ratio=1.001, step_size=1.0, accepted=True, cg_tol=0.05, predicted=3e-4):
+    return StepRecord(3.0, 2.9, accepted, 1e-3, "ggn", 5, predicted, ratio, cg_tol, step_size)
 
 
 def test_remaining_gap_is_left_out_decrease_plus_model_error():
@@ -167,7 +167,7 @@ def test_remaining_gap_is_left_out_decrease_plus_model_error():
     (3e-6, 1.0, torch.float32, True),  # trusted, below tol, solved accurately
 ])  # fmt: skip
 def test_full_batch_stop_at_the_objectives_roundoff(relative, ratio, dtype, expected):
-    record = StepRecord(1.0, 1.0 - relative, True, 1e-8, "ggn", 5, relative, ratio, 0.01, 1.0)
+    record = _record(ratio=ratio, cg_tol=0.01, predicted=3.0 * relative)  # loss 3.0
     assert _full_batch_converged(record, LoopConfig(alpha=0.0, tol=1e-4), dtype) is expected
 
 
