@@ -318,7 +318,8 @@ def take_step(
     -------
     StepOutcome
     """
-    weights = normalized_weights(batch.sample_weight, batch.X.shape[0], batch.X)
+    # From the logits, not X: a logits function may take integer ids or a dict of inputs.
+    weights = normalized_weights(batch.sample_weight, batch.y.shape[0], result.logits)
     trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, alpha)
     loss, predicted = float(result.loss), float(result.predicted_decrease)
     if schedule == "constant":

@@ -298,3 +298,58 @@ def test_package_does_not_import_skorch_and_missing_skorch_is_explained():
     )
     stderr = _run(code).stderr
     assert "ImportError: sklearn_fgn.skorch needs skorch" in stderr, stderr
+
+
+class _TokenBag(torch.nn.Module):
+    """Integer token ids -> mean embedding -> logits."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(40, 3)
+
+    def forward(self, X):
+        return self.embed(X).mean(1)
+
+
+class _TwoInputs(torch.nn.Module):
+    """Two named inputs, as skorch passes a dict of arrays."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(2, 3)
+
+    def forward(self, xa, xb):
+        return self.a(xa) + self.b(xb)
+
+
+def _exact_losses(net, X, y):
+    # The recorded objective before each step, against cross-entropy of the
+    # module at the end: training must lower it.
+    return net.history[:, "train_loss"], float(net.get_loss(net.infer(X), torch.as_tensor(y)))
+
+
+def test_integer_inputs_train_like_float_inputs():
+    # The example weights once took X's dtype: int64 ids made every trial
+    # objective 0, so every step was accepted and the loss diverged.
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 40, size=(300, 5))
+    y = X[:, 0] % 3
+    net = make_net(_TokenBag(), batch_size=-1, damping=1e-3, max_epochs=6).fit(X, y)
+    losses, final = _exact_losses(net, X, y)
+    assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert final < 0.9 * losses[0]
+
+
+def test_dict_inputs_are_passed_by_name():
+    rng = np.random.default_rng(0)
+    X = {
+        "xa": rng.normal(size=(200, 4)).astype(np.float32),
+        "xb": rng.normal(size=(200, 2)).astype(np.float32),
+    }
+    y = (X["xa"][:, 0] + X["xb"][:, 1] > 0).astype(np.int64) + (X["xa"][:, 1] > 1)
+    net = make_net(_TwoInputs(), batch_size=-1, max_epochs=5).fit(X, y)
+    losses, final = _exact_losses(net, X, y)
+    assert final < 0.8 * losses[0]
+    assert net.score(X, y) > 0.8
