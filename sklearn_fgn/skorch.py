@@ -58,8 +58,10 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         from dropout and batch-norm running statistics (see Notes).
     criterion : class or instance, default=torch.nn.CrossEntropyLoss
         Must be ``torch.nn.CrossEntropyLoss`` with ``reduction="mean"`` and
-        no label smoothing; its class ``weight`` becomes sample weights.
-        Anything else raises ``ValueError`` at ``initialize``.
+        no label smoothing; its class ``weight`` becomes sample weights, and
+        rows with ``y == ignore_index`` get weight 0, so the objective is
+        torch's (weighted) mean over the other rows. Anything else raises
+        ``ValueError`` at ``initialize``.
     train_split : callable or None, default=None
         No hidden validation split unless one is asked for (skorch's
         classifier default holds out 20%).
@@ -228,10 +230,10 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         self._set_training(True)
         Xi, yi = unpack_data(batch)
         X, y = to_tensor(Xi, device=self.device), to_tensor(yi, device=self.device).long()
+        y, sample_weight = _labels_and_weights(self.criterion_, y)
         params = {k: p.detach() for k, p in self.module_.named_parameters() if p.requires_grad}
         device = next(iter(params.values())).device
         logits_fn = _make_logits_fn(self.module_, fit_params, _draw_seed(), device)
-        sample_weight = _class_sample_weight(self.criterion_, y)
         _update_running_stats(self.module_, logits_fn, params, X)
         damping = self.damping_ if self.damping_schedule == "adaptive" else float(self.damping)
         with _no_running_stats(self.module_), _clear_buffer_errors():
@@ -323,9 +325,19 @@ def _check_criterion(criterion: object) -> None:
         )
 
 
-def _class_sample_weight(criterion: torch.nn.CrossEntropyLoss, y: Tensor) -> Tensor | None:
-    # Per-example weights ``weight[y]``: mean CE with class weights normalises by their sum.
-    return None if criterion.weight is None else criterion.weight.to(y.device)[y]
+def _labels_and_weights(criterion: torch.nn.CrossEntropyLoss, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    # Labels with ignored rows set to class 0, and per-example weights as in torch's mean CE:
+    # ``weight[y]`` (1 without class weights), 0 where ``y == ignore_index``; None means uniform.
+    kept = y != criterion.ignore_index
+    if not bool(kept.any()):
+        raise ValueError(
+            f"Every row of the batch has y == ignore_index ({criterion.ignore_index}): its "
+            "cross-entropy is undefined (torch gives NaN). Give each batch at least one labelled row."
+        )
+    y = torch.where(kept, y, 0)
+    if criterion.weight is not None:
+        return y, criterion.weight.to(y.device)[y] * kept
+    return y, None if bool(kept.all()) else kept.float()
 
 
 def _draw_seed() -> int:

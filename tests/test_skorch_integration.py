@@ -90,6 +90,54 @@ def test_train_step_is_core_compute_step(digits, curvature, class_weight):
     torch.testing.assert_close(out["y_pred"], ref.logits, rtol=0, atol=0)
 
 
+def _ignored_labels(y, ignore_index):
+    # ignore_index=2 drops a real class; -100 marks every 7th row unlabelled.
+    y = y.copy()
+    if ignore_index == -100:
+        y[::7] = -100
+    return y
+
+
+@pytest.mark.parametrize("ignore_index", [2, -100])
+@pytest.mark.parametrize("class_weight", [False, True])
+def test_ignored_rows_drop_out_of_the_step_as_in_torch(digits, ignore_index, class_weight):
+    X, y = digits[0][:200].astype(np.float64), _ignored_labels(digits[2][:200], ignore_index)
+    weight = torch.linspace(0.5, 2.0, 10, dtype=torch.float64) if class_weight else None
+    settings = {"damping": 0.3, "cg_tol": 1e-10, "cg_max_iter": 15}
+    net = make_net(
+        mlp(dtype=torch.float64), damping_schedule="constant", criterion__weight=weight,
+        criterion__ignore_index=ignore_index, **settings,
+    )  # fmt: skip
+    before, out = _one_train_step(net, X, y)
+
+    module = mlp(dtype=torch.float64)
+    logits_fn = lambda p, X: torch.func.functional_call(module, p, (X,))  # noqa: E731
+    X_t, y_t = torch.as_tensor(X), torch.as_tensor(y)
+    torch_loss = torch.nn.CrossEntropyLoss(weight, ignore_index=ignore_index)(logits_fn(before, X_t), y_t)
+    torch.testing.assert_close(out["loss"], torch_loss, rtol=1e-12, atol=0)
+    assert net.history[-1, "batches", -1, "loss"] == pytest.approx(float(torch_loss), rel=1e-12)
+    # The step is the one on the labelled rows alone.
+    kept = y_t != ignore_index
+    sample_weight = None if weight is None else weight[y_t[kept]]
+    ref = compute_step(logits_fn, before, X_t[kept], y_t[kept], sample_weight, solver="cg", **settings)
+    for name, param in net.module_.named_parameters():
+        torch.testing.assert_close(param.detach(), before[name] + ref.step[name], rtol=1e-9, atol=1e-12)
+
+
+def test_fit_with_ignore_index_rarely_predicts_the_ignored_class(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = make_net(mlp(hidden=64), max_epochs=5, criterion__ignore_index=2).fit(X_train, y_train)
+    predicted = net.predict(X_test)
+    assert np.mean(predicted == 2) < 0.01  # class 2 is 10 % of the test set
+    assert np.mean(predicted[y_test != 2] == y_test[y_test != 2]) >= 0.95
+
+
+def test_batch_with_every_row_ignored_raises(digits):
+    y = np.full(len(digits[2]), -100)
+    with pytest.raises(ValueError, match="Every row of the batch has y == ignore_index"):
+        make_net(mlp()).fit(digits[0], y)
+
+
 def test_alpha_penalizes_weights_not_biases(digits):
     X, y = torch.as_tensor(digits[0][:50]).double(), torch.as_tensor(digits[2][:50])
     module = mlp(dtype=torch.float64)
