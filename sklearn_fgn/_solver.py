@@ -99,11 +99,16 @@ class LoopState:
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch of tensors on the compute device."""
+    """One batch of tensors on the compute device.
+
+    ``weight_total`` divides ``sample_weight`` instead of its sum (see
+    :func:`._step.normalized_weights`).
+    """
 
     X: Tensor
     y: Tensor
     sample_weight: Tensor | None
+    weight_total: float | None = None
 
 
 def _resolve_curvature(cfg: LoopConfig, head: Head, full_batch: bool) -> str:
@@ -319,7 +324,7 @@ def take_step(
     StepOutcome
     """
     # From the logits, not X: a logits function may take integer ids or a dict of inputs.
-    weights = normalized_weights(batch.sample_weight, batch.y.shape[0], result.logits)
+    weights = normalized_weights(batch.sample_weight, batch.y.shape[0], result.logits, batch.weight_total)
     trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, alpha)
     loss, predicted = float(result.loss), float(result.predicted_decrease)
     if schedule == "constant":
@@ -373,6 +378,7 @@ def damped_update(
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=cfg.cg_max_iter, logits=logits,
+        weight_total=batch.weight_total,
     )  # fmt: skip
     out = take_step(
         head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend
@@ -386,31 +392,48 @@ def damped_update(
 
 def iter_batches(
     X: Tensor, y: Tensor, sample_weight: Tensor | None, batch_size: int | None,
-    generator: torch.Generator, device: torch.device,
+    generator: torch.Generator, device: torch.device, weight_mean: float | None = None,
 ) -> Iterator[Batch]:  # fmt: skip
-    """Shuffled batches moved to ``device`` one at a time (``X`` may stay on the host)."""
+    """Shuffled batches moved to ``device`` one at a time (``X`` may stay on the host).
+
+    With ``weight_mean`` a batch's weights are divided by its size times
+    ``weight_mean`` (see :func:`._step.normalized_weights`), else by their sum.
+
+    Yields
+    ------
+    Batch
+        The next batch (the whole data when ``batch_size`` is None or >= n).
+    """
     n = X.shape[0]
     if batch_size is None or batch_size >= n:
-        yield _to_device(X, y, sample_weight, device)
+        yield _to_device(X, y, sample_weight, device, weight_mean)
         return
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         sw = None if sample_weight is None else sample_weight[idx]
-        yield _to_device(X[idx], y[idx], sw, device)
+        yield _to_device(X[idx], y[idx], sw, device, weight_mean)
 
 
-def _to_device(X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device) -> Batch:
+def _to_device(
+    X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device, weight_mean: float | None
+) -> Batch:
+    total = None if sample_weight is None or weight_mean is None else y.shape[0] * weight_mean
     if X.device == device:
-        return Batch(X, y, sample_weight)
+        return Batch(X, y, sample_weight, total)
     pin = device.type == "cuda"
     move = lambda t: t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)  # noqa: E731
-    return Batch(move(X), move(y), None if sample_weight is None else move(sample_weight))
+    return Batch(move(X), move(y), None if sample_weight is None else move(sample_weight), total)
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Training (and optional validation) tensors; ``X`` may live on the host."""
+    """Training (and optional validation) tensors; ``X`` may live on the host.
+
+    ``weight_mean`` is the training set's mean weight, which a batch's
+    weights are measured against; ``sample_weight_val`` weights the
+    validation accuracy.
+    """
 
     X: Tensor
     y: Tensor
@@ -418,6 +441,8 @@ class TrainingData:
     device: torch.device
     X_val: Tensor | None = None
     y_val: Tensor | None = None
+    weight_mean: float | None = None
+    sample_weight_val: Tensor | None = None
 
 
 def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: torch.dtype) -> float:
@@ -496,7 +521,10 @@ def _run_epoch(
     # user's damping is its floor (LM may only raise it after a bad step).
     min_damping = DAMPING_BOUNDS[0] if full_batch else cfg.damping
     records = []
-    for batch in iter_batches(data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device):
+    batches = iter_batches(
+        data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device, data.weight_mean
+    )
+    for batch in batches:
         curvature = _resolve_curvature(cfg, head, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
         state.params, state.damping, record, logits = damped_update(
@@ -510,11 +538,17 @@ def _run_epoch(
     return records, (logits if full_batch else None)
 
 
-def validation_accuracy(head: Head, params: Params, X: Tensor, y: Tensor) -> float:
-    """Accuracy of the head on held-out tensors (on ``X``'s device)."""
+def validation_accuracy(
+    head: Head, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None = None
+) -> float:
+    """(Weighted) accuracy of the head on held-out tensors (on ``X``'s device)."""
     logits = forward(head, params, X)
     pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-    return float((pred == y).double().mean())
+    correct = (pred == y).double()
+    if sample_weight is None:
+        return float(correct.mean())
+    sample_weight = sample_weight.to(correct)
+    return float((sample_weight * correct).sum() / sample_weight.sum())
 
 
 def _epoch_loss(records: list[tuple[int, StepRecord]], full_batch: bool) -> float:
@@ -599,7 +633,7 @@ def run_epochs(
         state.loss_curve.append(_epoch_loss(records, full_batch))
         score = None
         if data.X_val is not None:
-            score = validation_accuracy(head, state.params, data.X_val, data.y_val)
+            score = validation_accuracy(head, state.params, data.X_val, data.y_val, data.sample_weight_val)
             state.validation_scores.append(score)
         if cfg.verbose:
             _log_epoch(state, records, time.perf_counter() - start, score)

@@ -143,12 +143,26 @@ class StepResult:
     step_curvature: Tensor | None = None
 
 
-def normalized_weights(sample_weight: Tensor | None, n: int, like: Tensor) -> Tensor:
-    """``omega = s / sum(s)`` (uniform ``1/n`` when ``sample_weight`` is None)."""
+def normalized_weights(
+    sample_weight: Tensor | None, n: int, like: Tensor, weight_total: float | None = None
+) -> Tensor:
+    """``omega = s / sum(s)``, or ``s / weight_total`` when given (uniform ``1/n`` without ``s``).
+
+    A mini-batch of a weighted data set passes ``weight_total = n *
+    mean(s over the data set)``: its objective is then an unbiased estimate
+    of the data set's, and batches (or ``partial_fit`` chunks) keep their
+    weights relative to each other, which ``s / sum(s)`` per batch loses
+    (with one row per batch it ignores the weights altogether).
+
+    Returns
+    -------
+    Tensor of shape (n,)
+        The weights ``omega``, in ``like``'s dtype and on its device.
+    """
     if sample_weight is None:
         return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
     sample_weight = sample_weight.to(dtype=like.dtype, device=like.device)
-    return sample_weight / sample_weight.sum()
+    return sample_weight / (sample_weight.sum() if weight_total is None else weight_total)
 
 
 def _penalty(params: Params, alpha: float, penalized: Collection[str]) -> Tensor:
@@ -383,6 +397,7 @@ def compute_step(
     cg_tol: float = 1e-5,
     cg_max_iter: int = 100,
     logits: Tensor | None = None,
+    weight_total: float | None = None,
 ) -> StepResult:
     """Return the damped step ``-(G + Lambda)^{-1} grad L`` on one batch.
 
@@ -402,7 +417,8 @@ def compute_step(
     y : Tensor of shape (n,), int64
         Class indices (0/1 for a single-logit head).
     sample_weight : Tensor of shape (n,), optional
-        Non-negative weights, normalised here to sum to one.
+        Non-negative weights, normalised here to sum to one (or divided by
+        ``weight_total``, see :func:`normalized_weights`).
     alpha : float, default=0.0
         L2 strength on weights.
     damping : float, default=1.0
@@ -424,6 +440,9 @@ def compute_step(
         The logits at ``params`` on ``X`` when the caller has them (from
         evaluating the previous trial step): a linear head then skips its
         forward pass; other heads recompute them with their graph.
+    weight_total : float, optional
+        Divide ``sample_weight`` by this instead of its sum: a mini-batch
+        passes its size times the data set's mean weight.
 
     Returns
     -------
@@ -437,7 +456,7 @@ def compute_step(
     """
     _check_solver(solver, head)
     lin = linearize(head, params, X, logits)
-    weights = normalized_weights(sample_weight, y.shape[0], lin.logits)
+    weights = normalized_weights(sample_weight, y.shape[0], lin.logits, weight_total)
     penalized = penalized_names(head, params)
     stats = MarginStats(lin.logits, y)
     loss, grad = _loss_and_gradient(lin, stats, params, weights, alpha, penalized)

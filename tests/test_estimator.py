@@ -383,8 +383,19 @@ def test_early_stopping_auto_is_off_when_a_class_cannot_be_split():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est.fit(X, y)
     assert est.validation_scores_ == []
-    with pytest.raises(ValueError, match="least populated class"):
-        clone(est).set_params(early_stopping=True).fit(X, y)
+    # Asked for, early stopping splits at random (as MLPClassifier does for multiclass).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        forced = clone(est).set_params(early_stopping=True).fit(X, y)
+    assert len(forced.validation_scores_) == forced.n_iter_ >= 1
+
+
+@pytest.mark.parametrize("n_samples, fraction", [(10, 0.1), (20, 0.99)])
+def test_early_stopping_split_too_small_names_validation_fraction(n_samples, fraction):
+    X, y = _standardized("iris")
+    est = FGNClassifier(early_stopping=True, validation_fraction=fraction, device="cpu")
+    with pytest.raises(ValueError, match="validation_fraction"):
+        est.fit(X[::15][:n_samples], y[::15][:n_samples])
 
 
 def test_mlp_head_matches_mlp_classifier_on_digits():
@@ -454,3 +465,85 @@ def test_batch_size_auto_takes_mini_batches_for_mlp_heads_past_the_sample_limit(
     assert mlp.t_ == n + 1 - int(np.ceil(0.1 * (n + 1)))
     assert mlp_small.validation_scores_ == [] and mlp_small.t_ == n  # full batch
     assert linear.validation_scores_ == [] and linear.t_ == n + 1  # full batch
+
+
+def _quiet_fit(est, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return est.fit(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_mini_batch_fits_follow_the_sample_weights(batch_size):
+    # Weights were normalised per batch: with one row per batch they dropped
+    # out altogether (the same coef_ as the unweighted fit).
+    X, y = _standardized("wine")
+    sw = np.random.RandomState(0).exponential(size=len(y)) ** 2
+    alpha = 1e-3
+    fits = {
+        name: _quiet_fit(
+            FGNClassifier(
+                alpha=alpha,
+                batch_size=batch_size,
+                max_iter=3,
+                early_stopping=False,
+                random_state=0,
+                device="cpu",
+            ),
+            X,
+            y,
+            sample_weight=weights,
+        )  # fmt: skip
+        for name, weights in (("weighted", sw), ("unweighted", None))
+    }
+    # Each fit does better on its own objective than the other fit does.
+    weighted, unweighted = (
+        {name: _objective(f.coef_, f.intercept_, X, y, f.classes_, alpha, w) for name, f in fits.items()}
+        for w in (sw, None)
+    )
+    assert weighted["weighted"] < weighted["unweighted"]
+    assert unweighted["unweighted"] < unweighted["weighted"]
+
+
+def test_mini_batch_weights_are_measured_against_the_data_mean():
+    # Each batch divides its weights by (batch size x mean weight of the
+    # data), so over an epoch the weights of all batches sum to one.
+    from sklearn_fgn._solver import iter_batches
+
+    sw = torch.tensor(np.random.RandomState(0).uniform(0, 5, 100))
+    X, y = torch.zeros(100, 2), torch.zeros(100, dtype=torch.long)
+    batches = list(iter_batches(X, y, sw, 16, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                float(sw.mean())))  # fmt: skip
+    assert [b.weight_total for b in batches] == pytest.approx(
+        [b.y.shape[0] * float(sw.mean()) for b in batches]
+    )
+    total = sum(b.y.shape[0] / 100 * float((b.sample_weight / b.weight_total).sum()) for b in batches)
+    assert total == pytest.approx(1.0, rel=1e-12)
+
+
+def test_batches_with_zero_weight_give_finite_losses():
+    X, y = _standardized("iris")
+    sw = np.zeros(len(y))
+    sw[::50] = 1.0
+    est = _quiet_fit(FGNClassifier(batch_size=16, early_stopping=False, max_iter=3, device="cpu"),
+                     X, y, sample_weight=sw)  # fmt: skip
+    assert np.all(np.isfinite(est.loss_curve_)) and np.isfinite(est.best_loss_)
+    with pytest.raises(ValueError, match="sums to zero"):
+        FGNClassifier(class_weight={0: 0.0, 1: 0.0, 2: 0.0}, device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="class_weight must be non-negative"):
+        FGNClassifier(class_weight={0: -1.0}, device="cpu").fit(X, y)
+
+
+def test_early_stopping_scores_the_validation_split_with_the_weights():
+    # Unweighted validation accuracy kept an early iterate and undid
+    # class_weight: 54 % of the test set went to the heavy class, where
+    # LogisticRegression sends all of it.
+    from sklearn.datasets import make_blobs
+
+    X, y = make_blobs(centers=2, random_state=0, cluster_std=20)
+    X_train, X_test, y_train, _ = train_test_split(X, y, test_size=0.5, random_state=0)
+    class_weight = {0: 1000, 1: 1e-4}
+    lr = LogisticRegression(class_weight=class_weight).fit(X_train, y_train)
+    fgn = _quiet_fit(FGNClassifier(class_weight=class_weight, early_stopping=True, random_state=0,
+                                   device="cpu"), X_train, y_train)  # fmt: skip
+    assert np.mean(fgn.predict(X_test) == 0) >= np.mean(lr.predict(X_test) == 0) - 0.02
