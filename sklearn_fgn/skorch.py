@@ -229,11 +229,12 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         """
         self._set_training(True)
         Xi, yi = unpack_data(batch)
-        X, y = to_tensor(Xi, device=self.device), to_tensor(yi, device=self.device).long()
-        y, sample_weight = _labels_and_weights(self.criterion_, y)
+        X = to_tensor(Xi, device=self.device)
+        y, sample_weight = _labels_and_weights(self.criterion_, to_tensor(yi, device=self.device))
         params = {k: p.detach() for k, p in self.module_.named_parameters() if p.requires_grad}
         device = next(iter(params.values())).device
         logits_fn = _make_logits_fn(self.module_, fit_params, _draw_seed(), device)
+        logits_fn = _checked_logits_fn(logits_fn, int(y.max()) + 1, self.criterion_.weight)
         _update_running_stats(self.module_, logits_fn, params, X)
         damping = self.damping_ if self.damping_schedule == "adaptive" else float(self.damping)
         with _no_running_stats(self.module_), _clear_buffer_errors():
@@ -250,11 +251,6 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
             logits_fn, params, X, y, sample_weight, alpha=self.alpha, damping=damping,
             curvature=self.curvature, solver="cg", cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
         )  # fmt: skip
-        if result.logits.ndim != 2 or result.logits.shape[1] < 2:
-            raise ValueError(
-                f"The module must return logits of shape (n_samples, n_classes >= 2) for "
-                f"CrossEntropyLoss; got shape {tuple(result.logits.shape)}."
-            )
         return result
 
     def _apply_step(
@@ -328,16 +324,66 @@ def _check_criterion(criterion: object) -> None:
 def _labels_and_weights(criterion: torch.nn.CrossEntropyLoss, y: Tensor) -> tuple[Tensor, Tensor | None]:
     # Labels with ignored rows set to class 0, and per-example weights as in torch's mean CE:
     # ``weight[y]`` (1 without class weights), 0 where ``y == ignore_index``; None means uniform.
-    kept = y != criterion.ignore_index
+    y, kept = _labels(y, criterion.ignore_index)
+    y = torch.where(kept, y, 0)
+    weight = criterion.weight
+    if weight is None:
+        return y, None if bool(kept.all()) else kept.float()
+    if int(y.max()) >= weight.shape[0]:  # before indexing; _check_logits compares with n_classes
+        raise ValueError(
+            f"criterion__weight has {weight.shape[0]} entries but y has the label {int(y.max())}: "
+            "labels must be in [0, n_classes) and criterion__weight needs one entry per class."
+        )
+    return y, weight.to(y.device)[y] * kept
+
+
+def _labels(y: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    # int64 labels and the mask of rows that count; raise on fractional or negative labels.
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        bad = float(y[y != y.round()][0])
+        raise ValueError(f"y must hold class indices; got the non-integer value {bad!r}.")
+    y = y.long()
+    kept = y != ignore_index
     if not bool(kept.any()):
         raise ValueError(
-            f"Every row of the batch has y == ignore_index ({criterion.ignore_index}): its "
+            f"Every row of the batch has y == ignore_index ({ignore_index}): its "
             "cross-entropy is undefined (torch gives NaN). Give each batch at least one labelled row."
         )
-    y = torch.where(kept, y, 0)
-    if criterion.weight is not None:
-        return y, criterion.weight.to(y.device)[y] * kept
-    return y, None if bool(kept.all()) else kept.float()
+    low = int(y[kept].min())
+    if low < 0:
+        raise ValueError(f"y must be class indices >= 0 (or ignore_index={ignore_index}); got {low}.")
+    return y, kept
+
+
+def _checked_logits_fn(logits_fn: LogitsFn, n_labels: int, class_weight: Tensor | None) -> LogitsFn:
+    # ``logits_fn`` that checks each output against the labels (``n_labels`` = largest label + 1)
+    # and the class weights; shape checks only, so the cost is nil.
+    n_weights = None if class_weight is None else class_weight.shape[0]
+
+    def checked(params: Params, X) -> Tensor:
+        logits = logits_fn(params, X)
+        _check_logits(logits, n_labels, n_weights)
+        return logits
+
+    return checked
+
+
+def _check_logits(logits: Tensor, n_labels: int, n_weights: int | None) -> None:
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(
+            f"The module must return logits of shape (n_samples, n_classes >= 2) for "
+            f"CrossEntropyLoss; got shape {tuple(logits.shape)}."
+        )
+    n_classes = logits.shape[1]
+    if n_labels > n_classes:
+        raise ValueError(
+            f"y must be in [0, n_classes) = [0, {n_classes}) (n_classes: the module's logits "
+            f"columns) or equal ignore_index; got {n_labels - 1}."
+        )
+    if n_weights is not None and n_weights != n_classes:
+        raise ValueError(
+            f"criterion__weight has {n_weights} entries; the module returns {n_classes} classes."
+        )
 
 
 def _draw_seed() -> int:

@@ -218,6 +218,30 @@ def test_bad_settings_raise(digits, params, match):
         make_net(mlp(), **params).fit(digits[0], digits[2])
 
 
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "match"),
+    [
+        (lambda y: y + 1, {}, r"y must be in \[0, n_classes\) = \[0, 10\).*got 10"),
+        (lambda y: y - 1, {}, r"class indices >= 0.*got -1"),
+        (lambda y: y + 0.7, {}, r"non-integer value [012]\.7"),
+        (lambda y: y, {"criterion__weight": torch.ones(9)}, "criterion__weight has 9 entries"),
+        (lambda y: y, {"criterion__weight": torch.ones(11)}, "criterion__weight has 11 entries"),
+    ],
+)
+def test_invalid_labels_and_class_weights_raise(digits, labels, kwargs, match):
+    X, y = digits[0][:200], digits[2][:200]
+    with pytest.raises(ValueError, match=match):
+        make_net(mlp(), **kwargs).fit(X, labels(y))
+
+
+def test_whole_number_float_labels_train_like_integer_labels(digits):
+    X, y = digits[0][:300], digits[2][:300]
+    fits = [
+        _snapshot(make_net(mlp(), max_epochs=2).fit(X, labels).module_) for labels in (y, y.astype(float))
+    ]
+    assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
+
+
 def test_single_logit_module_raises(digits):
     with pytest.raises(ValueError, match="n_classes >= 2"):
         make_net(mlp(n_out=1)).fit(digits[0], (digits[2] > 4).astype(np.int64))
