@@ -104,7 +104,8 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
     Attributes
     ----------
     damping_ : float
-        Current damping; reset to ``damping`` by ``initialize``.
+        Current damping; reset to ``damping`` by ``initialize`` and by
+        ``set_params(damping=...)``.
     history_ : skorch.history.History
         Besides skorch's entries, every training batch records ``loss`` (the
         objective before the step), ``damping`` (``lambda`` used),
@@ -195,9 +196,35 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         self : FGNNeuralNetClassifier
             The initialised net.
         """
-        self._check_fgn_params()
-        super().initialize()
+        super().initialize()  # checks the settings through check_training_readiness
         self.damping_ = float(self.damping)
+        return self
+
+    def check_training_readiness(self):
+        """Check the FGN settings; skorch calls this in ``initialize`` and before every fit loop.
+
+        So settings changed by ``set_params`` are checked before ``partial_fit``
+        or a ``warm_start`` fit trains.
+        """
+        super().check_training_readiness()
+        self._check_fgn_params()
+
+    def set_params(self, **kwargs):
+        """Set parameters as skorch does; a new ``damping`` also resets ``damping_``.
+
+        Parameters
+        ----------
+        **kwargs : dict
+            Parameter names and values.
+
+        Returns
+        -------
+        self : FGNNeuralNetClassifier
+            The net.
+        """
+        super().set_params(**kwargs)
+        if "damping" in kwargs and hasattr(self, "damping_"):
+            self.damping_ = self.damping  # checked before the next training step
         return self
 
     def initialize_criterion(self):

@@ -343,6 +343,39 @@ def test_set_params_and_grid_search_over_damping(digits):
     assert search.best_estimator_.damping == search.best_params_["damping"]
 
 
+@pytest.mark.parametrize("how", ["partial_fit", "warm_start_fit"])
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"curvature": "kfac"}, "curvature"),
+        ({"damping": -1.0}, "damping"),
+        ({"damping_schedule": "nonsense"}, "damping_schedule"),
+        ({"cg_tol": -5.0}, "cg_tol"),
+        ({"alpha": -3.0}, "alpha"),
+    ],
+)
+def test_settings_changed_after_fit_are_checked_before_training(digits, how, params, match):
+    X, y = digits[0][:300], digits[2][:300]
+    net = make_net(mlp(), max_epochs=1, warm_start=how == "warm_start_fit").fit(X, y)
+    fitted = _snapshot(net.module_)
+    net.set_params(**params)
+    with pytest.raises(ValueError, match=match):
+        net.partial_fit(X, y) if how == "partial_fit" else net.fit(X, y)
+    after = _snapshot(net.module_)
+    assert all(torch.equal(fitted[k], after[k]) for k in fitted)  # no step was taken
+    assert len(net.history) == 1
+
+
+def test_set_params_damping_resets_the_adapted_damping(digits):
+    X, y = digits[0][:600], digits[2][:600]
+    net = make_net(mlp(), max_epochs=2).fit(X, y)
+    assert net.damping_ >= 1.0  # mini-batch damping never goes below damping=1.0
+    net.set_params(damping=0.01)
+    assert net.damping_ == 0.01
+    net.partial_fit(X, y)
+    assert net.history[2, "batches", 0, "damping"] == 0.01  # first step of partial_fit
+
+
 def test_pickle_round_trip_predicts_identically(digits):
     net = make_net(mlp(), max_epochs=1).fit(digits[0], digits[2])
     loaded = pickle.loads(pickle.dumps(net))
