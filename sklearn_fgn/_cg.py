@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 __all__ = ["CG_STOP_REASONS", "CGResult", "conjugate_gradient"]
 
-CG_STOP_REASONS = ("converged", "max_iter", "zero_rhs", "nonpositive_curvature", "stagnated")
+CG_STOP_REASONS = ("converged", "max_iter", "zero_rhs", "nonpositive_curvature", "stagnated", "nonfinite")
 # An update below this many ulps of the iterate (in its dtype) ends CG: "stagnated".
 STAGNATION_ULPS = 10.0
 
@@ -22,8 +23,8 @@ class CGResult:
     Attributes
     ----------
     solution : Tensor
-        The last iterate (the iterate before a non-positive curvature
-        direction, if one was met).
+        The last iterate (the iterate before a non-positive or non-finite
+        curvature direction, if one was met).
     n_iter : int
         Matrix-vector products spent (iterations run).
     residual_norm : float
@@ -92,6 +93,8 @@ def conjugate_gradient(
     Returns
     -------
     CGResult
+        ``reason="nonfinite"`` when ``rhs`` or a curvature product overflows
+        its dtype (the iterate before it is returned).
 
     Raises
     ------
@@ -109,6 +112,8 @@ def conjugate_gradient(
         raise ValueError("image_matvec needs x0=None (the image of x0 is unknown)")
     rhs_norm = float(torch.linalg.vector_norm(rhs))
     image = None  # B x, once B's shape is known
+    if not math.isfinite(rhs_norm):  # overflow upstream: nothing to solve
+        return CGResult(torch.zeros_like(rhs), 0, math.inf, "nonfinite", rhs.clone(), image)
     if rhs_norm == 0.0:
         return CGResult(torch.zeros_like(rhs), 0, 0.0, "zero_rhs", torch.zeros_like(rhs), image)
     apply_m = preconditioner if preconditioner is not None else (lambda r: r)
@@ -133,8 +138,12 @@ def conjugate_gradient(
         rr = torch.dot(residual_new.flatten(), residual_new.flatten())
         moved = step.abs() * torch.linalg.vector_norm(direction) - ulps * torch.linalg.vector_norm(x_new)
         curvature_val, rr_val, moved_val = torch.stack([curvature, rr, moved]).tolist()  # the one sync
-        if not curvature_val > 0.0:  # also catches NaN
+        if not math.isfinite(curvature_val):  # the product overflowed its dtype
+            return CGResult(x, n_iter, res_norm / rhs_norm, "nonfinite", residual, image)
+        if not curvature_val > 0.0:
             return CGResult(x, n_iter, res_norm / rhs_norm, "nonpositive_curvature", residual, image)
+        if not math.isfinite(rr_val + moved_val):
+            return CGResult(x, n_iter, res_norm / rhs_norm, "nonfinite", residual, image)
         x, residual, res_norm = x_new, residual_new, rr_val**0.5
         if b_dir is not None:
             image = step * b_dir if image is None else image.addcmul_(step, b_dir)

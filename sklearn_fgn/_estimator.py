@@ -105,7 +105,9 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         number of parameters), used as the preconditioner of CG, so FGN steps
         take one CG iteration and full-GGN steps are FGN-preconditioned.
         ``"auto"``: ``"cholesky"`` up to 4096 rows when forming the Gram costs
-        less than about 20 CG iterations, ``"cg"`` otherwise.
+        less than about 20 CG iterations, ``"cg"`` otherwise (and when the
+        factorisation fails, as it can for badly scaled float32 features;
+        an explicit ``"cholesky"`` warns then).
     batch_size : int, "auto" or None, default="auto"
         ``None`` is full batch. ``"auto"``: full batch while
         ``n_samples * n_classes <= 2**24`` (about 16.7 million logits), else

@@ -309,6 +309,17 @@ def _solve(
     return _unflat(result.solution, grad), result
 
 
+def _check_finite_step(cg_result: CGResult, dtype: torch.dtype) -> None:
+    # A gradient or first curvature product beyond the dtype's range leaves
+    # a zero step, which the loop would take for convergence.
+    if cg_result.reason == "nonfinite" and cg_result.n_iter <= 1:
+        wider = " or use float64" if dtype != torch.float64 else ""
+        raise ValueError(
+            f"The gradient or curvature overflowed {dtype} (features or logits too large for it, "
+            f"largest {torch.finfo(dtype).max:.3g}); scale the features (e.g. StandardScaler){wider}."
+        )
+
+
 def _check_solver(solver: str, head: Head | LogitsFn) -> None:
     if solver == "cholesky" and not isinstance(head, Head):
         raise ValueError(
@@ -379,8 +390,11 @@ def _cg_iterations_estimate(
         scaled = scaled + row / lam["intercept_0"]
     rank = min(X.shape[0], (X.shape[1] + fit_intercept) * stats.logits.shape[1])
     kappa = 1.0 + max(float(scaled.max()), float(scaled.sum()) / rank)
-    rate = (math.sqrt(kappa) + 1.0) / max(math.sqrt(kappa) - 1.0, 1e-12)
-    return math.log(2.0 / max(cg_tol, 1e-16)) / math.log(rate)
+    if not math.isfinite(kappa):
+        return math.inf
+    # ln((s + 1) / (s - 1)) = log1p(2 / (s - 1)): positive where the ratio rounds to 1.
+    log_rate = math.log1p(2.0 / max(math.sqrt(kappa) - 1.0, 1e-12))
+    return math.log(2.0 / max(cg_tol, 1e-16)) / log_rate
 
 
 def compute_step(
@@ -432,7 +446,8 @@ def compute_step(
         Gram up to ``CHOLESKY_MAX_ROWS`` rows when forming and factorising it
         costs less than the CG iterations it saves (estimated from the
         curvature's trace for the linear head, ``GRAM_WORTH_CG_ITERS``
-        otherwise), CG otherwise.
+        otherwise), CG otherwise or when the factorisation fails (an
+        explicit ``"cholesky"`` warns then).
     cg_tol, cg_max_iter : float, int
         CG's relative-residual tolerance (on the parameter-space system) and
         iteration cap.
@@ -463,7 +478,8 @@ def compute_step(
     fgn_op = make_fgn_operator(lin, y, weights, stats)
     op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights, stats)
     lam = damping_diagonal(params, damping, alpha, penalized)
-    if solver == "auto":  # the Gram needs a Head's layers and O(n^2) memory
+    auto = solver == "auto"
+    if auto:  # the Gram needs a Head's layers and O(n^2) memory
         pays_off = (
             isinstance(head, Head)
             and y.shape[0] <= CHOLESKY_MAX_ROWS
@@ -475,12 +491,13 @@ def compute_step(
         preconditioner = make_fgn_preconditioner(
             fgn_op, fgn_gram(head, params, X, y, weights, lam, lin, stats), lam, grad
         )
-        if preconditioner is None:
+        if preconditioner is None and not auto:  # "auto" falls back to CG as documented
             warnings.warn("Cholesky factorisation of the FGN row-space system failed; using plain CG.",
                           RuntimeWarning, stacklevel=2)  # fmt: skip
-            solver = "cg"
+        solver = "cholesky" if preconditioner is not None else "cg"
     linear = isinstance(head, Head) and head.is_linear  # logits linear in params: J delta is exact
     step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter, linear)
+    _check_finite_step(cg_result, lin.logits.dtype)
     logits_step = None
     if linear:
         logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(lin.logits)

@@ -197,7 +197,24 @@ def test_cg_loose_tolerance_stops_early():
 
 
 def test_cg_stop_reasons_constant():
-    assert set(CG_STOP_REASONS) == {"converged", "max_iter", "zero_rhs", "nonpositive_curvature", "stagnated"}
+    assert set(CG_STOP_REASONS) == {
+        "converged", "max_iter", "zero_rhs", "nonpositive_curvature", "stagnated", "nonfinite"
+    }  # fmt: skip
+
+
+def test_cg_reports_overflow_instead_of_a_zero_step():
+    # p'Ap = inf made the step length 0 and CG "stagnated" at x = 0, which
+    # the fit then took for convergence (float32 iris features scaled by 1e10).
+    rhs = torch.tensor([1e18, 1e18], dtype=torch.float32)
+    result = conjugate_gradient(lambda v: 1e20 * v, rhs, tol=1e-6, max_iter=10)
+    assert result.reason == "nonfinite" and result.n_iter == 1
+    assert torch.count_nonzero(result.solution) == 0
+    bad_rhs = torch.tensor([float("inf"), 1.0])
+    assert conjugate_gradient(lambda v: v, bad_rhs).reason == "nonfinite"
+    # Overflow at the second direction keeps the first iterate.
+    A = torch.diag(torch.tensor([1.0, 3e38]))
+    later = conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 1e-30]), tol=0.0, max_iter=10)
+    assert later.reason in ("converged", "nonfinite") and torch.isfinite(later.solution).all()
 
 
 @pytest.mark.parametrize("seed", SEEDS)

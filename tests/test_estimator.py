@@ -547,3 +547,23 @@ def test_early_stopping_scores_the_validation_split_with_the_weights():
     fgn = _quiet_fit(FGNClassifier(class_weight=class_weight, early_stopping=True, random_state=0,
                                    device="cpu"), X_train, y_train)  # fmt: skip
     assert np.mean(fgn.predict(X_test) == 0) >= np.mean(lr.predict(X_test) == 0) - 0.02
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e10, np.float32), (1e150, np.float64)])
+def test_features_beyond_the_dtype_range_raise(scale, dtype):
+    # The overflowing curvature product once gave a zero step, taken for
+    # convergence: an all-zero model after one "step", no warning.
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match="overflowed.*scale the features"):
+        FGNClassifier(device="cpu").fit((X * scale).astype(dtype), y)
+
+
+def test_huge_binary_features_fit():
+    # The CG-iteration estimate divided by log((s + 1) / (s - 1)), which
+    # rounds to log(1) = 0 for a condition number past 1e32.
+    X, y = load_breast_cancer(return_X_y=True)
+    X = X * 1e15
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (ConvergenceWarning, RuntimeWarning))
+        fgn = FGNClassifier(device="cpu").fit(X, y)
+    assert fgn.score(X, y) >= 0.94  # LogisticRegression(): 0.943

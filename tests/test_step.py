@@ -1,6 +1,7 @@
 """Tests of sklearn_fgn._step.compute_step against dense float64 solves."""
 
 import functools
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -25,7 +26,7 @@ from conftest import SEEDS
 
 from sklearn_fgn._cg import CGResult
 from sklearn_fgn._curvature import damping_diagonal, fgn_gram, linearize, make_fgn_operator
-from sklearn_fgn._heads import Head, forward
+from sklearn_fgn._heads import Head, forward, init_params
 from sklearn_fgn._margin import margin
 from sklearn_fgn._step import (
     CHOLESKY_MAX_ROWS,
@@ -337,3 +338,20 @@ def test_step_on_device_matches_cpu_dense(case, solver, device):
     )
     assert all(t.device.type == device.type for t in result.step.values())
     assert rel_err(flatten({k: t.cpu() for k, t in result.step.items()}), expected) <= 1e-8
+
+
+def test_failed_factorisation_warns_only_when_cholesky_was_asked_for(monkeypatch):
+    import sklearn_fgn._step as step_module
+
+    monkeypatch.setattr(step_module, "make_fgn_preconditioner", lambda *args: None)
+    monkeypatch.setattr(step_module, "_gram_pays_off", lambda *args: True)
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.arange(20) % 3
+    head = Head(3, 3, (), "relu", True)
+    params = init_params(head, torch.Generator().manual_seed(0), torch.float64, "cpu")
+    with pytest.warns(RuntimeWarning, match="Cholesky factorisation"):
+        explicit = compute_step(head, params, X, y, solver="cholesky")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = compute_step(head, params, X, y, solver="auto")
+    assert explicit.solver == auto.solver == "cg"
+    torch.testing.assert_close(explicit.step, auto.step, rtol=0, atol=0)
