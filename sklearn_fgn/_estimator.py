@@ -65,9 +65,9 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
 
     Parameters
     ----------
-    hidden_layer_sizes : tuple of int, default=()
+    hidden_layer_sizes : tuple of int or int, default=()
         ``()`` fits multinomial logistic regression (a linear probe);
-        ``(64,)`` an MLP head with one hidden layer of 64 units.
+        ``(64,)`` (or ``64``) an MLP head with one hidden layer of 64 units.
     activation : {"relu", "tanh", "logistic", "gelu", "identity"}, default="relu"
         Hidden-layer activation (MLP head only).
     alpha : float, default=1e-4
@@ -149,8 +149,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         Share held out with ``early_stopping``.
     cg_max_iter : int, default=100
         Conjugate-gradient iterations per step at most.
-    cg_tol : float or "auto", default="auto"
-        Relative residual at which CG stops. ``"auto"``: 1e-2 on
+    cg_tol : float in [0, 1) or "auto", default="auto"
+        Relative residual at which CG stops (0: run ``cg_max_iter``). ``"auto"``: 1e-2 on
         mini-batches (a batch's step is noisy anyway); in full batch the
         inexact-Newton forcing term ``min(0.5, sqrt(predicted relative
         decrease of the last step))``, loose far from the optimum and tight
@@ -242,7 +242,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "hidden_layer_sizes": ["array-like"],
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "damping": [Interval(Real, 0, None, closed="neither")],
@@ -256,7 +256,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         "early_stopping": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "cg_max_iter": [Interval(Integral, 1, None, closed="left")],
-        "cg_tol": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
+        "cg_tol": [Interval(Real, 0, 1, closed="left"), StrOptions({"auto"})],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
         "warm_start": ["boolean"],
@@ -347,9 +347,13 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         self._check_classes()
         self._rng = np.random.RandomState(_seed_from(self.random_state))
         head = self._make_head(hidden, X.shape[1])
-        params = self._initial_params(head, X.dtype, coef_init, intercept_init)
-        reuse = self.warm_start and hasattr(self, "damping_") and coef_init is None and intercept_init is None
-        state = LoopState(params, self.damping_ if reuse else float(self.damping))
+        resumed = None
+        if self.warm_start and coef_init is None and intercept_init is None:
+            resumed = self._params_from_attributes(head, X.dtype)
+        params = (
+            resumed if resumed is not None else self._initial_params(head, X.dtype, coef_init, intercept_init)
+        )
+        state = LoopState(params, self.damping_ if resumed is not None else float(self.damping))
         early_stopping = self._resolve_early_stopping(y_enc, head)
         state = self._train(head, state, X, y_enc, sample_weight, early_stopping, None)
         if not (state.converged or state.stopped):
@@ -393,6 +397,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         first = not hasattr(self, "classes_")
         X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
         hidden = self._check_params()
+        self._check_partial_fit_params(classes)
         if first:
             if classes is None:
                 raise ValueError("classes must be passed on the first call to partial_fit.")
@@ -413,6 +418,22 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         return self
 
     # -------------------------------------------------------------- helpers
+    def _check_partial_fit_params(self, classes):
+        if self.early_stopping is True:
+            raise ValueError("partial_fit does not support early_stopping=True (it runs one epoch).")
+        if isinstance(self.class_weight, str):  # "balanced" of one chunk is not of the data
+            raise ValueError(
+                "class_weight='balanced' is not supported by partial_fit: compute the weights on the "
+                "whole data (sklearn.utils.class_weight.compute_class_weight) and pass them as a dict."
+            )
+        if classes is None:
+            return
+        classes = np.asarray(classes)
+        if classes.ndim != 1 or classes.size == 0:
+            raise ValueError(f"classes must be a non-empty 1-D array of labels; got shape {classes.shape}.")
+        if classes.dtype.kind == "f" and np.isnan(classes).any():
+            raise ValueError("classes contains NaN.")
+
     def _validate_training_data(self, X, y, sample_weight, reset):
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=reset)
         check_classification_targets(y)
@@ -441,7 +462,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
                 f"hidden_layer_sizes must be a tuple of positive ints; got {self.hidden_layer_sizes!r}."
             )
         _resolve_device(self.device)
-        return tuple(int(s) for s in sizes) if len(self.hidden_layer_sizes) else ()
+        return tuple(int(s) for s in sizes)
 
     def _check_classes(self):
         if len(self.classes_) < 2:
@@ -455,10 +476,6 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         return Head(n_features, n_logits, hidden, self.activation, bool(self.fit_intercept))
 
     def _initial_params(self, head, dtype, coef_init, intercept_init):
-        if self.warm_start and coef_init is None and intercept_init is None:
-            resumed = self._params_from_attributes(head, dtype)
-            if resumed is not None:
-                return resumed
         generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
         params = init_params(head, generator, _torch_dtype(dtype), "cpu")
         return _apply_linear_init(head, params, coef_init, intercept_init)
@@ -588,7 +605,12 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         return None if full else AUTO_BATCH_SIZE
 
     def _store(self, head, state):
-        for name, value in self._fitted_attributes(head, state).items():
+        attributes = self._fitted_attributes(head, state)
+        for stale in ({"coef_", "intercept_", "coefs_", "intercepts_"} - attributes.keys()) & vars(
+            self
+        ).keys():
+            delattr(self, stale)  # left by a fit with the other kind of head
+        for name, value in attributes.items():
             setattr(self, name, value)
         self._no_improvement_count = state.no_improvement_count
 
@@ -710,8 +732,15 @@ def _resolve_device(device):
         raise ValueError(
             f"device={device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1', ...)."
         ) from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device={device!r} is not supported: FGNClassifier runs on 'cpu' or CUDA "
+            "('cuda', 'cuda:1', ...)."
+        )
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available; use 'auto' or 'cpu'.")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices.")
     return resolved
 
 

@@ -241,6 +241,11 @@ def test_pipeline_grid_search_over_damping():
         ({"hidden_layer_sizes": (4, -2)}, "hidden_layer_sizes"),
         ({"batch_size": 0}, "batch_size"),
         ({"device": "tpu9"}, "device"),
+        ({"device": "meta"}, "device"),
+        ({"device": "mps"}, "device"),
+        ({"cg_tol": 1.0}, "cg_tol"),
+        ({"hidden_layer_sizes": 0}, "hidden_layer_sizes"),
+        ({"hidden_layer_sizes": (True,)}, "hidden_layer_sizes"),
     ],
 )
 def test_bad_parameters_raise_value_error(params, match):
@@ -567,3 +572,40 @@ def test_huge_binary_features_fit():
         warnings.simplefilter("ignore", (ConvergenceWarning, RuntimeWarning))
         fgn = FGNClassifier(device="cpu").fit(X, y)
     assert fgn.score(X, y) >= 0.94  # LogisticRegression(): 0.943
+
+
+def test_int_hidden_layer_sizes_is_one_layer():
+    X, y = _standardized("iris")
+    as_int = FGNClassifier(hidden_layer_sizes=8, random_state=0, device="cpu").fit(X, y)
+    as_tuple = FGNClassifier(hidden_layer_sizes=(8,), random_state=0, device="cpu").fit(X, y)
+    assert [w.shape for w in as_int.coefs_] == [(4, 8), (8, 3)]
+    np.testing.assert_array_equal(as_int.coefs_[0], as_tuple.coefs_[0])
+
+
+def test_refit_with_another_head_drops_the_old_attributes():
+    X, y = _standardized("iris")
+    est = FGNClassifier(random_state=0, device="cpu", warm_start=True).fit(X, y)
+    assert est.damping_ < 1.0
+    est.set_params(hidden_layer_sizes=(8,)).fit(X, y)
+    assert not hasattr(est, "coef_") and not hasattr(est, "intercept_") and len(est.coefs_) == 2
+    # Nothing to resume: the damping starts again from ``damping``, as a fresh fit does.
+    assert est.loss_curve_[0] == pytest.approx(
+        clone(est).set_params(warm_start=False).fit(X, y).loss_curve_[0]
+    )
+    est.set_params(hidden_layer_sizes=()).fit(X, y)
+    assert not hasattr(est, "coefs_") and est.coef_.shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+    "params, classes, match",
+    [
+        ({"early_stopping": True}, [0, 1, 2], "early_stopping"),
+        ({"class_weight": "balanced"}, [0, 1, 2], "balanced"),
+        ({}, [[0, 1, 2]], "1-D"),
+        ({}, [0.0, 1.0, np.nan], "NaN"),
+    ],
+)
+def test_partial_fit_rejects_what_it_cannot_honour(params, classes, match):
+    X, y = _standardized("iris")
+    with pytest.raises(ValueError, match=match):
+        FGNClassifier(device="cpu", **params).partial_fit(X, y, classes=classes)
