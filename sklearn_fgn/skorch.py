@@ -93,7 +93,7 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
     cg_max_iter : int, default=20
         CG iterations per step; each costs one JVP and one VJP of the module.
     cg_tol : float, default=1e-3
-        CG's relative-residual tolerance.
+        CG's relative-residual tolerance, in (0, 1).
     alpha : float, default=0.0
         L2 strength on every parameter with ``ndim >= 2`` (weights,
         convolution kernels); biases and other 1-D parameters are not penalised.
@@ -317,10 +317,14 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         _check_option("damping_schedule", self.damping_schedule, DAMPING_SCHEDULES)
         _check_option("curvature", self.curvature, CURVATURES)
         _check_positive("damping", self.damping)
-        _check_positive("cg_tol", self.cg_tol)
-        if not (isinstance(self.cg_max_iter, Integral) and self.cg_max_iter >= 1):
+        if not (_is_number(self.cg_tol) and 0.0 < self.cg_tol < 1.0):
+            raise ValueError(
+                f"cg_tol must be a float in (0, 1) (CG's relative-residual tolerance: 1 or more "
+                f"stops CG before its first iteration, so no step is taken); got {self.cg_tol!r}."
+            )
+        if not (_is_number(self.cg_max_iter, Integral) and self.cg_max_iter >= 1):
             raise ValueError(f"cg_max_iter must be an int >= 1; got {self.cg_max_iter!r}.")
-        if not (isinstance(self.alpha, Real) and 0.0 <= self.alpha < math.inf):
+        if not (_is_number(self.alpha) and 0.0 <= self.alpha < math.inf):
             raise ValueError(f"alpha must be a finite float >= 0; got {self.alpha!r}.")
 
 
@@ -329,8 +333,13 @@ def _check_option(name: str, value: object, options: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {options}; got {value!r}.")
 
 
+def _is_number(value: object, kind: type = Real) -> bool:
+    # ``bool`` is an ``Integral`` (hence a ``Real``) in Python; a setting of True is a mistake.
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def _check_positive(name: str, value: object) -> None:
-    if not (isinstance(value, Real) and 0.0 < value < math.inf):
+    if not (_is_number(value) and 0.0 < value < math.inf):
         raise ValueError(f"{name} must be a finite float > 0; got {value!r}.")
 
 

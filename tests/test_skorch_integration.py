@@ -211,6 +211,11 @@ def test_other_criteria_raise(digits, criterion, match):
         ({"curvature": "kfac"}, "curvature"),
         ({"cg_max_iter": 0}, "cg_max_iter"),
         ({"alpha": -1.0}, "alpha"),
+        ({"cg_tol": 1.0}, r"cg_tol must be a float in \(0, 1\)"),  # CG would stop at once: zero steps
+        ({"cg_tol": 5.0}, r"cg_tol must be a float in \(0, 1\)"),
+        ({"damping": True}, "damping"),  # bool is a Real and an Integral in Python
+        ({"cg_max_iter": True}, "cg_max_iter"),
+        ({"alpha": True}, "alpha"),
     ],
 )
 def test_bad_settings_raise(digits, params, match):
