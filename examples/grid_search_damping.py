@@ -76,7 +76,7 @@ def main() -> None:
     with warnings.catch_warnings():  # max_iter=3 is the budget: every fit stops early on purpose
         warnings.simplefilter("ignore", ConvergenceWarning)
         search = make_search(args.n_jobs).fit(X_tr, y_tr)
-    print("best params:", search.best_params_)
+    print("best params:", {k: float(v) for k, v in search.best_params_.items()})
     print(f"best mean CV accuracy: {search.best_score_:.4f}")
     print(f"test accuracy: {search.score(X_te, y_te):.4f}")
     path = Path(__file__).resolve().parent / "out" / "grid_search_damping.png"
