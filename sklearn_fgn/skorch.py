@@ -258,7 +258,7 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         Xi, yi = unpack_data(batch)
         X = to_tensor(Xi, device=self.device)
         y, sample_weight = _labels_and_weights(self.criterion_, to_tensor(yi, device=self.device))
-        params = {k: p.detach() for k, p in self.module_.named_parameters() if p.requires_grad}
+        params = _trainable_params(self.module_)
         device = next(iter(params.values())).device
         logits_fn = _make_logits_fn(self.module_, fit_params, _draw_seed(), device)
         logits_fn = _checked_logits_fn(logits_fn, int(y.max()) + 1, self.criterion_.weight)
@@ -404,7 +404,12 @@ def _checked_logits_fn(logits_fn: LogitsFn, n_labels: int, class_weight: Tensor 
     return checked
 
 
-def _check_logits(logits: Tensor, n_labels: int, n_weights: int | None) -> None:
+def _check_logits(logits: object, n_labels: int, n_weights: int | None) -> None:
+    if not isinstance(logits, Tensor):
+        raise ValueError(
+            f"The module's forward must return a Tensor of logits; got {type(logits).__name__}. "
+            "Wrap a module that returns several outputs so that it returns the logits only."
+        )
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(
             f"The module must return logits of shape (n_samples, n_classes >= 2) for "
@@ -420,6 +425,16 @@ def _check_logits(logits: Tensor, n_labels: int, n_weights: int | None) -> None:
         raise ValueError(
             f"criterion__weight has {n_weights} entries; the module returns {n_classes} classes."
         )
+
+
+def _trainable_params(module: torch.nn.Module) -> Params:
+    params = {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            "The module has no trainable parameters (every parameter has requires_grad=False), "
+            "so FGN has nothing to fit."
+        )
+    return params
 
 
 def _draw_seed() -> int:

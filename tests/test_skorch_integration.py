@@ -252,6 +252,36 @@ def test_single_logit_module_raises(digits):
         make_net(mlp(n_out=1)).fit(digits[0], (digits[2] > 4).astype(np.int64))
 
 
+class _TupleModule(torch.nn.Module):
+    """Returns (logits, features), as some modules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, X):
+        return self.linear(X), X
+
+
+def _frozen_mlp():
+    module = mlp()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("module", "match"),
+    [
+        (_frozen_mlp, "no trainable parameters"),
+        (_TupleModule, "must return a Tensor of logits; got tuple"),
+    ],
+)
+def test_unusable_modules_raise_clear_errors(digits, module, match):
+    with pytest.raises(ValueError, match=match):
+        make_net(module()).fit(digits[0], digits[2])
+
+
 def test_dropout_trains_with_one_mask_per_step(digits):
     X_train, X_test, y_train, y_test = digits
     fits = []
