@@ -141,6 +141,15 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
     parameters before the step, as in ordinary training. Other layers that
     change buffers during ``forward`` raise ``ValueError``.
 
+    No torch optimizer step is taken and ``.grad`` is never filled, so
+    callbacks that act on the optimizer or on gradients (``LRScheduler``,
+    ``GradientNormClipping``, anything on ``on_grad_computed``) have no
+    effect. The step uses cross-entropy directly: overriding ``get_loss``
+    changes ``valid_loss`` (and whatever else calls it), not the training
+    objective. ``save_params`` and ``Checkpoint`` do not save the adapted
+    ``damping_`` (pickling does), so a fit resumed from saved parameters
+    restarts from ``damping``.
+
     References
     ----------
     .. [1] Fast Gauss-Newton, arXiv:2605.06081.
