@@ -266,11 +266,11 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         self._set_training(True)
         Xi, yi = unpack_data(batch)
         X = to_tensor(Xi, device=self.device)
-        y, sample_weight = _labels_and_weights(self.criterion_, to_tensor(yi, device=self.device))
+        y, sample_weight, n_labels = _labels_and_weights(self.criterion_, to_tensor(yi, device=self.device))
         params = _trainable_params(self.module_)
         device = next(iter(params.values())).device
         logits_fn = _make_logits_fn(self.module_, fit_params, _draw_seed(), device)
-        logits_fn = _checked_logits_fn(logits_fn, int(y.max()) + 1, self.criterion_.weight)
+        logits_fn = _checked_logits_fn(logits_fn, n_labels, self.criterion_.weight)
         _update_running_stats(self.module_, logits_fn, params, X)
         damping = self.damping_ if self.damping_schedule == "adaptive" else float(self.damping)
         with _no_running_stats(self.module_), _clear_buffer_errors():
@@ -364,40 +364,49 @@ def _check_criterion(criterion: object) -> None:
             "FGNNeuralNetClassifier needs CrossEntropyLoss(reduction='mean', label_smoothing=0.0); "
             f"got reduction={criterion.reduction!r}, label_smoothing={criterion.label_smoothing!r}."
         )
+    if criterion.weight is not None and not bool(
+        (criterion.weight >= 0).all() and criterion.weight.sum() > 0
+    ):
+        raise ValueError("criterion__weight must be non-negative with a positive sum.")
 
 
-def _labels_and_weights(criterion: torch.nn.CrossEntropyLoss, y: Tensor) -> tuple[Tensor, Tensor | None]:
-    # Labels with ignored rows set to class 0, and per-example weights as in torch's mean CE:
-    # ``weight[y]`` (1 without class weights), 0 where ``y == ignore_index``; None means uniform.
-    y, kept = _labels(y, criterion.ignore_index)
+def _labels_and_weights(criterion: torch.nn.CrossEntropyLoss, y: Tensor) -> tuple[Tensor, Tensor | None, int]:
+    # Labels with ignored rows set to class 0, per-example weights as in torch's mean CE
+    # (``weight[y]``, 1 without class weights, 0 where ``y == ignore_index``; None means
+    # uniform) and the number of classes the labels need.
+    y, kept, n_labels, all_kept = _labels(y, criterion.ignore_index)
     y = torch.where(kept, y, 0)
     weight = criterion.weight
     if weight is None:
-        return y, None if bool(kept.all()) else kept.float()
-    if int(y.max()) >= weight.shape[0]:  # before indexing; _check_logits compares with n_classes
+        return y, None if all_kept else kept.float(), n_labels
+    if n_labels > weight.shape[0]:  # before indexing; _check_logits compares with n_classes
         raise ValueError(
-            f"criterion__weight has {weight.shape[0]} entries but y has the label {int(y.max())}: "
+            f"criterion__weight has {weight.shape[0]} entries but y has the label {n_labels - 1}: "
             "labels must be in [0, n_classes) and criterion__weight needs one entry per class."
         )
-    return y, weight.to(y.device)[y] * kept
+    return y, weight.to(y.device)[y] * kept, n_labels
 
 
-def _labels(y: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    # int64 labels and the mask of rows that count; raise on fractional or negative labels.
-    if y.is_floating_point() and not bool((y == y.round()).all()):
+def _labels(y: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, int, bool]:
+    # int64 labels, the mask of rows that count, largest label + 1 and whether every row
+    # counts; raise on fractional or negative labels. One host sync for all the checks.
+    fractional = (y != y.round()).sum() if y.is_floating_point() else torch.zeros((), device=y.device)
+    y_int = y.long()
+    kept = y_int != ignore_index
+    low = torch.where(kept, y_int, torch.iinfo(torch.int64).max).min()
+    high = torch.where(kept, y_int, -1).max()
+    n_fractional, n_kept, low, high = torch.stack([fractional.long(), kept.sum(), low, high]).tolist()
+    if n_fractional:
         bad = float(y[y != y.round()][0])
         raise ValueError(f"y must hold class indices; got the non-integer value {bad!r}.")
-    y = y.long()
-    kept = y != ignore_index
-    if not bool(kept.any()):
+    if n_kept == 0:
         raise ValueError(
             f"Every row of the batch has y == ignore_index ({ignore_index}): its "
             "cross-entropy is undefined (torch gives NaN). Give each batch at least one labelled row."
         )
-    low = int(y[kept].min())
     if low < 0:
         raise ValueError(f"y must be class indices >= 0 (or ignore_index={ignore_index}); got {low}.")
-    return y, kept
+    return y_int, kept, high + 1, n_kept == y.shape[0]
 
 
 def _checked_logits_fn(logits_fn: LogitsFn, n_labels: int, class_weight: Tensor | None) -> LogitsFn:

@@ -195,6 +195,8 @@ def test_overshooting_step_is_cut_back_like_the_core(digits):
         (torch.nn.MSELoss, "MSELoss"),
         (torch.nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
         (torch.nn.CrossEntropyLoss(reduction="sum"), "reduction"),
+        (torch.nn.CrossEntropyLoss(weight=torch.tensor([-1.0] + [1.0] * 9)), "non-negative"),
+        (torch.nn.CrossEntropyLoss(weight=torch.zeros(10)), "positive sum"),
     ],
 )
 def test_other_criteria_raise(digits, criterion, match):
@@ -467,7 +469,8 @@ class _TwoInputs(torch.nn.Module):
 def _exact_losses(net, X, y):
     # The recorded objective before each step, against cross-entropy of the
     # module at the end: training must lower it.
-    return net.history[:, "train_loss"], float(net.get_loss(net.infer(X), torch.as_tensor(y)))
+    with torch.no_grad():
+        return net.history[:, "train_loss"], float(net.get_loss(net.infer(X), torch.as_tensor(y)))
 
 
 def test_integer_inputs_train_like_float_inputs():
