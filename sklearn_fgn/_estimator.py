@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from numbers import Integral, Real
 
@@ -15,7 +16,7 @@ from sklearn.utils import compute_sample_weight
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
-from threadpoolctl import threadpool_info
+from threadpoolctl import ThreadpoolController
 
 try:  # scikit-learn >= 1.9: the callback protocol (set_callbacks, ProgressBar, ScoringMonitor)
     from sklearn.callback import CallbackSupportMixin
@@ -787,6 +788,13 @@ def _apply_linear_init(head, params, coef_init, intercept_init):
     return params
 
 
+@functools.cache
+def _threadpool_controller():
+    # Finding the loaded libraries reads /proc (about 3 ms, a sixth of a fit
+    # on iris); their thread counts are read afresh by every ``info()``.
+    return ThreadpoolController()
+
+
 @contextlib.contextmanager
 def _torch_threads_like_threadpools():
     """Cap torch's intra-op threads at the OpenMP/BLAS limits in force.
@@ -794,7 +802,8 @@ def _torch_threads_like_threadpools():
     scikit-learn and joblib limit native thread pools in parallel workers
     (``threadpoolctl``); torch keeps its own count, so it follows them here.
     """
-    limits = [info["num_threads"] for info in threadpool_info() if info.get("user_api") in ("openmp", "blas")]
+    infos = _threadpool_controller().info()
+    limits = [info["num_threads"] for info in infos if info.get("user_api") in ("openmp", "blas")]
     previous = torch.get_num_threads()
     target = min([previous, *limits])
     if target != previous:

@@ -609,3 +609,32 @@ def test_partial_fit_rejects_what_it_cannot_honour(params, classes, match):
     X, y = _standardized("iris")
     with pytest.raises(ValueError, match=match):
         FGNClassifier(device="cpu", **params).partial_fit(X, y, classes=classes)
+
+
+def test_torch_threads_follow_threadpool_limits(monkeypatch):
+    # scikit-learn's parallel workers limit OpenMP/BLAS threads; the fit's
+    # torch threads follow (the library list is cached, the counts are not).
+    from threadpoolctl import threadpool_limits
+
+    import sklearn_fgn._estimator as estimator_module
+
+    seen = []
+    run_epochs = estimator_module.run_epochs
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return run_epochs(*args, **kwargs)
+
+    monkeypatch.setattr(estimator_module, "run_epochs", spy)
+    X, y = _standardized("iris")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        FGNClassifier(device="cpu").fit(X, y)
+        with threadpool_limits(limits=1):
+            FGNClassifier(device="cpu").fit(X, y)
+        FGNClassifier(device="cpu").fit(X, y)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [2, 1, 2] and after == 2
