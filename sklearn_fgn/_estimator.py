@@ -607,10 +607,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
 
     def _store(self, head, state):
         attributes = self._fitted_attributes(head, state)
-        for stale in ({"coef_", "intercept_", "coefs_", "intercepts_"} - attributes.keys()) & vars(
-            self
-        ).keys():
-            delattr(self, stale)  # left by a fit with the other kind of head
+        for stale in {"coef_", "intercept_", "coefs_", "intercepts_"} - attributes.keys():
+            self.__dict__.pop(stale, None)  # left by a fit with the other kind of head
         for name, value in attributes.items():
             setattr(self, name, value)
         self._no_improvement_count = state.no_improvement_count

@@ -150,9 +150,9 @@ def normalized_weights(
 
     A mini-batch of a weighted data set passes ``weight_total = n *
     mean(s over the data set)``: its objective is then an unbiased estimate
-    of the data set's, and batches (or ``partial_fit`` chunks) keep their
-    weights relative to each other, which ``s / sum(s)`` per batch loses
-    (with one row per batch it ignores the weights altogether).
+    of the data set's, and batches keep their weights relative to each
+    other, which ``s / sum(s)`` per batch loses (with one row per batch it
+    ignores the weights altogether).
 
     Returns
     -------
