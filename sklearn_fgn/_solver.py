@@ -8,6 +8,7 @@ what ``warm_start`` and ``partial_fit`` resume from).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ __all__ = [
     "damped_update",
     "iter_batches",
     "levenberg_marquardt",
+    "prime_host_allocator",
     "run_epochs",
     "take_step",
     "validation_accuracy",
@@ -426,6 +428,30 @@ def _to_device(
     return Batch(move(X), move(y), None if sample_weight is None else move(sample_weight), total)
 
 
+# glibc's malloc serves blocks above its mmap threshold by mmap and returns
+# heap memory to the OS once more than its trim threshold lies free at the
+# top; both start low (128 KiB) and rise, to at most 32 MiB and 64 MiB, only
+# when a block that large is freed (``man mallopt``). A 512-row step on
+# 512 features x 1000 classes allocates and frees about 30 MB of MB-sized
+# temporaries: they were handed back and faulted in again on every step
+# (7000-8000 minor page faults, 15 ms of system time, on a 20-30 ms step).
+# Freeing one 31 MiB block raises both thresholds to glibc's own ceiling.
+_ALLOCATOR_PRIMER_BYTES = 31 * 2**20
+
+
+@functools.cache
+def prime_host_allocator() -> None:
+    """Free one 31 MiB block so that glibc keeps a step's freed memory for the next step.
+
+    Once per process; elsewhere (other allocators) it costs an unused
+    allocation. Measured with 2 threads, 2 epochs of 512-row batches on
+    40000 x 512 x 1000: 3.90 / 3.67 s -> 3.07 / 3.15 s in float32 (646566 /
+    318706 -> 14708 / 15212 minor page faults) and 8.73 -> 6.62 s in float64,
+    each in a fresh process, same losses.
+    """
+    torch.empty(_ALLOCATOR_PRIMER_BYTES, dtype=torch.uint8)
+
+
 @dataclass(frozen=True)
 class TrainingData:
     """Training (and optional validation) tensors; ``X`` may live on the host.
@@ -622,6 +648,7 @@ def run_epochs(
         ``state``, updated in place.
     """
     full_batch = cfg.batch_size is None or cfg.batch_size >= data.X.shape[0]
+    prime_host_allocator()
     logits = None  # full batch: the logits at state.params, reused by the next step
     for _ in range(cfg.max_iter if n_epochs is None else n_epochs):
         if on_epoch_begin is not None:

@@ -1,6 +1,9 @@
 """Tests of the outer loop's step-length control (sklearn_fgn._solver) against dense float64 references."""
 
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,3 +184,41 @@ def test_forcing_term_asks_no_more_than_the_stop_rule_needs(tol, gap, expected):
     # The Eisenstat-Walker term alone is sqrt(1e-4) = 0.01; a fixed cg_tol and mini-batches ignore the gap.
     assert _forcing_term(LoopConfig(alpha=0.0, cg_tol=1e-3), state, True, torch.float64) == 1e-3
     assert _forcing_term(cfg, state, False, torch.float64) == 1e-2
+
+
+_FAULTS_PER_STEP = """
+import resource, sys, torch
+from sklearn_fgn._heads import Head, init_params
+from sklearn_fgn._solver import Batch, LoopConfig, damped_update, prime_host_allocator
+torch.set_num_threads(1)
+if sys.argv[1] == "prime":
+    prime_host_allocator()
+g = torch.Generator().manual_seed(0)
+X, y = torch.randn(512, 256, generator=g), torch.randint(0, 1000, (512,), generator=g)
+head = Head(256, 1000, (), "relu", True)
+params, cfg = init_params(head, g, torch.float32, "cpu"), LoopConfig(alpha=1e-4, batch_size=512)
+step = lambda: damped_update(head, params, Batch(X, y, None), 1.0, cfg, "fgn", 1e-2, 1.0)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds")
+def test_primed_allocator_keeps_a_steps_memory_for_the_next():
+    # Without priming, glibc handed each step's MB-sized temporaries back to
+    # the OS and the next step faulted them in again.
+    faults = {
+        mode: float(
+            subprocess.run(
+                [sys.executable, "-c", _FAULTS_PER_STEP, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )  # fmt: skip
+        for mode in ("plain", "prime")
+    }
+    if faults["plain"] < 200:
+        pytest.skip(f"this allocator keeps the memory anyway ({faults['plain']} faults per step)")
+    assert faults["prime"] < 0.1 * faults["plain"], faults
