@@ -449,7 +449,7 @@ def prime_host_allocator() -> None:
     318706 -> 14708 / 15212 minor page faults) and 8.73 -> 6.62 s in float64,
     each in a fresh process, same losses.
     """
-    torch.empty(_ALLOCATOR_PRIMER_BYTES, dtype=torch.uint8)
+    torch.empty(_ALLOCATOR_PRIMER_BYTES, dtype=torch.uint8, device="cpu")
 
 
 @dataclass(frozen=True)
