@@ -93,7 +93,8 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
     cg_max_iter : int, default=20
         CG iterations per step; each costs one JVP and one VJP of the module.
     cg_tol : float, default=1e-3
-        CG's relative-residual tolerance, in (0, 1).
+        CG's relative-residual tolerance, in [0, 1) (0: run ``cg_max_iter``
+        iterations), as in ``FGNClassifier``.
     alpha : float, default=0.0
         L2 strength on every parameter with ``ndim >= 2`` (weights,
         convolution kernels); biases and other 1-D parameters are not penalised.
@@ -327,9 +328,9 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         _check_option("damping_schedule", self.damping_schedule, DAMPING_SCHEDULES)
         _check_option("curvature", self.curvature, CURVATURES)
         _check_positive("damping", self.damping)
-        if not (_is_number(self.cg_tol) and 0.0 < self.cg_tol < 1.0):
+        if not (_is_number(self.cg_tol) and 0.0 <= self.cg_tol < 1.0):
             raise ValueError(
-                f"cg_tol must be a float in (0, 1) (CG's relative-residual tolerance: 1 or more "
+                f"cg_tol must be a float in [0, 1) (CG's relative-residual tolerance: 1 or more "
                 f"stops CG before its first iteration, so no step is taken); got {self.cg_tol!r}."
             )
         if not (_is_number(self.cg_max_iter, Integral) and self.cg_max_iter >= 1):

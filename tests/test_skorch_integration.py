@@ -213,8 +213,8 @@ def test_other_criteria_raise(digits, criterion, match):
         ({"curvature": "kfac"}, "curvature"),
         ({"cg_max_iter": 0}, "cg_max_iter"),
         ({"alpha": -1.0}, "alpha"),
-        ({"cg_tol": 1.0}, r"cg_tol must be a float in \(0, 1\)"),  # CG would stop at once: zero steps
-        ({"cg_tol": 5.0}, r"cg_tol must be a float in \(0, 1\)"),
+        ({"cg_tol": 1.0}, r"cg_tol must be a float in \[0, 1\)"),  # CG would stop at once: zero steps
+        ({"cg_tol": 5.0}, r"cg_tol must be a float in \[0, 1\)"),
         ({"damping": True}, "damping"),  # bool is a Real and an Integral in Python
         ({"cg_max_iter": True}, "cg_max_iter"),
         ({"alpha": True}, "alpha"),
@@ -496,3 +496,10 @@ def test_dict_inputs_are_passed_by_name():
     losses, final = _exact_losses(net, X, y)
     assert final < 0.8 * losses[0]
     assert net.score(X, y) > 0.8
+
+
+def test_zero_cg_tol_runs_cg_max_iter_iterations(digits):
+    # float64: CG's round-off stop ("stagnated") stays out of the way.
+    X, y = digits[0][:256].astype(np.float64), digits[2][:256]
+    net = make_net(mlp(dtype=torch.float64), max_epochs=1, batch_size=-1, cg_tol=0.0, cg_max_iter=7)
+    assert net.fit(X, y).history[-1, "batches", 0, "cg_iter"] == 7
