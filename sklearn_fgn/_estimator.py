@@ -539,13 +539,11 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             X, X_val, y_enc, y_val, sample_weight, w_val = self._validation_split(X, y_enc, sample_weight)
             X_val, y_val = _to_tensor(X_val, device), _to_tensor(y_val.astype(np.int64), device)
             w_val = None if np.all(w_val == 1) else _to_tensor(w_val, device)
-        unweighted = np.all(sample_weight == 1)
-        weights = None if unweighted else _to_tensor(sample_weight, device, host=True)
+        weights = None if np.all(sample_weight == 1) else _to_tensor(sample_weight, device, host=True)
         X_t = _to_tensor(X, device, host=not _fits_on(device, X.nbytes))
         y_t = _to_tensor(y_enc.astype(np.int64), X_t.device)
         return TrainingData(
             X_t, y_t, None if weights is None else weights.to(X_t.device), device, X_val, y_val,
-            weight_mean=1.0 if unweighted else float(np.mean(sample_weight)),
             sample_weight_val=w_val,
         )  # fmt: skip
 

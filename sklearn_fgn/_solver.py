@@ -394,12 +394,12 @@ def damped_update(
 
 def iter_batches(
     X: Tensor, y: Tensor, sample_weight: Tensor | None, batch_size: int | None,
-    generator: torch.Generator, device: torch.device, weight_mean: float | None = None,
+    generator: torch.Generator, device: torch.device,
 ) -> Iterator[Batch]:  # fmt: skip
     """Shuffled batches moved to ``device`` one at a time (``X`` may stay on the host).
 
-    With ``weight_mean`` a batch's weights are divided by its size times
-    ``weight_mean`` (see :func:`._step.normalized_weights`), else by their sum.
+    A batch's weights are divided by its size times the mean of
+    ``sample_weight`` (see :func:`._step.normalized_weights`).
 
     Yields
     ------
@@ -407,6 +407,7 @@ def iter_batches(
         The next batch (the whole data when ``batch_size`` is None or >= n).
     """
     n = X.shape[0]
+    weight_mean = None if sample_weight is None else float(sample_weight.double().mean())
     if batch_size is None or batch_size >= n:
         yield _to_device(X, y, sample_weight, device, weight_mean)
         return
@@ -420,7 +421,7 @@ def iter_batches(
 def _to_device(
     X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device, weight_mean: float | None
 ) -> Batch:
-    total = None if sample_weight is None or weight_mean is None else y.shape[0] * weight_mean
+    total = None if sample_weight is None else y.shape[0] * weight_mean
     if X.device == device:
         return Batch(X, y, sample_weight, total)
     pin = device.type == "cuda"
@@ -456,9 +457,7 @@ def prime_host_allocator() -> None:
 class TrainingData:
     """Training (and optional validation) tensors; ``X`` may live on the host.
 
-    ``weight_mean`` is the training set's mean weight, which a batch's
-    weights are measured against; ``sample_weight_val`` weights the
-    validation accuracy.
+    ``sample_weight_val`` weights the validation accuracy.
     """
 
     X: Tensor
@@ -467,7 +466,6 @@ class TrainingData:
     device: torch.device
     X_val: Tensor | None = None
     y_val: Tensor | None = None
-    weight_mean: float | None = None
     sample_weight_val: Tensor | None = None
 
 
@@ -547,10 +545,7 @@ def _run_epoch(
     # user's damping is its floor (LM may only raise it after a bad step).
     min_damping = DAMPING_BOUNDS[0] if full_batch else cfg.damping
     records = []
-    batches = iter_batches(
-        data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device, data.weight_mean
-    )
-    for batch in batches:
+    for batch in iter_batches(data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device):
         curvature = _resolve_curvature(cfg, head, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
         state.params, state.damping, record, logits = damped_update(

@@ -517,8 +517,7 @@ def test_mini_batch_weights_are_measured_against_the_data_mean():
 
     sw = torch.tensor(np.random.RandomState(0).uniform(0, 5, 100))
     X, y = torch.zeros(100, 2), torch.zeros(100, dtype=torch.long)
-    batches = list(iter_batches(X, y, sw, 16, torch.Generator().manual_seed(0), torch.device("cpu"),
-                                float(sw.mean())))  # fmt: skip
+    batches = list(iter_batches(X, y, sw, 16, torch.Generator().manual_seed(0), torch.device("cpu")))
     assert [b.weight_total for b in batches] == pytest.approx(
         [b.y.shape[0] * float(sw.mean()) for b in batches]
     )
