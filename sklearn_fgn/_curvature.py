@@ -70,10 +70,11 @@ class LogitsLinearization:
     vjp : callable
         ``C (n, n_logits) -> J^T C``, a params-shaped dict.
     layer_inputs : list of Tensor or None
-        For an MLP head, every layer's input (``X`` first); None otherwise.
+        For a :class:`Head`, every layer's input (``X`` first); None otherwise.
     backprop : callable or None
-        For an MLP head, ``C -> [dC/d(pre-activation_l)]`` for every layer,
-        first layer first (what ``vjp`` pulls back to the weights); None otherwise.
+        For a :class:`Head`, ``C -> [dC/d(pre-activation_l)]`` for every
+        layer, first layer first (what ``vjp`` pulls back to the weights;
+        ``[C]`` for the linear head); None otherwise.
     """
 
     logits: Tensor
@@ -96,7 +97,8 @@ def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | No
             grads["intercept_0"] = cotangent.sum(0)
         return grads
 
-    return LogitsLinearization(forward(head, params, X) if logits is None else logits, jvp, vjp)
+    logits = forward(head, params, X) if logits is None else logits
+    return LogitsLinearization(logits, jvp, vjp, [X], lambda cotangent: [cotangent])
 
 
 def logits_function(model: Head | LogitsFn) -> LogitsFn:
@@ -367,8 +369,6 @@ def _margin_gradients_by_layer(
     """Logits, layer inputs and per-example ``dm_i/d(pre-activation_l)``."""
     lin = linearize(head, params, X) if lin is None else lin
     direction = (MarginStats(lin.logits, y) if stats is None else stats).direction  # d m / d logits
-    if head.is_linear:
-        return lin.logits, [X], [direction]
     return lin.logits, lin.layer_inputs, lin.backprop(direction)
 
 
