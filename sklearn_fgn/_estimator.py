@@ -561,10 +561,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             When the split leaves fewer than two validation samples, no
             training sample, or validation weights that sum to zero.
         """
-        n_samples, n_classes = y_enc.shape[0], len(self.classes_)
+        n_samples = y_enc.shape[0]
         n_val = int(np.ceil(self.validation_fraction * n_samples))
-        counts = np.bincount(y_enc, minlength=n_classes)
-        stratify = counts.min() >= 2 and min(n_val, n_samples - n_val) >= n_classes
         if n_val < 2 or n_val >= n_samples:
             raise ValueError(
                 f"early_stopping with validation_fraction={self.validation_fraction} holds out {n_val} "
@@ -572,7 +570,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
                 "Change validation_fraction or set early_stopping=False."
             )
         split = train_test_split(
-            X, y_enc, sample_weight, test_size=n_val, stratify=y_enc if stratify else None,
+            X, y_enc, sample_weight, test_size=n_val,
+            stratify=y_enc if self._can_stratify(y_enc, n_val) else None,
             random_state=self._rng,
         )  # fmt: skip
         if not split[5].sum() > 0:
@@ -588,11 +587,13 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         batch_size = self._resolve_batch_size(n_samples, head)
         if batch_size is None or batch_size >= n_samples:
             return False
+        return self._can_stratify(y_enc, self.validation_fraction * n_samples)
+
+    def _can_stratify(self, y_enc, n_validation):
         # A stratified split needs two samples of every class and a validation
         # share with room for each class.
-        n_classes = len(self.classes_)
+        n_samples, n_classes = y_enc.shape[0], len(self.classes_)
         counts = np.bincount(y_enc, minlength=n_classes)
-        n_validation = self.validation_fraction * n_samples
         return bool(counts.min() >= 2 and min(n_validation, n_samples - n_validation) >= n_classes)
 
     def _resolve_batch_size(self, n_samples, head):
