@@ -25,6 +25,12 @@ def _standardized(name):
     return StandardScaler().fit_transform(X), y
 
 
+def _quiet_fit(est, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return est.fit(*args, **kwargs)
+
+
 def _objective(coef, intercept, X, y, classes, alpha, sample_weight=None):
     """Weighted mean cross-entropy + alpha/2 ||coef||^2 in numpy float64."""
     logits = X @ coef.T + intercept
@@ -389,9 +395,7 @@ def test_early_stopping_auto_is_off_when_a_class_cannot_be_split():
         est.fit(X, y)
     assert est.validation_scores_ == []
     # Asked for, early stopping splits at random (as MLPClassifier does for multiclass).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        forced = clone(est).set_params(early_stopping=True).fit(X, y)
+    forced = _quiet_fit(clone(est).set_params(early_stopping=True), X, y)
     assert len(forced.validation_scores_) == forced.n_iter_ >= 1
 
 
@@ -470,12 +474,6 @@ def test_batch_size_auto_takes_mini_batches_for_mlp_heads_past_the_sample_limit(
     assert mlp.t_ == n + 1 - int(np.ceil(0.1 * (n + 1)))
     assert mlp_small.validation_scores_ == [] and mlp_small.t_ == n  # full batch
     assert linear.validation_scores_ == [] and linear.t_ == n + 1  # full batch
-
-
-def _quiet_fit(est, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return est.fit(*args, **kwargs)
 
 
 @pytest.mark.parametrize("batch_size", [1, 16])
