@@ -34,7 +34,7 @@ SCRIPTS = [
     ("paper_mechanism", "Mechanism: FGN vs full GGN against concentration and damping"),
     ("paper_fixed_features", "Fixed-feature head: training curves"),
     ("paper_class_scaling", "Class scaling: time and memory per step against K"),
-    ("paper_mlp_peers", "MLP head: survey peers (Adam, SGD, Shampoo, K-FAC) vs FGN and GGN"),
+    ("paper_mlp_peers", "MLP head: survey peers (Adam, SGD, Rank-1, Shampoo, K-FAC) vs FGN and GGN"),
 ]
 
 
