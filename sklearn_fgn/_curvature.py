@@ -51,11 +51,16 @@ __all__ = [
     "make_fgn_operator",
     "make_ggn_operator",
     "penalized_names",
+    "penalty_coefficients",
 ]
 
 Params = dict[str, Tensor]
 # ``logits_fn(params, X) -> logits`` of shape (n, n_logits), pure in ``params``.
 LogitsFn = Callable[[Params, Tensor], Tensor]
+# The L2 strength: one float for every penalised parameter, or a coefficient
+# per penalised parameter (a float, or a tensor that broadcasts against it:
+# per-column weights of a layer fitted in whitened coordinates).
+Alpha = float | dict[str, float | Tensor]
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,29 @@ def penalized_names(model: Head | LogitsFn, params: Params) -> frozenset[str]:
     if isinstance(model, Head):
         return frozenset(k for k in params if is_penalized(k))
     return frozenset(k for k, t in params.items() if t.ndim >= 2)
+
+
+def penalty_coefficients(model: Head | LogitsFn, params: Params, alpha: Alpha) -> dict[str, float | Tensor]:
+    """Return the coefficients ``c_k`` of the penalty ``sum_k c_k * theta_k**2 / 2``.
+
+    Parameters
+    ----------
+    model : Head or callable
+        A head spec or a logits function ``(params, X) -> logits``.
+    params : dict of Tensor
+        The parameters.
+    alpha : float or dict
+        A float applies to every parameter of :func:`penalized_names`; a dict
+        is returned as it is (its keys are then the penalised parameters).
+
+    Returns
+    -------
+    dict of str to float or Tensor
+        ``c_k`` for every penalised parameter.
+    """
+    if isinstance(alpha, dict):
+        return alpha
+    return dict.fromkeys(penalized_names(model, params), alpha)
 
 
 def _preact_cotangents(
@@ -408,7 +436,8 @@ def fgn_gram(
     logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, lin, stats)
     gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
     for layer, (hidden, delta) in enumerate(zip(inputs, deltas, strict=True)):
-        kernel = (hidden @ hidden.T) / damping[f"coef_{layer}"]
+        lam = damping[f"coef_{layer}"]  # a float, or per-column weights of a whitened layer
+        kernel = (hidden @ hidden.T) / lam if isinstance(lam, float) else (hidden / lam) @ hidden.T
         if head.fit_intercept:
             kernel = kernel + 1.0 / damping[f"intercept_{layer}"]
         gram += (delta @ delta.T) * kernel
@@ -417,17 +446,21 @@ def fgn_gram(
 
 
 def damping_diagonal(
-    params: Params, damping: float, alpha: float, penalized: Collection[str] | None = None
-) -> dict[str, float]:
+    params: Params, damping: float, alpha: Alpha, penalized: Collection[str] | None = None
+) -> dict[str, float | Tensor]:
     """``Lambda`` per parameter block: ``damping + alpha`` on weights, ``damping`` on biases.
 
     ``penalized`` names the weights; by default the head's ``coef_*`` entries.
+    A dict ``alpha`` gives the coefficient of each penalised parameter itself
+    (see :func:`penalty_coefficients`); ``penalized`` is then ignored.
 
     Returns
     -------
-    dict of str to float
-        ``Lambda`` per parameter name.
+    dict of str to float or Tensor
+        ``Lambda`` per parameter name (a tensor where ``alpha`` has one).
     """
+    if isinstance(alpha, dict):
+        return {k: damping + alpha[k] if k in alpha else damping for k in params}
     if penalized is None:
         penalized = {k for k in params if is_penalized(k)}
     return {k: damping + alpha if k in penalized else damping for k in params}

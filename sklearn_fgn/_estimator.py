@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from dataclasses import replace
 from numbers import Integral, Real
 
 import numpy as np
@@ -27,10 +28,20 @@ except ImportError:  # older releases have no callbacks to support
 
 
 from ._heads import ACTIVATIONS, Head, forward, init_params
+from ._metric import (
+    feature_moments,
+    feature_standardization,
+    make_feature_metric,
+    standardized_first_layer,
+    unwhitened_params,
+    whitened_params,
+)
 from ._solver import CURVATURE_OPTIONS, DAMPING_SCHEDULES, LoopConfig, LoopState, TrainingData, run_epochs
 from ._step import SOLVERS
 
 __all__ = ["FGNClassifier"]
+
+DAMPING_METRICS = ("auto", "features", "identity")
 
 # batch_size="auto": full batch while n_samples * n_logits stays below this
 # (the full-GGN step keeps a few (n, K) arrays), else AUTO_BATCH_SIZE. With
@@ -91,6 +102,17 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         batch with fewer rows than parameters always lowers that batch's loss,
         so the ratio cannot see a step that memorises the batch, and
         ``damping`` acts as a step size there.
+    damping_metric : {"auto", "features", "identity"}, default="auto"
+        The metric in which ``damping`` is measured. ``"features"``:
+        ``lambda (I_K kron A)`` on a linear layer, with ``A`` the (weighted)
+        second moment of its inputs; the fit then runs on whitened features
+        (``(x - mean) @ T`` with ``T^T A T = I``, computed once per fit, exact
+        up to 2048 features and per-feature standardisation beyond), so that a
+        step does not change when the features are rescaled or rotated, and
+        one ``damping`` serves raw, L2-normalised and standardised features
+        alike. ``"identity"``: ``lambda I`` on the raw parameters. ``"auto"``:
+        ``"features"`` for the linear head, ``"identity"`` for MLP heads
+        (whose first layer is initialised for standardised inputs either way).
     curvature : {"auto", "fgn", "ggn"}, default="auto"
         ``"fgn"`` keeps each example's true-vs-rest curvature (one row per
         example); ``"ggn"`` the full softmax Gauss-Newton matrix (exact Newton
@@ -248,6 +270,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         "alpha": [Interval(Real, 0, None, closed="left")],
         "damping": [Interval(Real, 0, None, closed="neither")],
         "damping_schedule": [StrOptions(set(DAMPING_SCHEDULES))],
+        "damping_metric": [StrOptions(set(DAMPING_METRICS))],
         "curvature": [StrOptions(set(CURVATURE_OPTIONS))],
         "solver": [StrOptions(set(SOLVERS))],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
@@ -273,6 +296,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         alpha=1e-4,
         damping=1.0,
         damping_schedule="adaptive",
+        damping_metric="auto",
         curvature="auto",
         solver="auto",
         batch_size="auto",
@@ -295,6 +319,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         self.alpha = alpha
         self.damping = damping
         self.damping_schedule = damping_schedule
+        self.damping_metric = damping_metric
         self.curvature = curvature
         self.solver = solver
         self.batch_size = batch_size
@@ -356,7 +381,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         )
         state = LoopState(params, self.damping_ if resumed is not None else float(self.damping))
         early_stopping = self._resolve_early_stopping(y_enc, head)
-        state = self._train(head, state, X, y_enc, sample_weight, early_stopping, None)
+        drawn = resumed is None and coef_init is None and intercept_init is None
+        state = self._train(head, state, X, y_enc, sample_weight, early_stopping, None, drawn)
         if not (state.converged or state.stopped):
             warnings.warn(
                 f"FGNClassifier stopped at max_iter={self.max_iter} before converging; "
@@ -414,8 +440,9 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             raise ValueError(f"y contains labels not in classes: {unseen!r}")
         head = self._make_head(hidden, X.shape[1])
         state = self._resume_state(head, X.dtype) if not first else None
+        drawn = state is None
         state = state or LoopState(self._initial_params(head, X.dtype, None, None), float(self.damping))
-        self._train(head, state, X, np.searchsorted(self.classes_, y), sample_weight, False, 1)
+        self._train(head, state, X, np.searchsorted(self.classes_, y), sample_weight, False, 1, drawn)
         return self
 
     # -------------------------------------------------------------- helpers
@@ -505,34 +532,78 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
                 params[f"intercept_{layer}"] = torch.tensor(np.asarray(bias, dtype=dtype))
         return params
 
-    def _train(self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs):
+    def _train(self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn=False):
+        """Run the loop on ``state`` and store the fitted attributes.
+
+        ``drawn``: ``state.params`` come from :func:`init_params`; an MLP's
+        first layer is then rescaled to the features' spread
+        (:func:`standardized_first_layer`). The parameters are mapped to the
+        coordinates of the fit (whitened features in the feature metric) and back.
+
+        Returns
+        -------
+        LoopState
+            The state after the loop, parameters in the features' coordinates.
+        """
+        sample_weight = self._class_weighted(sample_weight, y_enc)
+        data, metric = self._training_data(X, y_enc, sample_weight, early_stopping, head)
+        cfg = LoopConfig(
+            alpha=self._penalty_coefficients(head, metric, data), damping=float(self.damping),
+            curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
+            batch_size=self._resolve_batch_size(X.shape[0], head),  # as decided before any split
+            max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
+            cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
+        )  # fmt: skip
+        state.params = {k: t.to(data.device) for k, t in state.params.items()}
+        if drawn and not head.is_linear:
+            mean, scale = (
+                (metric.mean, metric.scale)
+                if metric is not None
+                else feature_standardization(data.X, data.sample_weight)
+            )
+            state.params = standardized_first_layer(state.params, mean, scale)
+        if metric is not None:
+            state.params = whitened_params(metric, state.params)
+        generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
+        y_labels, max_subtasks = self.classes_[y_enc], n_epochs or self.max_iter
+        to_features = functools.partial(_in_feature_coordinates, metric)
+        events = _EpochCallbacks(self, head, X, y_labels, sample_weight, max_subtasks, to_features)
+        with _torch_threads_like_threadpools():
+            state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
+        if early_stopping and state.best_params is not None:
+            state.params = state.best_params
+        state.params = to_features(state.params)
+        self._store(head, state)
+        events.close()
+        return state
+
+    def _class_weighted(self, sample_weight, y_enc):
         if self.class_weight is not None:
             sample_weight = sample_weight * compute_sample_weight(self.class_weight, self.classes_[y_enc])
             if np.any(sample_weight < 0):
                 raise ValueError(f"class_weight must be non-negative; got {self.class_weight!r}.")
         if not sample_weight.sum() > 0:
             raise ValueError("sample_weight (times class_weight) sums to zero: there is nothing to fit.")
-        data = self._training_data(X, y_enc, sample_weight, early_stopping)
-        cfg = LoopConfig(
-            alpha=float(self.alpha), damping=float(self.damping), curvature=self.curvature,
-            solver=self.solver, damping_schedule=self.damping_schedule,
-            batch_size=self._resolve_batch_size(X.shape[0], head),  # as decided before any split
-            max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
-            cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
-        )  # fmt: skip
-        state.params = {k: t.to(data.device) for k, t in state.params.items()}
-        generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
-        y_labels, max_subtasks = self.classes_[y_enc], n_epochs or self.max_iter
-        events = _EpochCallbacks(self, head, X, y_labels, sample_weight, max_subtasks)
-        with _torch_threads_like_threadpools():
-            state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
-        if early_stopping and state.best_params is not None:
-            state.params = state.best_params
-        self._store(head, state)
-        events.close()
-        return state
+        return sample_weight
 
-    def _training_data(self, X, y_enc, sample_weight, early_stopping):
+    def _penalty_coefficients(self, head, metric, data):
+        """``alpha`` for the loop: one float, or per-column weights on a whitened first layer."""
+        alpha = float(self.alpha)
+        if metric is None or alpha == 0.0:
+            return alpha
+        coefficients = dict.fromkeys((f"coef_{layer}" for layer in range(head.n_layers)), alpha)
+        coefficients["coef_0"] = alpha * metric.penalty
+        return coefficients
+
+    def _training_data(self, X, y_enc, sample_weight, early_stopping, head):
+        """Tensors for the loop, and the feature metric (None in the identity metric).
+
+        Returns
+        -------
+        data : TrainingData
+        metric : FeatureMetric or None
+            In the data's dtype, on the compute device.
+        """
         device = _resolve_device(self.device)
         X_val = y_val = w_val = None
         if early_stopping:
@@ -542,10 +613,30 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         weights = None if np.all(sample_weight == 1) else _to_tensor(sample_weight, device, host=True)
         X_t = _to_tensor(X, device, host=not _fits_on(device, X.nbytes))
         y_t = _to_tensor(y_enc.astype(np.int64), X_t.device)
-        return TrainingData(
-            X_t, y_t, None if weights is None else weights.to(X_t.device), device, X_val, y_val,
-            sample_weight_val=w_val,
-        )  # fmt: skip
+        weights = None if weights is None else weights.to(X_t.device)
+        metric, transform = self._feature_metric(X_t, weights, head, device), None
+        if metric is not None:
+            X_val = None if X_val is None else metric.whiten(X_val)
+            batch_size = self._resolve_batch_size(X.shape[0], head)
+            if batch_size is None or batch_size >= X.shape[0]:
+                X_t = metric.whiten(X_t)  # once: every step sees all rows
+            else:
+                transform = metric.whiten  # per batch: no whitened copy of X
+        data = TrainingData(X_t, y_t, weights, device, X_val, y_val, w_val, transform)
+        return data, metric
+
+    def _feature_metric(self, X, sample_weight, head, device):
+        """Return the first layer's feature metric (:mod:`._metric`) from the training rows, or None."""
+        if self.damping_metric == "identity" or (self.damping_metric == "auto" and not head.is_linear):
+            return None
+        moments = feature_moments(X, sample_weight)
+        if not bool(torch.isfinite(moments.outer).all()):
+            raise ValueError(
+                "The second moment of the features overflowed float64 (largest feature "
+                f"{float(X.abs().max()):.3g}); scale the features (e.g. StandardScaler)."
+            )
+        metric = make_feature_metric(moments, centered=head.fit_intercept)
+        return metric.to(X.dtype, device)
 
     def _validation_split(self, X, y_enc, sample_weight):
         """Hold out ``validation_fraction``: stratified when every class can give it a sample.
@@ -710,6 +801,11 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         return self.classes_[index.numpy()]
 
 
+def _in_feature_coordinates(metric, params):
+    """Map parameters of a fit in whitened coordinates back to the features' (identity without a metric)."""
+    return params if metric is None else unwhitened_params(metric, params)
+
+
 def _seed_from(random_state):
     """Return an int seed from ``random_state`` (None draws one from numpy's global RNG)."""
     from sklearn.utils import check_random_state
@@ -820,8 +916,9 @@ class _EpochCallbacks:
     support (scikit-learn < 1.9) every method is a no-op.
     """
 
-    def __init__(self, estimator, head, X, y, sample_weight, max_subtasks):
+    def __init__(self, estimator, head, X, y, sample_weight, max_subtasks, to_features):
         self.estimator, self.head, self.X, self.y = estimator, head, X, y
+        self.to_features = to_features
         self.metadata = None if np.all(sample_weight == 1) else {"sample_weight": sample_weight}
         self.context = self.iteration = None
         if hasattr(estimator, "_init_callback_context"):
@@ -839,7 +936,11 @@ class _EpochCallbacks:
     def end(self, state):
         if self.context is None:
             return False
-        attributes = lambda: self.estimator._fitted_attributes(self.head, state)  # noqa: E731
+
+        def attributes():
+            params = self.to_features(state.params)
+            return self.estimator._fitted_attributes(self.head, replace(state, params=params))
+
         stop = self.iteration.call_on_fit_task_end(**self._hook_args(), reconstruction_attributes=attributes)
         return bool(stop)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._curvature import LogitsFn, logits_function
+from ._curvature import Alpha, LogitsFn, logits_function
 from ._heads import Head, forward
 from ._step import StepResult, compute_step, normalized_weights, objective_from_logits
 
@@ -63,9 +63,14 @@ EXTEND_MIN = 1.25
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Settings of the outer loop (already validated by the estimator)."""
+    """Settings of the outer loop (already validated by the estimator).
 
-    alpha: float
+    ``alpha`` is the penalty on the mean loss (``alpha / sum(s)`` of the
+    estimator's), a float or per-parameter coefficients (see
+    :func:`._curvature.penalty_coefficients`).
+    """
+
+    alpha: Alpha
     damping: float = 1.0
     curvature: str = "auto"
     solver: str = "auto"
@@ -395,11 +400,13 @@ def damped_update(
 def iter_batches(
     X: Tensor, y: Tensor, sample_weight: Tensor | None, batch_size: int | None,
     generator: torch.Generator, device: torch.device,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Batch]:  # fmt: skip
     """Shuffled batches moved to ``device`` one at a time (``X`` may stay on the host).
 
     A batch's weights are divided by its size times the mean of
-    ``sample_weight`` (see :func:`._step.normalized_weights`).
+    ``sample_weight`` (see :func:`._step.normalized_weights`); ``transform``
+    (the feature whitening) is applied to each batch's ``X`` on ``device``.
 
     Yields
     ------
@@ -409,24 +416,25 @@ def iter_batches(
     n = X.shape[0]
     weight_mean = None if sample_weight is None else float(sample_weight.double().mean())
     if batch_size is None or batch_size >= n:
-        yield _to_device(X, y, sample_weight, device, weight_mean)
+        yield _to_device(X, y, sample_weight, device, weight_mean, transform)
         return
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         sw = None if sample_weight is None else sample_weight[idx]
-        yield _to_device(X[idx], y[idx], sw, device, weight_mean)
+        yield _to_device(X[idx], y[idx], sw, device, weight_mean, transform)
 
 
 def _to_device(
-    X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device, weight_mean: float | None
-) -> Batch:
+    X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device, weight_mean: float | None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Batch:  # fmt: skip
     total = None if sample_weight is None else y.shape[0] * weight_mean
-    if X.device == device:
-        return Batch(X, y, sample_weight, total)
-    pin = device.type == "cuda"
-    move = lambda t: t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)  # noqa: E731
-    return Batch(move(X), move(y), None if sample_weight is None else move(sample_weight), total)
+    if X.device != device:
+        pin = device.type == "cuda"
+        move = lambda t: t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)  # noqa: E731
+        X, y, sample_weight = move(X), move(y), None if sample_weight is None else move(sample_weight)
+    return Batch(X if transform is None else transform(X), y, sample_weight, total)
 
 
 # glibc's malloc serves blocks above its mmap threshold by mmap and returns
@@ -458,7 +466,9 @@ def prime_host_allocator() -> None:
 class TrainingData:
     """Training (and optional validation) tensors; ``X`` may live on the host.
 
-    ``sample_weight_val`` weights the validation accuracy.
+    ``sample_weight_val`` weights the validation accuracy. ``transform``, when
+    given, maps each batch's ``X`` (on the device) to the features the head
+    sees (the feature whitening of mini-batch fits); ``X_val`` is already mapped.
     """
 
     X: Tensor
@@ -468,6 +478,7 @@ class TrainingData:
     X_val: Tensor | None = None
     y_val: Tensor | None = None
     sample_weight_val: Tensor | None = None
+    transform: Callable[[Tensor], Tensor] | None = None
 
 
 def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: torch.dtype) -> float:
@@ -546,7 +557,10 @@ def _run_epoch(
     # user's damping is its floor (LM may only raise it after a bad step).
     min_damping = DAMPING_BOUNDS[0] if full_batch else cfg.damping
     records = []
-    for batch in iter_batches(data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device):
+    batches = iter_batches(
+        data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device, data.transform
+    )
+    for batch in batches:
         curvature = _resolve_curvature(cfg, head, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
         state.params, state.damping, record, logits = damped_update(

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ._cg import CGResult, conjugate_gradient
 from ._curvature import (
+    Alpha,
     LogitsFn,
     RowSpaceOperator,
     damping_diagonal,
@@ -67,7 +68,7 @@ from ._curvature import (
     logits_function,
     make_fgn_operator,
     make_ggn_operator,
-    penalized_names,
+    penalty_coefficients,
 )
 from ._heads import Head
 from ._margin import MarginStats, curvature_weight, loss_derivative, margin, per_example_loss
@@ -165,12 +166,18 @@ def normalized_weights(
     return sample_weight / (sample_weight.sum() if weight_total is None else weight_total)
 
 
-def _penalty(params: Params, alpha: float, penalized: Collection[str]) -> Tensor:
-    return 0.5 * alpha * sum(_sq(t) for k, t in params.items() if k in penalized)
+def _penalty(params: Params, coefficients: dict[str, float | Tensor]) -> Tensor:
+    return 0.5 * _weighted_sq(params, coefficients)
+
+
+def _weighted_sq(params: Params, coefficients: dict[str, float | Tensor]) -> Tensor | float:
+    """``sum_k c_k * ||theta_k||^2`` (elementwise ``c_k`` when it is a tensor)."""
+    return sum(_sq(params[k]) * c if isinstance(c, float) else (params[k] * params[k] * c).sum()
+               for k, c in coefficients.items())  # fmt: skip
 
 
 def objective(
-    head: Head | LogitsFn, params: Params, X: Tensor, y: Tensor, weights: Tensor, alpha: float
+    head: Head | LogitsFn, params: Params, X: Tensor, y: Tensor, weights: Tensor, alpha: Alpha
 ) -> Tensor:
     """``sum_i omega_i CE_i + alpha/2 ||theta_pen||^2`` (0-d tensor). One forward pass.
 
@@ -186,7 +193,7 @@ def objective(
 
 
 def objective_from_logits(
-    head: Head | LogitsFn, params: Params, logits: Tensor, y: Tensor, weights: Tensor, alpha: float
+    head: Head | LogitsFn, params: Params, logits: Tensor, y: Tensor, weights: Tensor, alpha: Alpha
 ) -> Tensor:
     """:func:`objective` given the logits at ``params`` (no forward pass).
 
@@ -196,20 +203,23 @@ def objective_from_logits(
         The 0-d objective.
     """
     m = margin(logits, y)
-    return (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized_names(head, params))
+    penalty = _penalty(params, penalty_coefficients(head, params, alpha))
+    return (weights * per_example_loss(m)).sum() + penalty
 
 
 def _loss_and_gradient(
-    lin, stats: MarginStats, params: Params, weights: Tensor, alpha: float, penalized: Collection[str]
+    lin, stats: MarginStats, params: Params, weights: Tensor, coefficients: dict[str, float | Tensor]
 ):
     m = stats.margin
-    loss = (weights * per_example_loss(m)).sum() + _penalty(params, alpha, penalized)
+    loss = (weights * per_example_loss(m)).sum() + _penalty(params, coefficients)
     # d(sum omega_i phi(m_i))/dz_i = omega_i phi'(m_i) a_i, pulled back by J^T.
     coeff = (weights * loss_derivative(m))[:, None] * stats.direction
     grad = lin.vjp(coeff)
-    for k in grad:
-        if k in penalized:
-            grad[k] = torch.add(grad[k], params[k], alpha=alpha)
+    for k, c in coefficients.items():
+        if isinstance(c, float):
+            grad[k] = torch.add(grad[k], params[k], alpha=c)
+        else:
+            grad[k] = torch.addcmul(grad[k], params[k], c)
     return loss, grad
 
 
@@ -292,7 +302,7 @@ def _solve(
     result : CGResult
         The CG record.
     """
-    lam_vec = _flat({k: torch.full_like(g, lam[k]) for k, g in grad.items()})
+    lam_vec = _flat({k: torch.zeros_like(g).add_(lam[k]) for k, g in grad.items()})
 
     def image_matvec(v: Tensor) -> tuple[Tensor, Tensor]:
         jv = op.jvp(_unflat(v, grad))
@@ -385,7 +395,8 @@ def _cg_iterations_estimate(
         ``ln(2 / tol) / ln((sqrt(kappa) + 1) / (sqrt(kappa) - 1))``.
     """
     row = weights * curvature_weight(stats.margin) * (stats.direction**2).sum(1)
-    scaled = row * (X * X).sum(1) / lam["coef_0"]
+    coef_lam = lam["coef_0"]  # a float, or per-column weights of whitened features
+    scaled = row * ((X * X).sum(1) / coef_lam if isinstance(coef_lam, float) else (X * X / coef_lam).sum(1))
     if fit_intercept:
         scaled = scaled + row / lam["intercept_0"]
     rank = min(X.shape[0], (X.shape[1] + fit_intercept) * stats.logits.shape[1])
@@ -404,7 +415,7 @@ def compute_step(
     y: Tensor,
     sample_weight: Tensor | None = None,
     *,
-    alpha: float = 0.0,
+    alpha: Alpha = 0.0,
     damping: float = 1.0,
     curvature: str = "fgn",
     solver: str = "auto",
@@ -433,8 +444,10 @@ def compute_step(
     sample_weight : Tensor of shape (n,), optional
         Non-negative weights, normalised here to sum to one (or divided by
         ``weight_total``, see :func:`normalized_weights`).
-    alpha : float, default=0.0
-        L2 strength on weights.
+    alpha : float or dict, default=0.0
+        L2 strength on weights, or the coefficient of each penalised
+        parameter (a float or a broadcastable tensor, see
+        :func:`._curvature.penalty_coefficients`).
     damping : float, default=1.0
         ``lambda > 0``.
     curvature : {"fgn", "ggn"}, default="fgn"
@@ -472,12 +485,12 @@ def compute_step(
     _check_solver(solver, head)
     lin = linearize(head, params, X, logits)
     weights = normalized_weights(sample_weight, y.shape[0], lin.logits, weight_total)
-    penalized = penalized_names(head, params)
+    coefficients = penalty_coefficients(head, params, alpha)
     stats = MarginStats(lin.logits, y)
-    loss, grad = _loss_and_gradient(lin, stats, params, weights, alpha, penalized)
+    loss, grad = _loss_and_gradient(lin, stats, params, weights, coefficients)
     fgn_op = make_fgn_operator(lin, y, weights, stats)
     op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights, stats)
-    lam = damping_diagonal(params, damping, alpha, penalized)
+    lam = damping_diagonal(params, damping, coefficients)
     auto = solver == "auto"
     if auto:  # the Gram needs a Head's layers and O(n^2) memory
         pays_off = (
@@ -505,10 +518,9 @@ def compute_step(
     # free: step' G step = -grad' step - r' step - step' Lambda step, so the
     # model change grad' step + step' (G + alpha P) step / 2 needs no matvec.
     residual = _unflat(cg_result.residual, grad)
-    step_damping = sum(lam[k] * _sq(t) for k, t in step.items())
-    step_pen = {k: t for k, t in step.items() if k in penalized}
+    step_damping = _weighted_sq(step, lam)
     slope = _dot(grad, step)
-    curvature_term = -slope - _dot(residual, step) - step_damping + alpha * _dot(step_pen, step_pen)
+    curvature_term = -slope - _dot(residual, step) - step_damping + _weighted_sq(step, coefficients)
     model_change = slope + 0.5 * curvature_term
     return StepResult(
         step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step, slope, curvature_term

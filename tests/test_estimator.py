@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_fgn import FGNClassifier
+from sklearn_fgn._metric import METRIC_RIDGE
 
 DATASETS = {"iris": load_iris, "wine": load_wine, "digits": load_digits, "breast_cancer": load_breast_cancer}
 
@@ -96,8 +97,26 @@ def test_convergence_warning_at_max_iter():
         FGNClassifier(batch_size=None, max_iter=1, device="cpu").fit(X, y)
 
 
-def _dense_step(X, y_idx, sw, coef, intercept, alpha, damping, curvature):
-    """-(G + Lambda)^{-1} grad L for the linear head, from dense float64 torch.func."""
+def _dense_feature_metric(X, omega, ridge):
+    """DESIGN.md's ``I_K kron A_eps`` block of one class over ``(w_k, b_k)``, dense float64.
+
+    ``A = sum_i omega_i x~ x~^T`` with the ridge on the covariance, relative
+    to each feature's variance: ``Sigma + ridge diag(Sigma)``.
+    """
+    mean = omega @ X
+    centred = X - mean
+    cov = (centred * omega[:, None]).T @ centred
+    cov = cov + ridge * torch.diag(torch.diag(cov))
+    top = torch.cat([cov + torch.outer(mean, mean), mean[:, None]], 1)
+    return torch.cat([top, torch.cat([mean, torch.ones(1, dtype=X.dtype)])[None, :]], 0)
+
+
+def _dense_step(X, y_idx, sw, coef, intercept, alpha, damping, curvature, metric_ridge=None):
+    """-(G + Lambda)^{-1} grad L for the linear head, from dense float64 torch.func.
+
+    ``metric_ridge``: damp in the feature metric, ``Lambda = damping (I_K kron A_eps) + alpha P``
+    (identity metric when None).
+    """
     X_t, y_t = torch.tensor(X), torch.tensor(y_idx)
     omega = torch.tensor(sw / sw.sum())
     theta0 = torch.cat([torch.tensor(coef).reshape(-1), torch.tensor(intercept)])
@@ -131,20 +150,32 @@ def _dense_step(X, y_idx, sw, coef, intercept, alpha, damping, curvature):
         H = w[:, None, None] * a[:, :, None] * a[:, None, :]
     G = torch.einsum("n,nkp,nkl,nlq->pq", omega, J, H, J)
     Lam = torch.diag(damping + alpha * penalized)
+    if metric_ridge is not None:
+        block = _dense_feature_metric(X_t, omega, metric_ridge)  # over (w_k, b_k)
+        metric = torch.kron(torch.eye(K, dtype=torch.float64), block)
+        # (w_1, b_1, ..., w_K, b_K) -> the layout of theta: (w_1, ..., w_K, b_1, ..., b_K)
+        weights = (torch.arange(K)[:, None] * (d + 1) + torch.arange(d)).reshape(-1)
+        order = torch.cat([weights, torch.arange(K) * (d + 1) + d])
+        Lam = damping * metric[order][:, order] + torch.diag(alpha * penalized)
     return (-torch.linalg.solve(G + Lam, grad)).numpy()
 
 
 @pytest.mark.parametrize("curvature", ["fgn", "ggn"])
 @pytest.mark.parametrize("n_classes", [2, 4])
 @pytest.mark.parametrize("solver", ["cg", "cholesky"])
-def test_one_constant_step_is_the_exact_damped_step(curvature, n_classes, solver):
+@pytest.mark.parametrize("metric", ["identity", "features"])
+def test_one_constant_step_is_the_exact_damped_step(curvature, n_classes, solver, metric):
     X, y = make_classification(60, 5, n_informative=4, n_redundant=0, n_classes=n_classes, random_state=0)
+    scales = np.logspace(-2, 2, 5)  # scales and offsets that the feature metric absorbs
+    X = X * scales + 3.0
     sw = np.random.RandomState(1).uniform(0.5, 2.0, len(y))
     K = 1 if n_classes == 2 else n_classes
     rng = np.random.RandomState(2)
-    coef0, intercept0 = rng.normal(size=(K, 5)), rng.normal(size=K)
+    coef0 = rng.normal(size=(K, 5)) / scales
+    intercept0 = rng.normal(size=K) - 3.0 * coef0.sum(1)
     alpha, damping = 0.05, 0.3
     est = FGNClassifier(
+        damping_metric=metric,
         alpha=alpha,
         damping=damping,
         damping_schedule="constant",
@@ -159,9 +190,10 @@ def test_one_constant_step_is_the_exact_damped_step(curvature, n_classes, solver
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est.fit(X, y, sample_weight=sw, coef_init=coef0, intercept_init=intercept0)
-    expected = _dense_step(X, y, sw, coef0, intercept0, alpha, damping, curvature)
+    ridge = METRIC_RIDGE if metric == "features" else None
+    expected = _dense_step(X, y, sw, coef0, intercept0, alpha, damping, curvature, ridge)
     got = np.concatenate([(est.coef_ - coef0).ravel(), est.intercept_ - intercept0])
-    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-11 * np.abs(expected).max())
 
 
 def test_fgn_and_ggn_steps_differ_for_multiclass():
@@ -488,6 +520,9 @@ def test_mini_batch_fits_follow_the_sample_weights(batch_size):
             FGNClassifier(
                 alpha=alpha,
                 batch_size=batch_size,
+                # In the feature metric the constant-step noise of one-row
+                # batches swamps the effect of the weights after 3 epochs.
+                damping_metric="identity",
                 max_iter=3,
                 early_stopping=False,
                 random_state=0,
@@ -557,7 +592,24 @@ def test_features_beyond_the_dtype_range_raise(scale, dtype):
     # convergence: an all-zero model after one "step", no warning.
     X, y = load_iris(return_X_y=True)
     with pytest.raises(ValueError, match="overflowed.*scale the features"):
-        FGNClassifier(device="cpu").fit((X * scale).astype(dtype), y)
+        FGNClassifier(device="cpu", damping_metric="identity").fit((X * scale).astype(dtype), y)
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e10, np.float32), (1e150, np.float64)])
+def test_feature_metric_fits_features_beyond_the_identity_metrics_range(scale, dtype):
+    # The whitened features are the same whatever the units: the fit is that of X.
+    X, y = load_iris(return_X_y=True)
+    alpha = 1e-12  # the penalty is the one term that sees the units
+    ref = FGNClassifier(alpha=alpha, device="cpu").fit(X.astype(dtype), y)
+    big = FGNClassifier(alpha=alpha, device="cpu").fit((X * scale).astype(dtype), y)
+    np.testing.assert_array_equal(big.predict((X * scale).astype(dtype)), ref.predict(X.astype(dtype)))
+    np.testing.assert_allclose(big.coef_ * scale, ref.coef_, rtol=1e-2, atol=1e-2 * np.abs(ref.coef_).max())
+
+
+def test_features_whose_second_moment_overflows_raise():
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match="second moment of the features overflowed.*scale the features"):
+        FGNClassifier(device="cpu").fit(X * 1e200, y)
 
 
 def test_huge_binary_features_fit():

@@ -1,0 +1,360 @@
+r"""The feature metric: damping measured in the geometry of a layer's inputs.
+
+A linear layer ``z = W x + b`` fitted with damping ``lambda I`` takes steps
+that depend on how the features are scaled and rotated: with L2-normalised
+embeddings the curvature is orders of magnitude below that of standardised
+features and a fixed ``lambda`` is either a crawl or unstable. DESIGN.md §2
+damps in the metric of the inputs instead,
+
+.. math::
+
+    \Lambda = \lambda (I_K \otimes A_\varepsilon) + \bar\alpha P,
+    \qquad A = \sum_i \omega_i \tilde x_i \tilde x_i^T,
+
+with ``x~ = (x, 1)``. In the coordinates ``(W, b + W mu)`` (``mu`` the
+weighted feature mean) ``A`` is block-diagonal, ``diag(Sigma, 1)`` with
+``Sigma`` the weighted covariance, so the intercept keeps the damping
+``lambda`` and the weights get ``lambda Sigma_eps``. This module finds an
+affine map ``x -> x^ = T^T (x - mu)`` with
+
+.. math::
+
+    T^T \Sigma_\varepsilon T = I, \qquad T^T T = \mathrm{diag}(e),
+
+so that, with ``W = W^ T^T``, the logits are ``W^ x^ + b^``, the feature
+metric is the identity and the penalty ``alpha/2 ||W||^2`` is
+``alpha/2 sum_j e_j ||W^_{:, j}||^2``: every step of the solver in the
+whitened coordinates uses a *diagonal* damping ``lambda + alpha e_j``,
+exactly. ``T`` comes from two symmetric eigendecompositions: the ridge is put
+on the correlation form ``C = S Sigma S`` (``S = diag(Sigma)^{-1/2}``),
+``C + eps I = Q D Q^T``, which makes the metric exactly invariant to
+per-feature rescaling; ``T0 = S Q D^{-1/2}`` whitens, and the eigenvectors
+``U`` of ``T0^T T0 = U diag(e) U^T`` diagonalise the penalty: ``T = T0 U``.
+
+Beyond ``FULL_METRIC_MAX_FEATURES`` features the two ``O(d^3)``
+eigendecompositions are replaced by the diagonal metric ``T = S`` (per-feature
+scaling, ``e = diag(S)^2``): exact for its own model, invariant to
+per-feature scales but not to rotations.
+
+Nothing here depends on the classes: one metric serves a whole
+regularisation path, and the first layer of an MLP head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FULL_METRIC_MAX_FEATURES",
+    "METRIC_RIDGE",
+    "FeatureMetric",
+    "FeatureMoments",
+    "feature_moments",
+    "feature_standardization",
+    "make_feature_metric",
+    "standardized_first_layer",
+    "unwhitened_params",
+    "whitened_params",
+]
+
+# Up to this many features the metric is the full whitening (two d x d
+# eigendecompositions, O(d^3)); beyond, the diagonal metric.
+FULL_METRIC_MAX_FEATURES = 2048
+# Ridge on the correlation form, relative to its mean eigenvalue (1): the
+# metric treats directions with less than this share of the variance alike.
+METRIC_RIDGE = 1e-4
+# Rows per chunk when accumulating moments: X is never converted whole.
+_CHUNK_ROWS = 4096
+# A feature whose variance is below this share of the largest is treated as constant.
+_CONSTANT_VARIANCE = 1e-24
+
+
+@dataclass(frozen=True)
+class FeatureMoments:
+    """Weighted first and second moments of the features, accumulated in float64.
+
+    Attributes
+    ----------
+    weight : float
+        Total weight ``sum_i s_i`` seen.
+    total : Tensor of shape (d,)
+        ``sum_i s_i x_i``.
+    outer : Tensor of shape (d, d)
+        ``sum_i s_i (x_i - c)(x_i - c)^T`` about the shift ``c``.
+    shift : Tensor of shape (d,)
+        The point ``c`` the outer products are taken about (the first
+        chunk's mean: it keeps the sums free of cancellation).
+    """
+
+    weight: float
+    total: Tensor
+    outer: Tensor
+    shift: Tensor
+
+    def merged(self, other: FeatureMoments) -> FeatureMoments:
+        """Moments of the union of both samples (``other`` re-centred on this shift)."""
+        offset = other.shift - self.shift
+        # sum s (x - c1)(x - c1)^T = sum s (x - c2)(x - c2)^T + u d^T + d u^T + W d d^T,
+        # with d = c2 - c1 and u = sum s (x - c2).
+        u = other.total - other.weight * other.shift
+        outer = other.outer + torch.outer(u, offset) + torch.outer(offset, u)
+        outer += other.weight * torch.outer(offset, offset)
+        return FeatureMoments(
+            self.weight + other.weight, self.total + other.total, self.outer + outer, self.shift
+        )
+
+    def covariance(self, centered: bool) -> tuple[Tensor, Tensor]:
+        """Weighted mean and covariance (second moment about 0 when not ``centered``).
+
+        Returns
+        -------
+        mean : Tensor of shape (d,)
+            Zeros when not ``centered``.
+        covariance : Tensor of shape (d, d)
+        """
+        mean = self.total / self.weight
+        offset = mean - self.shift
+        outer = self.outer / self.weight - torch.outer(offset, offset)  # about the mean
+        if centered:
+            return mean, outer
+        return torch.zeros_like(mean), outer + torch.outer(mean, mean)
+
+
+def feature_moments(X: Tensor, sample_weight: Tensor | None = None) -> FeatureMoments:
+    """Accumulate :class:`FeatureMoments` of ``X`` in row chunks, in float64.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n, d)
+        Features, on any device (the moments are computed there).
+    sample_weight : Tensor of shape (n,), optional
+        Non-negative weights (ones when None).
+
+    Returns
+    -------
+    FeatureMoments
+        Cost O(n d^2) flops; memory one float64 chunk of ``_CHUNK_ROWS`` rows
+        plus ``d x d``.
+    """
+    n, d = X.shape
+    kw = {"dtype": torch.float64, "device": X.device}
+    shift = X[: min(n, _CHUNK_ROWS)].to(**kw).mean(0)
+    total, outer, weight = torch.zeros(d, **kw), torch.zeros(d, d, **kw), 0.0
+    for start in range(0, n, _CHUNK_ROWS):
+        chunk = X[start : start + _CHUNK_ROWS].to(**kw)
+        w = (
+            torch.ones(chunk.shape[0], **kw)
+            if sample_weight is None
+            else sample_weight[start : start + _CHUNK_ROWS].to(**kw)
+        )
+        centred = chunk - shift
+        total += w @ chunk
+        outer.addmm_((centred * w[:, None]).T, centred)
+        weight += float(w.sum())
+    return FeatureMoments(weight, total, outer, shift)
+
+
+def feature_standardization(X: Tensor, sample_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Weighted per-feature mean and ``1 / std`` (see :func:`_scales`), in row chunks, float64.
+
+    Returns
+    -------
+    mean : Tensor of shape (d,)
+    scale : Tensor of shape (d,)
+        Cost O(n d).
+    """
+    kw = {"dtype": torch.float64, "device": X.device}
+    n, d = X.shape
+    shift = X[: min(n, _CHUNK_ROWS)].to(**kw).mean(0)
+    total, square, weight = torch.zeros(d, **kw), torch.zeros(d, **kw), 0.0
+    for start in range(0, n, _CHUNK_ROWS):
+        chunk = X[start : start + _CHUNK_ROWS].to(**kw) - shift
+        w = (
+            torch.ones(chunk.shape[0], **kw)
+            if sample_weight is None
+            else sample_weight[start : start + _CHUNK_ROWS].to(**kw)
+        )
+        total += w @ chunk
+        square += w @ (chunk * chunk)
+        weight += float(w.sum())
+    offset = total / weight
+    return shift + offset, _scales(torch.diag(square / weight - offset * offset))
+
+
+@dataclass(frozen=True)
+class FeatureMetric:
+    """The affine whitening ``x^ = (x - mean) @ transform`` and the penalty weights there.
+
+    Attributes
+    ----------
+    mean : Tensor of shape (d,)
+        ``mu`` (zeros for a layer without intercept).
+    transform : Tensor of shape (d, d)
+        ``T``: ``T^T Sigma_eps T = I`` and ``T^T T = diag(penalty)``.
+    inverse : Tensor of shape (d, d)
+        ``T^{-1}``, to map weights into the whitened coordinates.
+    penalty : Tensor of shape (d,)
+        ``e``: the L2 penalty ``||W||^2`` is ``sum_j e_j ||W^_{:, j}||^2``.
+    scale : Tensor of shape (d,)
+        ``diag(Sigma)^{-1/2}``, the per-feature standardisation (see :func:`standardized_first_layer`).
+    """
+
+    mean: Tensor
+    transform: Tensor
+    inverse: Tensor
+    penalty: Tensor
+    scale: Tensor
+
+    def to(self, dtype: torch.dtype, device: torch.device | str) -> FeatureMetric:
+        """Return the metric in ``dtype`` on ``device``.
+
+        Returns
+        -------
+        FeatureMetric
+            A copy (or ``self`` when nothing changes).
+        """
+        return FeatureMetric(*(t.to(dtype=dtype, device=device) for t in self.tensors()))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """``(mean, transform, inverse, penalty, scale)``."""
+        return self.mean, self.transform, self.inverse, self.penalty, self.scale
+
+    def whiten(self, X: Tensor) -> Tensor:
+        """``(X - mean) @ T``, shape (n, d), in ``X``'s dtype. Cost O(n d^2)."""
+        return (X - self.mean.to(X.dtype)) @ self.transform.to(X.dtype)
+
+    def weights_to_whitened(self, coef: Tensor, intercept: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(W, b) -> (W T^{-T}, b + W mu)``: the same affine map on whitened inputs.
+
+        Returns
+        -------
+        coef : Tensor of shape (h, d)
+        intercept : Tensor of shape (h,) or None
+        """
+        hat = coef @ self.inverse.T.to(coef.dtype)
+        return hat, None if intercept is None else intercept + coef @ self.mean.to(coef.dtype)
+
+    def weights_from_whitened(self, coef: Tensor, intercept: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(W^, b^) -> (W^ T^T, b^ - W mu)``, the inverse of :meth:`weights_to_whitened`.
+
+        Returns
+        -------
+        coef : Tensor of shape (h, d)
+        intercept : Tensor of shape (h,) or None
+        """
+        coef = coef @ self.transform.T.to(coef.dtype)
+        return coef, None if intercept is None else intercept - coef @ self.mean.to(coef.dtype)
+
+
+def _scales(covariance: Tensor) -> Tensor:
+    """``diag(Sigma)^{-1/2}``; (near-)constant features get the median scale of the others.
+
+    A constant feature carries no information on its scale; giving it the
+    typical one keeps ``T`` as well conditioned as the other features allow.
+
+    Returns
+    -------
+    Tensor of shape (d,)
+        The scales ``S``.
+    """
+    variance = covariance.diagonal().clamp_min(0.0)
+    informative = variance > _CONSTANT_VARIANCE * float(variance.max())
+    if not bool(informative.any()):
+        return torch.ones_like(variance)
+    typical = variance[informative].median()
+    return torch.where(informative, variance, typical).rsqrt()
+
+
+def make_feature_metric(
+    moments: FeatureMoments, centered: bool = True, ridge: float = METRIC_RIDGE, full: bool | None = None
+) -> FeatureMetric:
+    """Whitening and penalty weights for the metric ``Sigma + ridge * diag(Sigma)``.
+
+    Parameters
+    ----------
+    moments : FeatureMoments
+        The layer's input moments.
+    centered : bool, default=True
+        Whether the layer has an intercept (the metric is then taken about
+        the mean, see the module docstring); otherwise about 0.
+    ridge : float, default=METRIC_RIDGE
+        Ridge on the correlation form.
+    full : bool, optional
+        Full whitening or the diagonal metric; by default full up to
+        ``FULL_METRIC_MAX_FEATURES`` features.
+
+    Returns
+    -------
+    FeatureMetric
+        In float64 on the moments' device. Cost O(d^3) (two ``eigh``) for
+        the full metric, O(d) for the diagonal one.
+    """
+    mean, covariance = moments.covariance(centered)
+    scale = _scales(covariance)
+    d = scale.shape[0]
+    if not (d <= FULL_METRIC_MAX_FEATURES if full is None else full):
+        return FeatureMetric(mean, torch.diag(scale), torch.diag(1.0 / scale), scale**2, scale)
+    correlation = scale[:, None] * covariance * scale[None, :]
+    correlation.diagonal().add_(ridge)
+    eigenvalues, Q = torch.linalg.eigh(correlation)
+    whitening = (scale[:, None] * Q) * eigenvalues.clamp_min(ridge).rsqrt()  # T0 = S Q D^{-1/2}
+    U = torch.linalg.eigh(whitening.T @ whitening).eigenvectors
+    transform = whitening @ U
+    # T^{-1} = U^T D^{1/2} Q^T S^{-1}
+    inverse = (U.T * eigenvalues.clamp_min(ridge).sqrt()) @ (Q.T / scale[None, :])
+    # Column norms, not eigh's eigenvalues: relatively accurate for the small ones too.
+    return FeatureMetric(mean, transform, inverse, (transform * transform).sum(0), scale)
+
+
+def whitened_params(metric: FeatureMetric, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map the first layer of a head (``coef_0``, ``intercept_0``) into whitened coordinates.
+
+    Returns
+    -------
+    dict of Tensor
+        A new dict; the other entries are shared with ``params``.
+    """
+    coef, intercept = metric.weights_to_whitened(params["coef_0"], params.get("intercept_0"))
+    return _with_first_layer(params, coef, intercept)
+
+
+def unwhitened_params(metric: FeatureMetric, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`whitened_params`: the first layer back in the features' coordinates.
+
+    Returns
+    -------
+    dict of Tensor
+        A new dict; the other entries are shared with ``params``.
+    """
+    coef, intercept = metric.weights_from_whitened(params["coef_0"], params.get("intercept_0"))
+    return _with_first_layer(params, coef, intercept)
+
+
+def standardized_first_layer(params: dict[str, Tensor], mean: Tensor, scale: Tensor) -> dict[str, Tensor]:
+    """Rescale a freshly drawn first layer as if the features had been standardised.
+
+    ``W <- W diag(scale)`` and ``b <- b - W mu``: the pre-activations then
+    have the spread the initialisation was drawn for (Glorot assumes unit
+    inputs), whatever the features' units, so ReLU units are not all dead
+    from the start on raw features. A function of the data only (per-feature
+    moments), not of a basis of the metric.
+
+    Returns
+    -------
+    dict of Tensor
+        A new dict; the other entries are shared with ``params``.
+    """
+    coef = params["coef_0"] * scale.to(params["coef_0"].dtype)
+    intercept = params.get("intercept_0")
+    intercept = None if intercept is None else intercept - coef @ mean.to(coef.dtype)
+    return _with_first_layer(params, coef, intercept)
+
+
+def _with_first_layer(params: dict[str, Tensor], coef: Tensor, intercept: Tensor | None) -> dict[str, Tensor]:
+    out = dict(params, coef_0=coef)
+    if intercept is not None:
+        out["intercept_0"] = intercept
+    return out

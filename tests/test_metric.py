@@ -1,0 +1,176 @@
+"""The feature metric: whitening identities, exact penalty, moments, and invariance of fits."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import SEEDS
+from sklearn.exceptions import ConvergenceWarning
+
+from sklearn_fgn import FGNClassifier
+from sklearn_fgn._metric import (
+    FeatureMetric,
+    feature_moments,
+    feature_standardization,
+    make_feature_metric,
+    standardized_first_layer,
+    unwhitened_params,
+    whitened_params,
+)
+
+
+def _features(seed, n=300, d=8, spread=3.0):
+    """Correlated features with per-feature scales over ``2 * spread`` decades and offsets."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix
+    return X * torch.logspace(-spread, spread, d, dtype=torch.float64) + 5.0
+
+
+def _weights(seed, n=300):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64) + 0.1
+
+
+def _dense_moments(X, w, centered):
+    omega = w / w.sum()
+    mean = omega @ X if centered else torch.zeros(X.shape[1], dtype=X.dtype)
+    centred = X - mean
+    return mean, (centred * omega[:, None]).T @ centred
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("centered", [True, False])
+def test_metric_whitens_and_diagonalises_the_penalty(seed, centered):
+    X, w = _features(seed), _weights(seed)
+    ridge = 1e-4
+    metric = make_feature_metric(feature_moments(X, w), centered=centered, ridge=ridge)
+    mean, cov = _dense_moments(X, w, centered)
+    torch.testing.assert_close(metric.mean, mean, rtol=1e-10, atol=1e-10)
+    # T^T Sigma_eps T = I with Sigma_eps = Sigma + ridge diag(Sigma), and T^T T = diag(e).
+    sigma_eps = cov + ridge * torch.diag(torch.diag(cov))
+    T = metric.transform
+    torch.testing.assert_close(T.T @ sigma_eps @ T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-8)
+    gram = T.T @ T
+    torch.testing.assert_close(gram / metric.penalty.max(), torch.diag(metric.penalty) / metric.penalty.max(),
+                               rtol=0, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(metric.inverse @ T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(metric.scale, torch.diag(cov).rsqrt(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_diagonal_metric_is_per_feature_standardisation(seed):
+    X, w = _features(seed), _weights(seed)
+    metric = make_feature_metric(feature_moments(X, w), full=False)
+    _, cov = _dense_moments(X, w, True)
+    torch.testing.assert_close(metric.transform, torch.diag(torch.diag(cov).rsqrt()), rtol=1e-10, atol=0)
+    torch.testing.assert_close(metric.penalty, 1.0 / torch.diag(cov), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("spread, rtol", [(1.0, 1e-11), (3.0, 1e-6)])
+def test_whitened_parameters_give_the_same_logits_and_penalty(seed, full, spread, rtol):
+    # The penalty's relative error grows with the conditioning of T (eps times
+    # cond(T)^2 at worst): feature scales over 6 decades cost about 1e-7.
+    X, w = _features(seed, spread=spread), _weights(seed)
+    metric = make_feature_metric(feature_moments(X, w), full=full)
+    g = torch.Generator().manual_seed(seed)
+    params = {
+        "coef_0": torch.randn(3, 8, generator=g, dtype=torch.float64),
+        "intercept_0": torch.randn(3, generator=g, dtype=torch.float64),
+        "coef_1": torch.randn(2, 3, generator=g, dtype=torch.float64),
+    }
+    hat = whitened_params(metric, params)
+    logits = X @ params["coef_0"].T + params["intercept_0"]
+    torch.testing.assert_close(metric.whiten(X) @ hat["coef_0"].T + hat["intercept_0"], logits,
+                               rtol=1e-9, atol=1e-9 * logits.abs().max())  # fmt: skip
+    penalty = (params["coef_0"] ** 2).sum()
+    torch.testing.assert_close((metric.penalty * hat["coef_0"] ** 2).sum(), penalty, rtol=rtol, atol=0)
+    back = unwhitened_params(metric, hat)
+    for k in params:
+        tol = 1e3 * rtol
+        torch.testing.assert_close(back[k], params[k], rtol=tol, atol=tol * params[k].abs().max())
+    assert back["coef_1"] is params["coef_1"]
+
+
+def test_moments_are_independent_of_chunking_and_merge_exactly():
+    X, w = _features(0, n=9000), _weights(0, n=9000)  # three chunks of 4096 rows
+    whole = feature_moments(X, w)
+    parts = feature_moments(X[:2500], w[:2500]).merged(feature_moments(X[2500:], w[2500:]))
+    mean, cov = _dense_moments(X, w, True)
+    for m in (whole, parts):
+        got_mean, got_cov = m.covariance(centered=True)
+        torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_cov, cov, rtol=1e-9, atol=1e-9 * cov.abs().max())
+    assert parts.weight == pytest.approx(float(w.sum()), rel=1e-12)
+
+
+def test_standardisation_matches_the_moments():
+    X, w = _features(1, n=5000), _weights(1, n=5000)
+    mean, scale = feature_standardization(X, w)
+    ref_mean, cov = _dense_moments(X, w, True)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(scale, torch.diag(cov).rsqrt(), rtol=1e-9, atol=0)
+
+
+def test_constant_features_keep_the_metric_well_conditioned():
+    X = _features(2, spread=0.5)
+    X[:, 3] = 7.0  # constant: no scale to learn from it
+    metric = make_feature_metric(feature_moments(X))
+    assert torch.isfinite(metric.transform).all()
+    assert float(metric.penalty.max() / metric.penalty.min()) < 1e8
+    torch.testing.assert_close(metric.whiten(X)[:, :].std(0).max(), torch.tensor(1.0, dtype=torch.float64),
+                               rtol=1e-2, atol=0)  # fmt: skip
+
+
+def test_standardized_first_layer_gives_unit_scale_preactivations():
+    X = _features(3, n=4000)
+    mean, scale = feature_standardization(X)
+    g = torch.Generator().manual_seed(0)
+    params = {"coef_0": torch.randn(5, 8, generator=g, dtype=torch.float64), "intercept_0": torch.zeros(5)}
+    params["intercept_0"] = params["intercept_0"].double()
+    out = standardized_first_layer(params, mean, scale)
+    pre = X @ out["coef_0"].T + out["intercept_0"]
+    standardized = (X - mean) * scale
+    torch.testing.assert_close(pre, standardized @ params["coef_0"].T, rtol=1e-9, atol=1e-9)
+
+
+def test_metric_moves_to_dtype_and_device():
+    metric = make_feature_metric(feature_moments(_features(0)))
+    moved = metric.to(torch.float32, "cpu")
+    assert isinstance(moved, FeatureMetric)
+    assert all(t.dtype == torch.float32 for t in moved.tensors())
+
+
+def _embedding_like(n, d, n_classes, seed):
+    rng = np.random.default_rng(seed)
+    root = np.arange(1, d + 1) ** -1.0
+    means = rng.standard_normal((n_classes, d)) * root * 2.0
+    y = rng.integers(0, n_classes, size=n)
+    X = means[y] + rng.standard_normal((n, d)) * root
+    return X / np.linalg.norm(X, axis=1, keepdims=True), y
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_one_epoch_is_invariant_to_rotating_and_rescaling_the_features(seed):
+    # DESIGN.md: a step in the feature metric is unchanged when the features are
+    # rotated or rescaled, up to the penalty (negligible here: it is the one
+    # term that sees the units) and the ridge (exact for per-feature scales,
+    # about the ridge for rotations).
+    X, y = _embedding_like(1200, 12, 4, seed)
+    X_test, y_test = _embedding_like(600, 12, 4, seed + 10)
+    rng = np.random.default_rng(seed)
+    R, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    transform = R @ np.diag(10.0 ** rng.uniform(-3, 3, 12))
+    kw = dict(alpha=1e-18, batch_size=64, max_iter=1, early_stopping=False, random_state=seed, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        raw = FGNClassifier(**kw).fit(X, y)
+        moved = FGNClassifier(**kw).fit(X @ transform, y)
+        identity = FGNClassifier(damping_metric="identity", **kw).fit(X @ transform, y)
+    same = np.mean(raw.predict(X_test) == moved.predict(X_test @ transform))
+    assert same >= 0.995
+    np.testing.assert_allclose(moved.predict_proba(X_test @ transform), raw.predict_proba(X_test), atol=5e-3)
+    # the identity metric is not invariant: the same epoch ends elsewhere
+    assert np.abs(identity.predict_proba(X_test @ transform) - raw.predict_proba(X_test)).max() > 0.05
