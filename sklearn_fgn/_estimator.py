@@ -82,8 +82,14 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         ``(64,)`` (or ``64``) an MLP head with one hidden layer of 64 units.
     activation : {"relu", "tanh", "logistic", "gelu", "identity"}, default="relu"
         Hidden-layer activation (MLP head only).
-    alpha : float, default=1e-4
-        L2 penalty on the weights (not on intercepts), on the mean loss.
+    alpha : float, default=1.0
+        Strength of the L2 penalty on the weights (not on intercepts):
+        ``alpha / 2 * ||W||^2`` added to the summed, sample-weighted loss,
+        so ``alpha = 1 / C`` gives the objective of ``LogisticRegression(C=C)``
+        (same sample weights) for every number of samples, and an MLP head's
+        ``alpha`` means what ``MLPClassifier``'s does. The default is
+        ``LogisticRegression()``'s ``C = 1``; ``MLPClassifier``'s default
+        (1e-4) is ten thousand times weaker.
     damping : float, default=1.0
         The damping ``lambda`` of the step ``(G + Lambda) delta = -grad``;
         the initial value when ``damping_schedule="adaptive"``.
@@ -231,16 +237,21 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
 
     Notes
     -----
-    The objective, with weights ``s_i`` normalised to ``omega_i = s_i / sum_j s_j``, is
+    With sample weights ``s_i`` (times class weights; all ones without
+    them) the objective is
 
     .. math::
 
-        L(\theta) = \sum_i \omega_i \, \mathrm{CE}(f(x_i; \theta), y_i)
-                    + \frac{\alpha}{2} \sum_l \|W_l\|_F^2,
+        L(\theta) = \frac{1}{\sum_i s_i} \Big(\sum_i s_i \,
+                    \mathrm{CE}(f(x_i; \theta), y_i)
+                    + \frac{\alpha}{2} \sum_l \|W_l\|_F^2\Big),
 
-    intercepts not penalised. For the linear head and unit weights this is
-    ``LogisticRegression(C=C)`` with ``alpha = 1 / (C * n_samples)`` (with
-    sample weights, ``alpha = 1 / (C * sum(sample_weight))``).
+    intercepts not penalised: for the linear head this is
+    ``LogisticRegression(C=1 / alpha)`` with the same sample weights, whose
+    optimum a full-batch fit reaches. A mini-batch ``B`` estimates it
+    without bias: its rows weigh ``s_i / (|B| mean(s))`` and the penalty is
+    ``alpha / (2 sum(s))`` (``sum(s)`` over the rows the fit trains on; for
+    ``partial_fit``, over the rows of the call).
 
     FGN replaces the softmax Hessian ``diag(p) - p p^T`` of each example by
     its true-vs-rest part ``w a a^T`` (``a = e_y - q``, ``q`` the softmax over
@@ -293,7 +304,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         self,
         hidden_layer_sizes=(),
         activation="relu",
-        alpha=1e-4,
+        alpha=1.0,
         damping=1.0,
         damping_schedule="adaptive",
         damping_metric="auto",
@@ -405,10 +416,9 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         classes : array-like of shape (n_classes,), default=None
             All classes; required on the first call.
         sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative per-sample weights, relative within this call (as
-            in ``fit``, and as ``MLPClassifier`` treats them): each call is
-            one epoch on its own weighted objective, so scaling a call's
-            weights by a constant changes nothing.
+            Non-negative per-sample weights. Each call is one epoch on the
+            objective of its own rows (see Notes): the penalty is divided by
+            their total weight, as ``fit`` divides it by that of all rows.
 
         Returns
         -------
@@ -587,8 +597,19 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         return sample_weight
 
     def _penalty_coefficients(self, head, metric, data):
-        """``alpha`` for the loop: one float, or per-column weights on a whitened first layer."""
-        alpha = float(self.alpha)
+        """Return ``alpha / sum(s)`` for the loop (the penalty on the mean loss), per column when whitened.
+
+        ``sum(s)`` is the total weight of the rows the fit trains on (their
+        number without sample or class weights), so that ``alpha = 1 / C`` is
+        ``LogisticRegression(C)``'s objective divided by ``sum(s)``.
+
+        Returns
+        -------
+        float or dict
+            See :func:`._curvature.penalty_coefficients`.
+        """
+        total = data.X.shape[0] if data.sample_weight is None else float(data.sample_weight.double().sum())
+        alpha = float(self.alpha) / total
         if metric is None or alpha == 0.0:
             return alpha
         coefficients = dict.fromkeys((f"coef_{layer}" for layer in range(head.n_layers)), alpha)

@@ -97,7 +97,10 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         iterations), as in ``FGNClassifier``.
     alpha : float, default=0.0
         L2 strength on every parameter with ``ndim >= 2`` (weights,
-        convolution kernels); biases and other 1-D parameters are not penalised.
+        convolution kernels), as ``MLPClassifier``'s: ``alpha / 2 * ||W||^2``
+        on the summed loss, i.e. ``alpha / (2 n_train)`` on each batch's mean
+        loss, ``n_train`` the rows of the epoch's training split; biases and
+        other 1-D parameters are not penalised.
     **kwargs
         Any other ``skorch.NeuralNetClassifier`` argument (``max_epochs``,
         ``batch_size``, ``callbacks``, ``device``, ``module__*``, ...).
@@ -127,9 +130,12 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
 
     .. math::
 
-        L(\theta) = \sum_i \omega_i \mathrm{CE}(z_i, y_i) + \frac{\alpha}{2} \|\theta_{pen}\|^2,
+        L(\theta) = \sum_i \omega_i \mathrm{CE}(z_i, y_i)
+                    + \frac{\alpha}{2 n_{train}} \|\theta_{pen}\|^2,
 
-    ``theta_pen`` being the parameters with ``ndim >= 2``; the reported
+    ``theta_pen`` being the parameters with ``ndim >= 2`` and ``n_train`` the
+    size of the training split (the batch's, when ``train_step`` is called
+    outside ``fit``); the reported
     ``train_loss`` is this ``L`` before the step. The module's parameters go
     through ``torch.func.functional_call``; frozen ones
     (``requires_grad=False``) are left alone.
@@ -286,7 +292,7 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         damping: float,
     ) -> StepResult:  # fmt: skip
         result = compute_step(
-            logits_fn, params, X, y, sample_weight, alpha=self.alpha, damping=damping,
+            logits_fn, params, X, y, sample_weight, alpha=self._mean_alpha(y), damping=damping,
             curvature=self.curvature, solver="cg", cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
         )  # fmt: skip
         return result
@@ -300,7 +306,7 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         floor = DAMPING_BOUNDS[0] if full_batch else float(self.damping)  # see damping_schedule
         with torch.no_grad():
             out = take_step(
-                logits_fn, params, Batch(X, y, sample_weight), result, damping, self.alpha,
+                logits_fn, params, Batch(X, y, sample_weight), result, damping, self._mean_alpha(y),
                 self.damping_schedule, floor, extend=full_batch,
             )  # fmt: skip
         if self.damping_schedule == "adaptive":
@@ -308,6 +314,16 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         if out.accepted:
             _write_params(self.module_, out.params)
         return out
+
+    def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        """Record the training split's size, which scales ``alpha`` (skorch's epoch hook)."""
+        super().on_epoch_begin(net, dataset_train=dataset_train, dataset_valid=dataset_valid, **kwargs)
+        self._n_train = None if dataset_train is None else len(dataset_train)
+
+    def _mean_alpha(self, y: Tensor) -> float:
+        """``alpha / n_train``: the penalty on the batch's mean loss."""
+        n_train = getattr(self, "_n_train", None) or y.shape[0]
+        return float(self.alpha) / n_train
 
     def _record_step(self, result: StepResult, out: StepOutcome, damping: float) -> None:
         step_norm = out.step_size * math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))

@@ -81,7 +81,7 @@ def test_train_step_is_core_compute_step(digits, curvature, class_weight):
     y_t = torch.as_tensor(y)
     sample_weight = None if weight is None else weight[y_t]
     ref = compute_step(
-        logits_fn, before, torch.as_tensor(X), y_t, sample_weight, alpha=1e-2, damping=0.3,
+        logits_fn, before, torch.as_tensor(X), y_t, sample_weight, alpha=1e-2 / len(y), damping=0.3,
         curvature=curvature, solver="cg", cg_tol=1e-8, cg_max_iter=15,
     )  # fmt: skip
     for name, param in net.module_.named_parameters():
