@@ -563,6 +563,7 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             batch_size=self._resolve_batch_size(X.shape[0], head),  # as decided before any split
             max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
             cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
+            kronecker=metric is not None,
         )  # fmt: skip
         state.params = {k: t.to(data.device) for k, t in state.params.items()}
         if drawn and not head.is_linear:

@@ -67,7 +67,9 @@ class LoopConfig:
 
     ``alpha`` is the penalty on the mean loss (``alpha / sum(s)`` of the
     estimator's), a float or per-parameter coefficients (see
-    :func:`._curvature.penalty_coefficients`).
+    :func:`._curvature.penalty_coefficients`). ``kronecker``: the features
+    are whitened, and full-batch CG steps of a linear head are preconditioned
+    by the Kronecker model (:func:`._step.make_kronecker_preconditioner`).
     """
 
     alpha: Alpha
@@ -82,6 +84,7 @@ class LoopConfig:
     cg_tol: float | str = "auto"
     cg_max_iter: int = 100
     verbose: int = 0
+    kronecker: bool = False
 
 
 @dataclass
@@ -385,7 +388,7 @@ def damped_update(
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=cfg.cg_max_iter, logits=logits,
-        weight_total=batch.weight_total,
+        weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
     )  # fmt: skip
     out = take_step(
         head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend
