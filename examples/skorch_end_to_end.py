@@ -5,24 +5,25 @@ digits by ``FGNNeuralNetClassifier`` (one damped FGN step per mini-batch) and
 by a plain ``skorch.NeuralNetClassifier`` with ``torch.optim.Adam``, with the
 same batches per epoch. The script prints test accuracy and seconds for
 both and saves the training-loss curves (per epoch and per second) to
-``examples/out/skorch_end_to_end.png``. Runs in well under a minute on a CPU.
+``examples/out/skorch_end_to_end.png`` when matplotlib is installed. Runs in
+well under a minute on a CPU. Needs skorch: ``pip install -e ".[skorch]"``.
 """
 
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from skorch import NeuralNetClassifier
 
-from sklearn_fgn.skorch import FGNNeuralNetClassifier
+try:  # skorch is an optional extra; main() says how to get it
+    from skorch import NeuralNetClassifier
+
+    from sklearn_fgn.skorch import FGNNeuralNetClassifier
+except ImportError:
+    NeuralNetClassifier = FGNNeuralNetClassifier = None
 
 MAX_EPOCHS = 15
 BATCH_SIZE = 128
@@ -66,6 +67,14 @@ def fit_and_report(name, net, data):
 
 
 def plot(curves, path):
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for name, (loss, elapsed) in curves.items():
         by_epoch.semilogy(np.arange(1, len(loss) + 1), loss, marker="o", label=name)
@@ -75,10 +84,16 @@ def plot(curves, path):
     by_epoch.legend()
     fig.suptitle("digits, MLP 64-64-10 (tanh), batch size 128")
     fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"saved {path}")
 
 
 def main():
+    if NeuralNetClassifier is None:
+        print('this example needs skorch: pip install -e ".[skorch]"')
+        return
     # Tiny matmuls: intra-op threads only add synchronisation; pin both methods alike.
     torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,10 +102,7 @@ def main():
     for net in make_nets(device).values():  # warm-up: torch's one-time start-up costs are nobody's
         net.set_params(max_epochs=1).fit(data[0][:256], data[2][:256])
     curves = {name: fit_and_report(name, net, data) for name, net in make_nets(device).items()}
-    OUT.mkdir(exist_ok=True)
-    path = OUT / "skorch_end_to_end.png"
-    plot(curves, path)
-    print(f"saved {path}")
+    plot(curves, OUT / "skorch_end_to_end.png")
 
 
 if __name__ == "__main__":

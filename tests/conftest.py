@@ -1,4 +1,4 @@
-"""Shared seeds and devices for the sklearn_fgn test suite.
+"""Shared seeds, devices and thread limits for the sklearn_fgn test suite.
 
 Every test passes on a CPU-only machine; CUDA cases skip with a reason.
 Test modules import the constants directly (``from conftest import SEEDS``).
@@ -6,6 +6,7 @@ Test modules import the constants directly (``from conftest import SEEDS``).
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 # The test problems are tiny (n <= 16, P <= 60): intra-op threads only add
 # synchronisation, and on a busy 2-core machine they made the suite ~6x slower.
@@ -14,6 +15,18 @@ torch.set_num_threads(1)
 SEEDS = [0, 1, 2]
 ALL_DEVICES = ["cpu", "cuda"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_blas_thread():
+    """Run every BLAS/OpenMP pool loaded by collection time on one thread.
+
+    The scikit-learn reference fits (lbfgs on digits) oversubscribed a busy
+    2-core machine with one OpenMP/BLAS thread per core; the problems are too
+    small to gain from threads anywhere.
+    """
+    with threadpool_limits(limits=1):
+        yield
 
 
 @pytest.fixture(params=ALL_DEVICES)

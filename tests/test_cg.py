@@ -196,10 +196,24 @@ def test_cg_loose_tolerance_stops_early():
     assert _true_residual(A, result.solution, rhs) <= 1e-2 * 1.0001
 
 
-def test_cg_stop_reasons_constant():
-    assert set(CG_STOP_REASONS) == {
-        "converged", "max_iter", "zero_rhs", "nonpositive_curvature", "stagnated", "nonfinite"
-    }  # fmt: skip
+def test_cg_stop_reasons_are_exactly_the_reasons_cg_returns():
+    # One small system per way to stop: the constant names each outcome, and nothing else.
+    A, rhs = _spd(N, 0)
+    ill_conditioned, _ = _spd(N, 0, cond=1e7)
+    A32, inverse32 = ill_conditioned.float(), torch.linalg.inv(ill_conditioned).float()
+
+    def reason(A, rhs, **kwargs):
+        return conjugate_gradient(lambda v: A @ v, rhs, **kwargs).reason
+
+    reached = {
+        reason(A, rhs, tol=1e-10, max_iter=N),  # converged
+        reason(A, rhs, tol=1e-14, max_iter=1),  # max_iter
+        reason(A, torch.zeros_like(rhs)),  # zero_rhs
+        reason(-A, rhs),  # nonpositive_curvature
+        reason(A32, rhs.float(), tol=1e-9, max_iter=50, preconditioner=lambda r: inverse32 @ r),  # stagnated
+        reason(A, torch.full_like(rhs, float("inf"))),  # nonfinite
+    }
+    assert reached == set(CG_STOP_REASONS)
 
 
 def test_cg_reports_overflow_instead_of_a_zero_step():
@@ -211,10 +225,14 @@ def test_cg_reports_overflow_instead_of_a_zero_step():
     assert torch.count_nonzero(result.solution) == 0
     bad_rhs = torch.tensor([float("inf"), 1.0])
     assert conjugate_gradient(lambda v: v, bad_rhs).reason == "nonfinite"
-    # Overflow at the second direction keeps the first iterate.
+    # Overflow at the second direction keeps the first iterate: x_1 = rhs
+    # (r'r / p'Ap rounds to 1 in float32) with residual (0, -3e8), then p'Ap = inf.
     A = torch.diag(torch.tensor([1.0, 3e38]))
-    later = conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 1e-30]), tol=0.0, max_iter=10)
-    assert later.reason in ("converged", "nonfinite") and torch.isfinite(later.solution).all()
+    rhs = torch.tensor([1.0, 1e-30])
+    later = conjugate_gradient(lambda v: A @ v, rhs, tol=0.0, max_iter=10)
+    assert later.reason == "nonfinite" and later.n_iter == 2
+    assert torch.equal(later.solution, rhs)
+    assert later.residual_norm == pytest.approx(3e8, rel=1e-6)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
