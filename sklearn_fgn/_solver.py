@@ -59,6 +59,9 @@ MAX_BACKTRACKS = 10
 # Full batch: a trusted step is lengthened to the model's minimiser along it
 # when that lies at least this far out (``_extend``).
 EXTEND_MIN = 1.25
+# Full batch: a step converges the fit only if its decrease is at most this
+# share of the previous step's (``_full_batch_converged``).
+SUPERLINEAR = 0.1
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class LoopState:
     converged: bool = False
     stopped: bool = False
     last_relative_decrease: float = math.inf
+    previous_relative_decrease: float = math.inf
     gap_estimate: float = math.inf
 
 
@@ -571,6 +575,7 @@ def _run_epoch(
             logits if full_batch else None, extend=full_batch,
         )  # fmt: skip
         if full_batch:
+            state.previous_relative_decrease = state.last_relative_decrease
             state.last_relative_decrease = _relative_decrease(record)
             state.gap_estimate = _remaining_gap(record, state.last_relative_decrease)
         records.append((batch.X.shape[0], record))
@@ -611,7 +616,9 @@ def _update_stopping(state: LoopState, cfg: LoopConfig, score: float | None) -> 
     return state.no_improvement_count >= cfg.n_iter_no_change
 
 
-def _full_batch_converged(record: StepRecord, cfg: LoopConfig, dtype: torch.dtype) -> bool:
+def _full_batch_converged(
+    record: StepRecord, cfg: LoopConfig, dtype: torch.dtype, previous: float = math.inf
+) -> bool:
     # A trusted step (the quadratic model agrees with the objective) whose
     # predicted decrease p is below tol relative to the loss ends the fit
     # once it is taken, if it was solved accurately enough: with CG stopped
@@ -622,11 +629,16 @@ def _full_batch_converged(record: StepRecord, cfg: LoopConfig, dtype: torch.dtyp
     # objective's own resolution in ``dtype`` (float32 digits fits ran 14
     # rejected steps of 100 CG iterations each at predicted decreases of
     # 1e-12 to 3e-8, with the loss unchanged in its 8th digit).
+    # The rule assumes the fast final convergence of Newton's method: while
+    # the decreases still shrink only linearly (by less than SUPERLINEAR
+    # from the step before: inexact steps on a badly conditioned end game),
+    # the gap left is a multiple of the last decrease, and the fit goes on.
     relative = _relative_decrease(record)
     trusted = record.accepted and record.ratio > 0.5
     accurate = record.cg_tol**2 * relative <= cfg.tol**2
+    fast = relative <= SUPERLINEAR * previous or relative <= cfg.tol**2
     roundoff = max(1e3 * _EPS, float(torch.finfo(dtype).eps))
-    return (trusted and accurate and relative <= cfg.tol) or relative <= roundoff
+    return (trusted and accurate and fast and relative <= cfg.tol) or relative <= roundoff
 
 
 def _log_epoch(state: LoopState, records: list[tuple[int, StepRecord]], seconds: float, score) -> None:
@@ -679,7 +691,7 @@ def run_epochs(
             _log_epoch(state, records, time.perf_counter() - start, score)
         stop = _update_stopping(state, cfg, score)
         if full_batch and score is None:  # MLP's no-improvement rule is for noisy epochs
-            stop = _full_batch_converged(records[-1][1], cfg, data.X.dtype)
+            stop = _full_batch_converged(records[-1][1], cfg, data.X.dtype, state.previous_relative_decrease)
         state.converged = stop
         if on_epoch_end is not None and on_epoch_end(state):
             state.stopped = True

@@ -222,3 +222,14 @@ def test_primed_allocator_keeps_a_steps_memory_for_the_next():
     if faults["plain"] < 200:
         pytest.skip(f"this allocator keeps the memory anyway ({faults['plain']} faults per step)")
     assert faults["prime"] < 0.1 * faults["plain"], faults
+
+
+@pytest.mark.parametrize("previous, expected", [
+    (math.inf, True),  # first step: nothing says the convergence is slow
+    (3e-5, True),  # the decrease shrank tenfold: Newton's end game
+    (1e-5, False),  # shrinking by 0.3 per step: the gap left is a multiple of the decrease
+])  # fmt: skip
+def test_full_batch_does_not_stop_while_converging_linearly(previous, expected):
+    record = _record(ratio=1.0, cg_tol=0.01, predicted=3.0 * 3e-6)  # relative decrease 3e-6, loss 3.0
+    cfg = LoopConfig(alpha=0.0, tol=1e-4)
+    assert _full_batch_converged(record, cfg, torch.float64, previous) is expected

@@ -25,13 +25,14 @@ from cases import (
 from conftest import SEEDS
 
 from sklearn_fgn._cg import CGResult
-from sklearn_fgn._curvature import damping_diagonal, fgn_gram, linearize, make_fgn_operator
+from sklearn_fgn._curvature import class_curvature, damping_diagonal, fgn_gram, linearize, make_fgn_operator
 from sklearn_fgn._heads import Head, forward, init_params
-from sklearn_fgn._margin import margin
+from sklearn_fgn._margin import MarginStats, margin
 from sklearn_fgn._step import (
     CHOLESKY_MAX_ROWS,
     compute_step,
     make_fgn_preconditioner,
+    make_kronecker_preconditioner,
     normalized_weights,
     objective,
 )
@@ -355,3 +356,31 @@ def test_failed_factorisation_warns_only_when_cholesky_was_asked_for(monkeypatch
         auto = compute_step(head, params, X, y, solver="auto")
     assert explicit.solver == auto.solver == "cg"
     torch.testing.assert_close(explicit.step, auto.step, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("curvature", ["fgn", "ggn"])
+def test_kronecker_preconditioner_is_the_exact_inverse_of_its_model(seed, curvature):
+    # (I kron S + Lambda)^{-1} with per-column Lambda, against a dense float64 solve.
+    g = torch.Generator().manual_seed(seed)
+    n, K, d = 40, 4, 6
+    logits = torch.randn(n, K, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (n,), generator=g)
+    weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    S = class_curvature(MarginStats(logits, y), weights, curvature)
+    p = torch.softmax(logits, 1)
+    dense_ggn = (weights[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])).sum(0)
+    if curvature == "ggn":
+        torch.testing.assert_close(S, dense_ggn, rtol=1e-12, atol=1e-14)
+    lam = {"coef_0": 0.1 + torch.rand(d, generator=g, dtype=torch.float64), "intercept_0": 0.3}
+    like = {"coef_0": torch.zeros(K, d), "intercept_0": torch.zeros(K)}
+    apply = make_kronecker_preconditioner(S, lam, like)
+    r = torch.randn(K * d + K, generator=g, dtype=torch.float64)
+    # coef_0 flattens row-major (class k, feature j) -> k * d + j: the model is S kron I_d + diag(lambda_j)
+    model_coef = torch.kron(S, torch.eye(d, dtype=torch.float64)) + torch.diag(lam["coef_0"].repeat(K))
+    model_bias = S + 0.3 * torch.eye(K, dtype=torch.float64)
+    expected = torch.cat([
+        torch.linalg.solve(model_coef, r[: K * d]),
+        torch.linalg.solve(model_bias, r[K * d :]),
+    ])
+    torch.testing.assert_close(apply(r), expected, rtol=1e-10, atol=1e-12)
