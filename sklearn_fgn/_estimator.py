@@ -378,22 +378,17 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         self : FGNClassifier
             The fitted estimator.
         """
-        X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=True)
-        hidden = self._check_params()
-        self.classes_, y_enc = np.unique(y, return_inverse=True)
-        self._check_classes()
-        self._rng = np.random.RandomState(_seed_from(self.random_state))
-        head = self._make_head(hidden, X.shape[1])
-        resumed = None
-        if self.warm_start and coef_init is None and intercept_init is None:
-            resumed = self._params_from_attributes(head, X.dtype)
-        params = (
-            resumed if resumed is not None else self._initial_params(head, X.dtype, coef_init, intercept_init)
-        )
-        state = LoopState(params, self.damping_ if resumed is not None else float(self.damping))
-        early_stopping = self._resolve_early_stopping(y_enc, head)
-        drawn = resumed is None and coef_init is None and intercept_init is None
-        state = self._train(head, state, X, y_enc, sample_weight, early_stopping, None, drawn)
+        with _restored_on_error(self):
+            X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
+            resumed = None
+            if self.warm_start and coef_init is None and intercept_init is None:
+                resumed = self._resume_state(head, X.dtype)
+            drawn = resumed is None and coef_init is None and intercept_init is None
+            state = resumed or LoopState(
+                self._initial_params(head, X.dtype, coef_init, intercept_init), float(self.damping)
+            )
+            early_stopping = self._resolve_early_stopping(y_enc, head)
+            state, _ = self._train(head, state, X, y_enc, sample_weight, early_stopping, None, drawn)
         if not (state.converged or state.stopped):
             warnings.warn(
                 f"FGNClassifier stopped at max_iter={self.max_iter} before converging; "
@@ -431,31 +426,73 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             If ``classes`` is missing on the first call or changes later, or
             ``y`` has labels outside it.
         """
-        first = not hasattr(self, "classes_")
-        X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
-        hidden = self._check_params()
-        self._check_partial_fit_params(classes)
-        if first:
-            if classes is None:
-                raise ValueError("classes must be passed on the first call to partial_fit.")
-            self.classes_ = np.unique(np.asarray(classes))
-            self._check_classes()
-            self._rng = np.random.RandomState(_seed_from(self.random_state))
-        elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
-            raise ValueError(
-                f"classes={classes!r} differs from classes_={self.classes_!r} of the first call."
-            )
-        unseen = np.setdiff1d(np.unique(y), self.classes_)
-        if unseen.size:
-            raise ValueError(f"y contains labels not in classes: {unseen!r}")
-        head = self._make_head(hidden, X.shape[1])
-        state = self._resume_state(head, X.dtype) if not first else None
-        drawn = state is None
-        state = state or LoopState(self._initial_params(head, X.dtype, None, None), float(self.damping))
-        self._train(head, state, X, np.searchsorted(self.classes_, y), sample_weight, False, 1, drawn)
+        with _restored_on_error(self):
+            first = not hasattr(self, "classes_")
+            X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
+            hidden = self._check_params()
+            self._check_partial_fit_params(classes)
+            if first:
+                if classes is None:
+                    raise ValueError("classes must be passed on the first call to partial_fit.")
+                self.classes_ = np.unique(np.asarray(classes))
+                self._check_classes()
+                self._rng = np.random.RandomState(_seed_from(self.random_state))
+            elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
+                raise ValueError(
+                    f"classes={classes!r} differs from classes_={self.classes_!r} of the first call."
+                )
+            unseen = np.setdiff1d(np.unique(y), self.classes_)
+            if unseen.size:
+                raise ValueError(f"y contains labels not in classes: {unseen!r}")
+            head = self._make_head(hidden, X.shape[1])
+            state = self._resume_state(head, X.dtype) if not first else None
+            drawn = state is None
+            state = state or LoopState(self._initial_params(head, X.dtype, None, None), float(self.damping))
+            self._train(head, state, X, np.searchsorted(self.classes_, y), sample_weight, False, 1, drawn)
+
         return self
 
+    def _fit_path(self, X, y, sample_weight, alphas):
+        """Fit at each of ``alphas`` in turn, each fit starting from the previous solution.
+
+        What does not depend on ``alpha`` is done once: validation, the
+        tensors on the device, the validation split, the feature metric and
+        its eigendecomposition. Yields after each fit, with the fitted
+        attributes of that ``alpha`` set (a generator: the caller scores
+        them). Used by :class:`FGNClassifierCV`.
+
+        Yields
+        ------
+        LoopState
+            The state of the fit at that ``alpha``.
+        """
+        X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
+        state = LoopState(self._initial_params(head, X.dtype, None, None), float(self.damping))
+        early_stopping, prepared = self._resolve_early_stopping(y_enc, head), None
+        for i, alpha in enumerate(alphas):
+            self.alpha = float(alpha)
+            state = LoopState(state.params, state.damping)
+            state, prepared = self._train(
+                head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared
+            )
+            yield state
+
     # -------------------------------------------------------------- helpers
+    def _setup_fit(self, X, y, sample_weight):
+        """Validate the data and settings; set ``classes_``; return what a fit needs.
+
+        Returns
+        -------
+        tuple
+            ``(X, y_enc, sample_weight, head)``.
+        """
+        X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=True)
+        hidden = self._check_params()
+        self.classes_, y_enc = np.unique(y, return_inverse=True)
+        self._check_classes()
+        self._rng = np.random.RandomState(_seed_from(self.random_state))
+        return X, y_enc, sample_weight, self._make_head(hidden, X.shape[1])
+
     def _check_partial_fit_params(self, classes):
         if self.early_stopping is True:
             raise ValueError("partial_fit does not support early_stopping=True (it runs one epoch).")
@@ -542,21 +579,27 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
                 params[f"intercept_{layer}"] = torch.tensor(np.asarray(bias, dtype=dtype))
         return params
 
-    def _train(self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn=False):
+    def _train(
+        self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn=False, prepared=None
+    ):
         """Run the loop on ``state`` and store the fitted attributes.
 
         ``drawn``: ``state.params`` come from :func:`init_params`; an MLP's
         first layer is then rescaled to the features' spread
         (:func:`standardized_first_layer`). The parameters are mapped to the
-        coordinates of the fit (whitened features in the feature metric) and back.
+        coordinates of the fit (whitened features in the feature metric) and
+        back. ``prepared``: the :meth:`_prepare` of an earlier call on the same
+        data (a regularisation path), or None to prepare here.
 
         Returns
         -------
-        LoopState
+        state : LoopState
             The state after the loop, parameters in the features' coordinates.
+        prepared : tuple
+            What :meth:`_prepare` returned, for the next call on the same data.
         """
-        sample_weight = self._class_weighted(sample_weight, y_enc)
-        data, metric = self._training_data(X, y_enc, sample_weight, early_stopping, head)
+        prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head)
+        sample_weight, data, metric = prepared
         cfg = LoopConfig(
             alpha=self._penalty_coefficients(head, metric, data), damping=float(self.damping),
             curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
@@ -565,28 +608,34 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
             cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
             kronecker=metric is not None,
         )  # fmt: skip
-        state.params = {k: t.to(data.device) for k, t in state.params.items()}
-        if drawn and not head.is_linear:
-            mean, scale = (
-                (metric.mean, metric.scale)
-                if metric is not None
-                else feature_standardization(data.X, data.sample_weight)
-            )
-            state.params = standardized_first_layer(state.params, mean, scale)
-        if metric is not None:
-            state.params = whitened_params(metric, state.params)
+        state.params = _to_fit_coordinates(head, state.params, data, metric, drawn)
         generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
         y_labels, max_subtasks = self.classes_[y_enc], n_epochs or self.max_iter
         to_features = functools.partial(_in_feature_coordinates, metric)
         events = _EpochCallbacks(self, head, X, y_labels, sample_weight, max_subtasks, to_features)
         with _torch_threads_like_threadpools():
-            state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
+            try:
+                state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
+            except KeyboardInterrupt:  # keep the last accepted parameters, as MLPClassifier does
+                warnings.warn("Training interrupted by user.", stacklevel=4)
+                state.stopped = True
         if early_stopping and state.best_params is not None:
             state.params = state.best_params
         state.params = to_features(state.params)
         self._store(head, state)
         events.close()
-        return state
+        return state, prepared
+
+    def _prepare(self, X, y_enc, sample_weight, early_stopping, head):
+        """Class weights, the tensors and the feature metric: what a fit needs besides ``alpha``.
+
+        Returns
+        -------
+        tuple
+            ``(sample_weight, data, metric)``, see :meth:`_training_data`.
+        """
+        sample_weight = self._class_weighted(sample_weight, y_enc)
+        return (sample_weight, *self._training_data(X, y_enc, sample_weight, early_stopping, head))
 
     def _class_weighted(self, sample_weight, y_enc):
         if self.class_weight is not None:
@@ -821,6 +870,35 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         logits = self._logits(X)
         index = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
         return self.classes_[index.numpy()]
+
+
+@contextlib.contextmanager
+def _restored_on_error(estimator):
+    """On an exception, put the fitted state back as it was (fitted or not), then re-raise.
+
+    Fitted attributes (``name_``) and private state (``_name``) are saved
+    before a fit; a fit that raises midway leaves no mix of old and new.
+    """
+    saved = {k: v for k, v in vars(estimator).items() if k.endswith("_") or k.startswith("_")}
+    try:
+        yield
+    except BaseException:
+        for k in [k for k in vars(estimator) if k.endswith("_") or k.startswith("_")]:
+            delattr(estimator, k)
+        vars(estimator).update(saved)
+        raise
+
+
+def _to_fit_coordinates(head, params, data, metric, drawn):
+    """Parameters on the device, in the coordinates of the fit (see ``FGNClassifier._train``)."""
+    params = {k: t.to(data.device) for k, t in params.items()}
+    if drawn and not head.is_linear:
+        if metric is not None:
+            mean, scale = metric.mean, metric.scale
+        else:
+            mean, scale = feature_standardization(data.X, data.sample_weight)
+        params = standardized_first_layer(params, mean, scale)
+    return params if metric is None else whitened_params(metric, params)
 
 
 def _in_feature_coordinates(metric, params):

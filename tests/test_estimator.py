@@ -411,11 +411,53 @@ def test_partial_fit_needs_classes_and_lowers_the_loss():
 
 
 def test_warm_start_resumes_from_previous_solution():
+    # As MLPClassifier: a warm refit adds to n_iter_, t_ and loss_curve_.
     X, y = _standardized("digits")
     est = FGNClassifier(batch_size=None, warm_start=True, device="cpu").fit(X, y)
-    first = est.n_iter_
+    first, curve = est.n_iter_, list(est.loss_curve_)
     est.fit(X, y)
-    assert est.n_iter_ < first
+    assert 0 < est.n_iter_ - first < first
+    assert est.loss_curve_[:first] == curve and len(est.loss_curve_) == est.n_iter_
+    assert est.t_ == est.n_iter_ * len(y)
+
+
+def test_failed_refit_leaves_the_previous_fit():
+    X, y = load_iris(return_X_y=True)
+    est = FGNClassifier(device="cpu").fit(X, y)
+    before = est.predict_proba(X)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        est.set_params(early_stopping=True).fit(X[:6], ["a", "b", "c"] * 2)
+    np.testing.assert_array_equal(est.classes_, [0, 1, 2])
+    np.testing.assert_array_equal(est.predict_proba(X), before)
+    with pytest.raises(ValueError):
+        est.set_params(early_stopping=False).fit(X[:, :2], np.full(len(y), 1))  # one class
+    assert est.n_features_in_ == 4
+    np.testing.assert_array_equal(est.predict_proba(X), before)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_interrupted_fit_keeps_a_consistent_model(monkeypatch, refit):
+    # As MLPClassifier: Ctrl-C ends the fit with a warning and the last accepted parameters.
+    import sklearn_fgn._solver as solver_module
+
+    X, y = make_classification(600, 8, n_informative=6, n_classes=5, random_state=0)
+    est = FGNClassifier(batch_size=32, max_iter=20, random_state=0, device="cpu")
+    if refit:
+        est.fit(*load_iris(return_X_y=True)[:1], [0, 1, 2] * 50)  # 3 classes, 4 features
+    calls, update = [], solver_module.damped_update
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 25:
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(solver_module, "damped_update", interrupted)
+    with pytest.warns(UserWarning, match="Training interrupted by user"):
+        est.fit(X, y)
+    assert est.coef_.shape == (5, 8) and len(est.classes_) == 5
+    assert est.predict_proba(X).shape == (len(y), 5)
+    assert est.score(X, y) > 0.4  # 24 accepted steps: far from chance (0.2)
 
 
 def test_early_stopping_records_validation_scores_and_keeps_best():
