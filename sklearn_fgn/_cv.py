@@ -1,0 +1,343 @@
+"""FGNClassifierCV: the regularisation path of a linear probe, cross-validated."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from joblib import effective_n_jobs
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import check_scoring
+from sklearn.model_selection import check_cv
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.parallel import Parallel, delayed
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
+
+from ._estimator import DAMPING_METRICS, FGNClassifier
+
+__all__ = ["FGNClassifierCV"]
+
+
+class FGNClassifierCV(ClassifierMixin, BaseEstimator):
+    r"""Multinomial logistic regression with ``C`` chosen by cross-validation, fitted by FGN steps.
+
+    The counterpart of ``LogisticRegressionCV`` for linear probes: for every
+    fold, the whole path of ``Cs`` is fitted from strong to weak
+    regularisation, each ``C`` starting from the solution of the one before,
+    and the work that does not depend on ``C`` is done once per fold (the
+    fold's rows on the device, the feature second moment and its
+    eigendecomposition, the validation split of mini-batch fits). The ``C``
+    with the best mean validation score is refitted on all the data.
+
+    Parameters
+    ----------
+    Cs : int or array-like of float, default=10
+        Inverse regularisation strengths (``alpha = 1 / C`` of
+        :class:`FGNClassifier`); an int ``k`` gives ``k`` values on a log grid
+        from 1e-4 to 1e4, as ``LogisticRegressionCV``.
+    cv : int, cross-validation generator or iterable, default=None
+        As in ``LogisticRegressionCV``: ``None`` is 5-fold, an int is that
+        many folds, stratified for classification.
+    scoring : str or callable, default=None
+        Validation score (``None``: accuracy).
+    refit : bool, default=True
+        Refit the best ``C`` on all the data (``best_estimator_``). Otherwise
+        ``coef_`` and ``intercept_`` are the mean over the folds of the fits
+        at the best ``C``.
+    n_jobs : int, default=None
+        Folds fitted in parallel (joblib); each worker's BLAS, OpenMP and
+        torch threads are capped at ``cpu_count // n_jobs`` so that the
+        workers share the cores instead of oversubscribing them.
+    damping : float, default=1.0
+        As in :class:`FGNClassifier`.
+    damping_metric : {"auto", "features", "identity"}, default="auto"
+        As in :class:`FGNClassifier`.
+    batch_size : int, "auto" or None, default="auto"
+        As in :class:`FGNClassifier`. In full batch each ``C`` of the path
+        converges in a few Newton steps from the previous solution. With
+        mini-batches each ``C`` runs epochs (with the early stopping of
+        :class:`FGNClassifier`) warm-started from the previous ``C``.
+    max_iter : int, default=100
+        Steps (full batch) or epochs per ``C``.
+    tol : float, default=1e-8
+        As in :class:`FGNClassifier`, whose default (1e-4) is looser: along
+        a warm-started path the extra Newton steps are cheap, and the
+        refit's probabilities are then accurate where the weakest ``C``
+        leaves the objective flat.
+    fit_intercept : bool, default=True
+        Whether to fit intercepts (not penalised).
+    class_weight : dict, "balanced" or None, default=None
+        As in ``LogisticRegressionCV``.
+    device : str or torch.device, default="auto"
+        As in :class:`FGNClassifier`.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the shuffles of mini-batch fits (not the folds of an int ``cv``,
+        which are not shuffled, as in ``LogisticRegressionCV``).
+    verbose : int, default=0
+        Passed to the :class:`FGNClassifier` fits.
+
+    Attributes
+    ----------
+    Cs_ : ndarray of shape (n_cs,)
+        The grid, ascending.
+    C_ : float
+        The ``C`` with the best mean validation score (the smallest among ties).
+    scores_ : ndarray of shape (n_folds, n_cs)
+        Validation score of every fold and ``C`` (the layout of
+        ``LogisticRegressionCV(use_legacy_attributes=False)`` without its
+        ``l1_ratio`` axis: one array, as the multinomial fit has one score per fold and ``C``).
+    coefs_paths_ : ndarray of shape (n_folds, n_cs, n_rows, n_features + fit_intercept)
+        Coefficients (intercept last) along the path; ``n_rows`` is 1 for
+        binary problems, ``n_classes`` otherwise.
+    n_iter_ : ndarray of shape (n_folds, n_cs)
+        Iterations of every fit of the path.
+    best_estimator_ : FGNClassifier
+        The refitted estimator (``refit=True``).
+    coef_ : ndarray of shape (1, n_features) or (n_classes, n_features)
+    intercept_ : ndarray of shape (1,) or (n_classes,)
+    classes_ : ndarray of shape (n_classes,)
+    n_features_in_ : int
+
+    See Also
+    --------
+    FGNClassifier : One fit at a given ``alpha = 1 / C``.
+    sklearn.linear_model.LogisticRegressionCV : The same search with scikit-learn's solvers.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn_fgn import FGNClassifierCV
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = FGNClassifierCV(Cs=[0.1, 1.0, 10.0], cv=3, device="cpu").fit(X, y)
+    >>> float(clf.C_) in (0.1, 1.0, 10.0)
+    True
+    >>> clf.scores_.shape
+    (3, 3)
+    """
+
+    _parameter_constraints: dict = {
+        "Cs": [Interval(Integral, 1, None, closed="left"), "array-like"],
+        "cv": ["cv_object"],
+        "scoring": [str, callable, None],
+        "refit": ["boolean"],
+        "n_jobs": [Integral, None],
+        "damping": [Interval(Real, 0, None, closed="neither")],
+        "damping_metric": [StrOptions(set(DAMPING_METRICS))],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "fit_intercept": ["boolean"],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        Cs=10,
+        cv=None,
+        scoring=None,
+        refit=True,
+        n_jobs=None,
+        damping=1.0,
+        damping_metric="auto",
+        batch_size="auto",
+        max_iter=100,
+        tol=1e-8,
+        fit_intercept=True,
+        class_weight=None,
+        device="auto",
+        random_state=None,
+        verbose=0,
+    ):
+        self.Cs = Cs
+        self.cv = cv
+        self.scoring = scoring
+        self.refit = refit
+        self.n_jobs = n_jobs
+        self.damping = damping
+        self.damping_metric = damping_metric
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.fit_intercept = fit_intercept
+        self.class_weight = class_weight
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the path on every fold, choose ``C``, and refit it.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training features.
+        y : array-like of shape (n_samples,)
+            Class labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Per-sample weights, used in the fits and the validation scores.
+
+        Returns
+        -------
+        self : FGNClassifierCV
+            The fitted estimator.
+        """
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        sample_weight = _check_sample_weight(sample_weight, X, dtype=X.dtype, ensure_non_negative=True)
+        classes = np.unique(y)
+        Cs = self._grid()
+        folds = list(check_cv(self.cv, y, classifier=True).split(X, y))
+        scorer = check_scoring(self._base_estimator(1.0), scoring=self.scoring)
+        n_jobs = effective_n_jobs(self.n_jobs)
+        results = Parallel(n_jobs=n_jobs)(
+            delayed(_fit_fold_path)(
+                self._base_estimator(Cs[0]),
+                X,
+                y,
+                sample_weight,
+                train,
+                test,
+                Cs,
+                scorer,
+                _worker_threads(n_jobs),
+            )  # fmt: skip
+            for train, test in folds
+        )
+        self.classes_, self.Cs_ = classes, Cs
+        self.scores_ = np.array([r[0] for r in results])
+        self.coefs_paths_ = np.array([r[1] for r in results])
+        self.n_iter_ = np.array([r[2] for r in results])
+        best = int(np.argmax(self.scores_.mean(axis=0)))  # the first (smallest C) among ties
+        self.C_ = float(Cs[best])
+        self._store_best(X, y, sample_weight, best)
+        return self
+
+    def _grid(self):
+        if isinstance(self.Cs, Integral):
+            return np.logspace(-4, 4, self.Cs)
+        Cs = np.sort(np.asarray(self.Cs, dtype=np.float64).ravel())
+        if Cs.size == 0 or not np.all(np.isfinite(Cs)) or np.any(Cs <= 0):
+            raise ValueError(f"Cs must be positive finite values; got {self.Cs!r}.")
+        return Cs
+
+    def _base_estimator(self, C):
+        return FGNClassifier(
+            alpha=1.0 / C, damping=self.damping, damping_metric=self.damping_metric,
+            batch_size=self.batch_size, max_iter=self.max_iter, tol=self.tol,
+            fit_intercept=self.fit_intercept, class_weight=self.class_weight, device=self.device,
+            random_state=self.random_state, verbose=self.verbose,
+        )  # fmt: skip
+
+    def _store_best(self, X, y, sample_weight, best):
+        if self.refit:
+            self.best_estimator_ = self._base_estimator(self.C_)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # the fold fits already warned
+                self.best_estimator_.fit(X, y, sample_weight=sample_weight)
+            self.coef_, self.intercept_ = self.best_estimator_.coef_, self.best_estimator_.intercept_
+            return
+        mean = self.coefs_paths_[:, best].mean(axis=0)
+        if self.fit_intercept:
+            self.coef_, self.intercept_ = mean[:, :-1], mean[:, -1]
+        else:
+            self.coef_, self.intercept_ = mean, np.zeros(mean.shape[0], dtype=mean.dtype)
+
+    def decision_function(self, X):
+        """Logits of ``X`` (the positive class's for binary problems).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_classes)
+            ``X @ coef_.T + intercept_``.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        logits = X @ self.coef_.T.astype(X.dtype) + self.intercept_.astype(X.dtype)
+        return logits[:, 0] if logits.shape[1] == 1 else logits
+
+    def predict_proba(self, X):
+        """Class probabilities (softmax of the logits; logistic for binary problems).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            Probabilities in the order of ``classes_``.
+        """
+        logits = self.decision_function(X)
+        if logits.ndim == 1:
+            logits = np.stack([np.zeros_like(logits), logits], axis=1)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        proba = np.exp(logits)
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        """Predicted class labels.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+            Labels from ``classes_``.
+        """
+        logits = self.decision_function(X)
+        index = (logits > 0).astype(int) if logits.ndim == 1 else logits.argmax(axis=1)
+        return self.classes_[index]
+
+
+def _worker_threads(n_jobs):
+    """Threads per joblib worker: the cores shared between ``n_jobs`` workers."""
+    return max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+
+
+def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, threads):
+    """Fit ``estimator`` along ``Cs`` on the fold's training rows; score each on its test rows.
+
+    Returns
+    -------
+    scores : list of float
+    coefs : list of ndarray
+        ``coef_`` with ``intercept_`` appended as a last column, per ``C``.
+    n_iter : list of int
+    """
+    scores, coefs, n_iter = [], [], []
+    estimator = clone(estimator)
+    w_test = sample_weight[test]
+    with threadpool_limits(threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
+        for state in estimator._fit_path(X[train], y[train], sample_weight[train], 1.0 / Cs):
+            scores.append(float(scorer(estimator, X[test], y[test], sample_weight=w_test)))
+            coef = estimator.coef_
+            if estimator.fit_intercept:
+                coef = np.hstack([coef, estimator.intercept_[:, None]])
+            coefs.append(coef)
+            n_iter.append(state.n_iter)
+    return scores, coefs, n_iter

@@ -1,0 +1,93 @@
+"""FGNClassifierCV against LogisticRegressionCV, and as a scikit-learn estimator."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sklearn_fgn import FGNClassifier, FGNClassifierCV
+
+DATASETS = {"iris": load_iris, "breast_cancer": load_breast_cancer, "digits": load_digits}
+
+
+@parametrize_with_checks([FGNClassifierCV(Cs=3, cv=3, device="cpu")])
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
+
+
+def _standardized(name):
+    X, y = DATASETS[name](return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_same_choice_of_C_as_logistic_regression_cv(name):
+    X, y = _standardized(name)
+    folds = list(StratifiedKFold(4, shuffle=True, random_state=0).split(X, y))
+    Cs = np.logspace(-3, 3, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        lr = LogisticRegressionCV(Cs=Cs, cv=folds, scoring="accuracy", max_iter=10_000, tol=1e-8,
+                                  l1_ratios=(0,), use_legacy_attributes=False).fit(X, y)  # fmt: skip
+    fgn = FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
+    np.testing.assert_allclose(fgn.Cs_, lr.Cs_)
+    # each fold's path is the optimum at each C: the same validation scores up to ties at the boundary
+    np.testing.assert_allclose(fgn.scores_.mean(0), lr.scores_.reshape(len(folds), -1).mean(0), atol=0.01)
+    lr_mean = lr.scores_.reshape(len(folds), -1).mean(0)
+    assert fgn.C_ == lr.C_ or lr_mean[list(Cs).index(fgn.C_)] >= lr_mean.max() - 0.001
+    assert fgn.score(X, y) >= lr.score(X, y) - 0.002
+
+
+def test_path_fits_are_the_fits_at_each_C():
+    X, y = _standardized("breast_cancer")
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    cv = FGNClassifierCV(Cs=[0.1, 10.0], cv=folds, tol=1e-8, device="cpu").fit(X, y)
+    train = folds[1][0]
+    single = FGNClassifier(alpha=1 / 10.0, batch_size=None, tol=1e-8, device="cpu").fit(X[train], y[train])
+    path = cv.coefs_paths_[1, 1]
+    np.testing.assert_allclose(path[:, :-1], single.coef_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(path[:, -1], single.intercept_, rtol=1e-4, atol=1e-5)
+    assert cv.coefs_paths_.shape == (3, 2, 1, X.shape[1] + 1) and cv.n_iter_.shape == (3, 2)
+    # the refit is the fit at the chosen C on all rows
+    np.testing.assert_allclose(cv.coef_, cv.best_estimator_.coef_)
+    assert cv.best_estimator_.alpha == pytest.approx(1 / cv.C_)
+
+
+def test_refit_false_averages_the_folds_at_the_best_C():
+    X, y = _standardized("iris")
+    cv = FGNClassifierCV(Cs=[0.1, 1.0, 10.0], cv=3, refit=False, device="cpu").fit(X, y)
+    best = list(cv.Cs_).index(cv.C_)
+    np.testing.assert_allclose(cv.coef_, cv.coefs_paths_[:, best, :, :-1].mean(0))
+    assert not hasattr(cv, "best_estimator_")
+    assert cv.predict_proba(X).shape == (len(y), 3)
+
+
+def test_parallel_folds_give_the_same_result():
+    X, y = _standardized("iris")
+    one = FGNClassifierCV(Cs=4, cv=3, device="cpu").fit(X, y)
+    two = FGNClassifierCV(Cs=4, cv=3, n_jobs=2, device="cpu").fit(X, y)
+    np.testing.assert_allclose(one.scores_, two.scores_)
+    np.testing.assert_allclose(one.coefs_paths_, two.coefs_paths_, rtol=1e-10, atol=1e-12)
+
+
+def test_pipeline_pickle_and_weights():
+    X, y = load_iris(return_X_y=True)
+    pipe = make_pipeline(StandardScaler(), FGNClassifierCV(Cs=3, cv=3, device="cpu")).fit(X, y)
+    clone = pickle.loads(pickle.dumps(pipe))
+    np.testing.assert_array_equal(clone.predict(X), pipe.predict(X))
+    sw = np.random.RandomState(0).uniform(0.5, 2.0, len(y))
+    weighted = FGNClassifierCV(Cs=3, cv=3, device="cpu").fit(X, y, sample_weight=sw)
+    assert weighted.scores_.shape == (3, 3)
+
+
+def test_bad_Cs_raise():
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match="Cs must be positive"):
+        FGNClassifierCV(Cs=[1.0, -1.0], device="cpu").fit(X, y)
