@@ -2,6 +2,7 @@
 
 from ._cv import FGNClassifierCV
 from ._estimator import FGNClassifier
+from ._solver import prime_host_allocator
 
-__all__ = ["FGNClassifier", "FGNClassifierCV", "__version__"]
+__all__ = ["FGNClassifier", "FGNClassifierCV", "__version__", "prime_host_allocator"]
 __version__ = "0.1.0"

@@ -44,27 +44,14 @@ __all__ = ["FGNClassifier"]
 DAMPING_METRICS = ("auto", "features", "identity")
 
 # batch_size="auto": full batch while n_samples * n_logits stays below this
-# (the full-GGN step keeps a few (n, K) arrays), else AUTO_BATCH_SIZE. With
-# the damping floor as step size, progress per epoch grows with the steps per
-# epoch; below 512 rows the per-step O(P) work and overheads cost more than
-# the extra steps gain (CPU, float64, test accuracy per epoch, class_sep=3):
-#   50000 x 512 x 1000:  batch 256: 70.4 / 71.6 (4.2 s, 9.2 s);  384: 67.4 / 71.1;
-#                        512: 62.8 / 70.0 (2.8 s, 6.8 s);  1024: 26.0 / 56.7 (2.9 s, 5.4 s)
-#   100000 x 512 x 1000: 512: 83.14 / 83.71;  1024: 80.69 / 82.90 (same time per epoch)
-#   250000 x 256 x 100:  512: 80.65 / 80.69;  1024: 80.70 / 80.96;  2048: 80.07 / 80.79
+# (the full-GGN step keeps a few (n, K) arrays), else AUTO_BATCH_SIZE rows:
+# with the damping as step size, progress per epoch grows with the steps per
+# epoch until the per-step overheads dominate. MLP heads also need n_samples
+# <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES: full-batch MLP fits run many near-Newton
+# steps on a nonconvex objective for no better accuracy. The measurements
+# behind these values are in benchmarks/RESULTS.md ("Design measurements").
 AUTO_FULL_BATCH_MAX_ENTRIES = 2**24
 AUTO_BATCH_SIZE = 512
-# MLP heads also need n_samples <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES for full
-# batch: their full-batch fits run many near-Newton steps of up to cg_max_iter
-# CG iterations each on a nonconvex objective.
-# FGNClassifier((64,)) on make_classification problems (class_sep 1.5-2,
-# standardised, test accuracy, full batch / 512-row batches; float64, mean of
-# 3 seeds, except 20000 x 256 x 100: float32, one seed):
-#   4500 x 64 x 10: 88.4 % in 13 s / 84.3 % in 0.8 s;  8000 x 64 x 10: 91.6 % in 21 s / 89.4 % in 1.8 s
-#   10000 x 128 x 50: 75.8 % in 62 s / 75.4 % in 5.0 s;  20000 x 256 x 100: 59.5 % in 132 s / 60.8 % in 6.5 s
-# (with torch.func's products). With the closed-form MLP products, one
-# 10000 x 128 x 50 fit (n_informative 64, class_sep 2, seed 0): 41.1 % in
-# 40.7 s / 43.8 % in 3.7 s.
 AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
 
 
@@ -124,9 +111,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         example); ``"ggn"`` the full softmax Gauss-Newton matrix (exact Newton
         for the linear head). ``"auto"`` uses FGN on mini-batches and for
         binary heads (where FGN is exact Gauss-Newton), and the full GGN for
-        multiclass full-batch fits: there FGN steps converge only linearly
-        once the competitor mass is dispersed (on digits they stopped 6e-6
-        from the optimum after 13 steps, full-GGN steps reached 5e-8 in 11).
+        multiclass full-batch fits, where FGN steps converge only linearly
+        once the competitor mass is dispersed.
     solver : {"auto", "cg", "cholesky"}, default="auto"
         Inner solver. ``"cg"``: conjugate gradient preconditioned by the
         damping. ``"cholesky"``: the exact FGN step from a Cholesky
@@ -139,21 +125,10 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         an explicit ``"cholesky"`` warns then).
     batch_size : int, "auto" or None, default="auto"
         ``None`` is full batch. ``"auto"``: full batch while
-        ``n_samples * n_classes <= 2**24`` (about 16.7 million logits), else
-        512. Measured on the 20000 x 256 x 50 probe of
-        ``examples/linear_probe.py``: full batch converges in a few exact
-        Newton steps in seconds, where mini-batch FGN epochs with a damping
-        floor of 1.0 took over 100 s to the same accuracy. On a 100000 x 512
-        x 1000 probe one epoch of 512-row batches reached 83.1 % test
-        accuracy where 1024-row batches, at the same cost per epoch, reached
-        80.7 %; smaller batches cost more per epoch than they gained. MLP
-        heads take full batch only up to 8192 samples as well: with
-        ``hidden_layer_sizes=(64,)`` on 20000 x 256 x 100, 512-row batches
-        reached 60.8 % test accuracy in 6.5 s where full batch took 132 s to
-        59.5 %; on 8000 x 64 x 10 full batch gave 91.6 % in 21 s against
-        89.4 % in 1.8 s (timed with the earlier ``torch.func`` products; with
-        the closed-form ones used now a 10000 x 128 x 50 fit took 40.7 s in full
-        batch and 3.7 s in batches).
+        ``n_samples * n_classes <= 2**24`` (about 16.7 million logits; for
+        MLP heads also ``n_samples <= 8192``), else 512. Full batch converges
+        to the optimum in a few Newton steps; mini-batches make progress from
+        the first epoch on data too large for that.
     max_iter : int, default=100
         Steps in full batch, epochs otherwise.
     tol : float, default=1e-4
@@ -170,10 +145,8 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         parameters are kept. ``"auto"`` does so
         for mini-batch fits (when every class can give the validation split a
         sample) and never in full batch, which converges to the exact
-        optimum of the regularised objective. Measured on a 100000 x 512 x
-        1000 probe: mini-batch epochs kept lowering the training loss for 64
-        epochs while test accuracy peaked near 84.0 % after six and ended at
-        80.7 %.
+        optimum of the regularised objective: mini-batch epochs keep lowering
+        the training loss long after the held-out accuracy has peaked.
     validation_fraction : float, default=0.1
         Share held out with ``early_stopping``.
     cg_max_iter : int, default=100
@@ -983,8 +956,8 @@ def _apply_linear_init(head, params, coef_init, intercept_init):
 
 @functools.cache
 def _threadpool_controller():
-    # Finding the loaded libraries reads /proc (about 3 ms, a sixth of a fit
-    # on iris); their thread counts are read afresh by every ``info()``.
+    # Finding the loaded libraries reads /proc (a noticeable share of a small
+    # fit): once per process; their thread counts are read afresh by every ``info()``.
     return ThreadpoolController()
 
 

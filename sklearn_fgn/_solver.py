@@ -46,11 +46,8 @@ CURVATURE_OPTIONS = ("fgn", "ggn", "auto")
 # Levenberg-Marquardt: lambda stays inside these bounds.
 DAMPING_BOUNDS = (1e-8, 1e8)
 _EPS = float(torch.finfo(torch.float64).eps)
-# cg_tol="auto" on mini-batches: a batch's step is noisy anyway. Measured on a
-# 40000 x 512 x 1000 float32 probe (class_sep=3): 1e-2 gave the same test
-# accuracy after each of 4 epochs as 1e-4 (0.5629 / 0.6965 against 0.5635 /
-# 0.6970) in 0.65x the time; Gram-preconditioned steps take 1-2 iterations
-# whatever the tolerance.
+# cg_tol="auto" on mini-batches: a batch's step is noisy anyway, and a
+# tighter solve buys no accuracy per epoch (benchmarks/RESULTS.md).
 AUTO_CG_TOL = 1e-2
 # Backtracking along a rejected step: sufficient-decrease constant and the
 # most halvings tried (t >= 2**-MAX_BACKTRACKS).
@@ -128,14 +125,11 @@ class Batch:
 def _resolve_curvature(cfg: LoopConfig, head: Head, full_batch: bool) -> str:
     """FGN or full GGN for the next step (``curvature="auto"`` decides here).
 
-    Measured on iris, wine, digits and breast_cancer (``benchmarks/exact_fit.py``):
-    mini-batches take FGN steps (the n-row system solved exactly is FGN's
+    Mini-batches take FGN steps (the n-row system solved exactly is FGN's
     edge; the full GGN has n * K rows); binary heads take FGN steps (exact
     Gauss-Newton). Full-batch multiclass fits take full-GGN (exact Newton for
     the linear head) steps: FGN steps there converge linearly once the
-    competitor mass is dispersed, and a few FGN steps early in the fit left
-    digits 6e-6 from the optimum after 13 steps where pure GGN steps reached
-    5e-8 in 11.
+    competitor mass is dispersed.
 
     Returns
     -------
@@ -155,8 +149,7 @@ def levenberg_marquardt(
     ``ratio = (loss - new_loss) / predicted_decrease``; below 0.25 the damping
     doubles, above 0.75 it is divided by 10 (Nocedal & Wright 4.1, Martens
     2010), by 100 when the ratio is within 2 % of 1 (the quadratic model is
-    exact there, so damping only shortens the step: on a 100-class probe the
-    first two steps from lambda = 1 had ratios 1.000 and moved the loss 5 %),
+    exact there, so damping only shortens the step),
     within ``[min_damping, DAMPING_BOUNDS[1]]``. The step is accepted
     when the objective did not go up.
 
@@ -263,9 +256,7 @@ def _extend(
     Damping shortens a step; along its direction the model ``q(t) = t g'delta
     + t^2 delta'(G + alpha P)delta / 2`` is least at ``t* = -g'delta /
     delta'(G + alpha P)delta``, which is far beyond 1 while the damping
-    dominates the curvature (measured: t* = 94 for the first step from lambda
-    = 1 on a 20000 x 256 x 100 problem, taking the objective from 4.605 to
-    3.373 where the step itself reached 4.579).
+    dominates the curvature: the first step from a large damping is not wasted.
 
     Returns
     -------
@@ -447,11 +438,10 @@ def _to_device(
 # glibc's malloc serves blocks above its mmap threshold by mmap and returns
 # heap memory to the OS once more than its trim threshold lies free at the
 # top; both start low (128 KiB) and rise, to at most 32 MiB and 64 MiB, only
-# when a block that large is freed (``man mallopt``). A 512-row step on
-# 512 features x 1000 classes allocates and frees about 30 MB of MB-sized
-# temporaries: they were handed back and faulted in again on every step
-# (7000-8000 minor page faults, 15 ms of system time, on a 20-30 ms step).
-# Freeing one 31 MiB block raises both thresholds to glibc's own ceiling.
+# when a block that large is freed (``man mallopt``). A mini-batch step
+# allocates and frees MB-sized temporaries, which are otherwise handed back
+# and faulted in again on every step. Freeing one 31 MiB block raises both
+# thresholds to glibc's own ceiling.
 _ALLOCATOR_PRIMER_BYTES = 31 * 2**20
 
 
@@ -459,12 +449,11 @@ _ALLOCATOR_PRIMER_BYTES = 31 * 2**20
 def prime_host_allocator() -> None:
     """Free one 31 MiB block so that glibc keeps a step's freed memory for the next step.
 
-    Once per process; elsewhere (other allocators) it costs an unused
-    allocation. Measured with 2 threads, 2 epochs of 512-row batches on
-    40000 x 512 x 1000, each fit in a fresh process, same losses: float32
-    3.90 / 3.67 s unprimed, 3.07 / 3.15 s primed by hand and 3.19 / 3.17 s
-    through this function (646566 / 318706 -> about 15000 minor page
-    faults); float64 8.73 s -> 6.62 s (by hand) and 7.02 s (this function).
+    Opt-in: it changes the allocator's thresholds for the whole process, so
+    the library never calls it; a process that runs many mini-batch CPU fits
+    may (``sklearn_fgn.prime_host_allocator()``, once). Elsewhere (other
+    allocators) it costs an unused allocation. Measured speed-ups are in
+    ``benchmarks/RESULTS.md``.
     """
     torch.empty(_ALLOCATOR_PRIMER_BYTES, dtype=torch.uint8, device="cpu")
 
@@ -495,9 +484,7 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
     ``AUTO_CG_TOL``; full batch is inexact Newton with the forcing term
     ``min(0.5, sqrt(last predicted relative decrease))`` (Eisenstat-Walker;
     ``sqrt`` of the decrease is O(||grad||), which keeps the end game
-    quadratic), floored where the dtype can still resolve it. Measured on
-    make_classification(20000, 256, 100 classes): 33 CG iterations instead of
-    58 with a fixed 1e-4, same six steps, same final gap.
+    quadratic), floored where the dtype can still resolve it.
 
     Returns
     -------
@@ -512,11 +499,9 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
     eta = max(min(0.5, state.last_relative_decrease**0.5), floor)
     if cfg.tol > 0 and state.gap_estimate <= cfg.tol:
         # This step can be the last: _full_batch_converged then asks
-        # eta^2 p <= tol^2 with p about the present gap, and no more. Measured
-        # on the problem above: the last step took 21 CG iterations at eta =
-        # 0.009 where the stop rule needed eta <= 0.3. Half of that bound:
-        # the gap estimate is not a bound (wine at C=100 took one more step
-        # with the whole of it).
+        # eta^2 p <= tol^2 with p about the present gap, and no more (a
+        # tighter solve over-solves the last step). Half of that bound: the
+        # gap estimate is not a bound.
         eta = max(eta, min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5))
     return eta
 
@@ -673,7 +658,6 @@ def run_epochs(
         ``state``, updated in place.
     """
     full_batch = cfg.batch_size is None or cfg.batch_size >= data.X.shape[0]
-    prime_host_allocator()
     logits = None  # full batch: the logits at state.params, reused by the next step
     for _ in range(cfg.max_iter if n_epochs is None else n_epochs):
         if on_epoch_begin is not None:

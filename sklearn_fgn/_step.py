@@ -378,9 +378,7 @@ def _gram_pays_off(
     Flops: Gram ``sum_l n^2 (fan_in_l + fan_out_l)`` plus Cholesky ``n^3 / 3``,
     against ``k`` CG iterations of about ``4 n P`` each (JVP + VJP). For FGN
     steps of the linear head ``k`` comes from ``_cg_iterations_estimate``;
-    with large damping it is a handful (measured: 2-3 per batch at
-    40000 x 512 x 1000, lambda = 1, where CG epochs took 2.0 s and Gram
-    epochs 3.0 s). Other heads, and full-GGN steps (where the Gram only
+    with large damping it is a handful. Other heads, and full-GGN steps (where the Gram only
     preconditions, and its Woodbury form loses accuracy at tiny damping),
     assume ``GRAM_WORTH_CG_ITERS``.
 
@@ -391,9 +389,9 @@ def _gram_pays_off(
     """
     n = X.shape[0]
     cg_iteration_cost = 4 * n * sum(t.numel() for t in params.values())
-    # Measured: forming the Gram runs at about a third of the matmul rate (its
-    # Hadamard products and (n, n) temporaries), and the Gram-preconditioned
-    # solve still spends ~2 CG iterations' worth of JVP/VJP (the initial
+    # Forming the Gram runs at about a third of the matmul rate (its Hadamard
+    # products and (n, n) temporaries), and the Gram-preconditioned solve
+    # still spends ~2 CG iterations' worth of JVP/VJP (the initial
     # preconditioner, one preconditioned iteration).
     gram_flops = n**2 * (sum(head.layer_sizes[:-1]) + sum(head.layer_sizes[1:])) + n**3 / 3
     cholesky_cost = 3 * gram_flops + 2 * cg_iteration_cost
@@ -414,11 +412,7 @@ def _cg_iterations_estimate(
     Lambda`` and at least the mean nonzero eigenvalue ``trace / min(n, P)``;
     the estimate takes the larger of these lower bounds. The trace itself (all
     rows parallel) is an upper bound that CG, which gains from clustered
-    spectra, rarely meets. Measured on a 30000 x 512 x 1000 probe (lambda =
-    1, cg_tol 1e-2): CG took 1.0 to 2.0 iterations per batch across eight
-    epochs, this bound predicts 0.7 to 1.6, and the geometric mean of the row
-    and trace bounds used before predicted up to 5.5 and sent the later
-    epochs to the Gram path at 1.6x the cost.
+    spectra, rarely meets.
 
     Returns
     -------

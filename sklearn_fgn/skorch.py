@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without skorch
     ) from exc
 
 from ._curvature import LogitsFn
-from ._solver import DAMPING_BOUNDS, DAMPING_SCHEDULES, Batch, StepOutcome, prime_host_allocator, take_step
+from ._solver import DAMPING_BOUNDS, DAMPING_SCHEDULES, Batch, StepOutcome, take_step
 from ._step import CURVATURES, StepResult, compute_step
 
 __all__ = ["DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
@@ -214,7 +214,6 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         """
         super().initialize()  # checks the settings through check_training_readiness
         self.damping_ = float(self.damping)
-        prime_host_allocator()  # steps then reuse freed memory (see the function)
         return self
 
     def check_training_readiness(self):

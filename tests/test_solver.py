@@ -233,3 +233,22 @@ def test_full_batch_does_not_stop_while_converging_linearly(previous, expected):
     record = _record(ratio=1.0, cg_tol=0.01, predicted=3.0 * 3e-6)  # relative decrease 3e-6, loss 3.0
     cfg = LoopConfig(alpha=0.0, tol=1e-4)
     assert _full_batch_converged(record, cfg, torch.float64, previous) is expected
+
+
+_ALLOCATOR_UNTOUCHED = """
+import warnings
+import sklearn_fgn._solver as solver
+from sklearn.datasets import load_iris
+from sklearn_fgn import FGNClassifier
+X, y = load_iris(return_X_y=True)
+warnings.simplefilter("ignore")
+FGNClassifier(batch_size=32, max_iter=2, device="cpu").fit(X, y)
+print(solver.prime_host_allocator.cache_info().currsize)
+"""
+
+
+def test_fits_leave_the_process_allocator_alone():
+    # Priming changes glibc's thresholds for the whole process: opt-in only.
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_UNTOUCHED], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
