@@ -179,7 +179,10 @@ class StepRecord:
     below 1 when backtracking cut a rejected step (0.0 when it was
     discarded), above 1 when a trusted full-batch step was lengthened.
     ``ratio`` and ``predicted_decrease`` refer to the lengthened step in
-    that last case, to the computed step otherwise.
+    that last case, to the computed step otherwise. ``reachable_decrease``:
+    the decrease the undamped model predicts at its minimiser along the step
+    (far more than ``predicted_decrease`` when the damping held the step
+    back, so that a small decrease says nothing about convergence).
     """
 
     loss: float
@@ -192,6 +195,7 @@ class StepRecord:
     ratio: float
     cg_tol: float = 0.0
     step_size: float = 1.0
+    reachable_decrease: float = 0.0
 
 
 def _evaluate_step(
@@ -390,9 +394,35 @@ def damped_update(
     )
     record = StepRecord(
         float(result.loss), out.new_loss, out.accepted, damping, curvature, result.cg.n_iter,
-        out.predicted_decrease, out.ratio, cg_tol, out.step_size,
+        out.predicted_decrease, out.ratio, cg_tol, out.step_size, _reachable_decrease(result),
     )  # fmt: skip
     return out.params, out.damping, record, out.logits
+
+
+def _reachable_decrease(result: StepResult) -> float:
+    """Return ``slope^2 / (2 curvature)``: the undamped model's decrease at its minimiser along the step.
+
+    Along ``delta`` the model ``t slope + t^2 curvature / 2`` (``curvature =
+    delta'(G + alpha P)delta``) is least at ``t* = -slope / curvature``; for a
+    damped step ``t* = 1 + damping_term / curvature``, so this exceeds the
+    step's own predicted decrease by about ``t* / 2`` when the damping
+    dominates, whatever its size. When the damping term is most of
+    ``-slope`` the curvature is a difference of nearly equal numbers: inf
+    (a step that cannot tell how far the optimum is).
+
+    Returns
+    -------
+    float
+        The decrease (0 when the step is not a descent direction).
+    """
+    if result.slope is None or result.step_curvature is None:
+        return 0.0
+    slope, curvature = float(result.slope), float(result.step_curvature)
+    if not slope < 0.0:
+        return 0.0
+    if result.damping_term is not None and float(result.damping_term) >= -0.5 * slope:
+        return math.inf
+    return 0.5 * slope * slope / curvature if curvature > 0.0 else math.inf
 
 
 def iter_batches(
@@ -623,7 +653,13 @@ def _full_batch_converged(
     accurate = record.cg_tol**2 * relative <= cfg.tol**2
     fast = relative <= SUPERLINEAR * previous or relative <= cfg.tol**2
     roundoff = max(1e3 * _EPS, float(torch.finfo(dtype).eps))
-    return (trusted and accurate and fast and relative <= cfg.tol) or relative <= roundoff
+    # A tiny step held back by a huge damping is no optimum: the undamped
+    # model along it must promise no more than the stop allows either.
+    reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
+    small = relative <= cfg.tol and reachable <= cfg.tol
+    return (trusted and accurate and fast and small) or (
+        relative <= roundoff and reachable <= max(cfg.tol, roundoff)
+    )
 
 
 def _log_epoch(state: LoopState, records: list[tuple[int, StepRecord]], seconds: float, score) -> None:

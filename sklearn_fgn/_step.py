@@ -131,6 +131,10 @@ class StepResult:
         ``delta' (G + alpha P) delta`` (0-d). With ``slope`` it gives the
         model along the ray, ``q(t) = t slope + t^2 step_curvature / 2``;
         ``predicted_decrease`` is ``-q(1)``.
+    damping_term : Tensor or None
+        ``damping * delta' M delta`` (0-d), the damping's part of
+        ``delta' (G + Lambda) delta`` (``M`` the metric): when it is most of
+        ``-slope`` the damping, not the curvature, set the step's length.
     """
 
     step: Params
@@ -143,6 +147,7 @@ class StepResult:
     logits_step: Tensor | None = None
     slope: Tensor | None = None
     step_curvature: Tensor | None = None
+    damping_term: Tensor | None = None
 
 
 def normalized_weights(
@@ -350,14 +355,17 @@ def _solve(
     return _unflat(result.solution, grad), result
 
 
-def _check_finite_step(cg_result: CGResult, dtype: torch.dtype) -> None:
+def _check_finite_step(cg_result: CGResult, dtype: torch.dtype, damping: float) -> None:
     # A gradient or first curvature product beyond the dtype's range leaves
     # a zero step, which the loop would take for convergence.
     if cg_result.reason == "nonfinite" and cg_result.n_iter <= 1:
         wider = " or use float64" if dtype != torch.float64 else ""
+        tiny = float(damping) < 1e3 * torch.finfo(dtype).tiny ** 0.5
+        cause = f"damping={damping:.3g} too small" if tiny else "features or logits too large for it"
+        remedy = "raise damping" if tiny else f"scale the features (e.g. StandardScaler){wider}"
         raise ValueError(
-            f"The gradient or curvature overflowed {dtype} (features or logits too large for it, "
-            f"largest {torch.finfo(dtype).max:.3g}); scale the features (e.g. StandardScaler){wider}."
+            f"The gradient or curvature overflowed {dtype} ({cause}, largest {torch.finfo(dtype).max:.3g}); "
+            f"{remedy}."
         )
 
 
@@ -543,7 +551,7 @@ def compute_step(
     if kronecker and linear and preconditioner is None:
         preconditioner = make_kronecker_preconditioner(class_curvature(stats, weights, curvature), lam, grad)
     step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter, linear)
-    _check_finite_step(cg_result, lin.logits.dtype)
+    _check_finite_step(cg_result, lin.logits.dtype, damping)
     logits_step = None
     if linear:
         logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(lin.logits)
@@ -552,9 +560,11 @@ def compute_step(
     # model change grad' step + step' (G + alpha P) step / 2 needs no matvec.
     residual = _unflat(cg_result.residual, grad)
     step_damping = _weighted_sq(step, lam)
+    penalty_term = _weighted_sq(step, coefficients)
     slope = _dot(grad, step)
-    curvature_term = -slope - _dot(residual, step) - step_damping + _weighted_sq(step, coefficients)
+    curvature_term = -slope - _dot(residual, step) - step_damping + penalty_term
     model_change = slope + 0.5 * curvature_term
     return StepResult(
-        step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step, slope, curvature_term
-    )
+        step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step, slope, curvature_term,
+        step_damping - penalty_term,
+    )  # fmt: skip

@@ -760,3 +760,18 @@ def test_torch_threads_follow_threadpool_limits(monkeypatch):
     finally:
         torch.set_num_threads(previous)
     assert seen == [2, 1, 2] and after == 2
+
+
+def test_a_huge_damping_does_not_pass_for_convergence():
+    # damping=1e16 stopped after one step at the initial model and reported convergence.
+    X, y = _standardized("digits")
+    ref = FGNClassifier(device="cpu").fit(X, y)
+    huge = FGNClassifier(damping=1e16, device="cpu").fit(X, y)
+    assert huge.n_iter_ > 2
+    assert huge.loss_curve_[-1] == pytest.approx(ref.loss_curve_[-1], rel=1e-8)
+
+
+def test_overflow_from_a_tiny_damping_names_the_damping():
+    X, y = _standardized("digits")
+    with pytest.raises(ValueError, match="damping=1e-200 too small.*raise damping"):
+        FGNClassifier(damping=1e-200, device="cpu").fit(X, y)
