@@ -57,7 +57,11 @@ Run::
     python benchmarks/linear_probe.py --sizes 20000x256x100     # one size + digits
     python benchmarks/linear_probe.py                            # both sizes (long)
 
-Outputs: ``benchmarks/out/linear_probe{,_float32}{,_quick}.md``, ``.csv``, ``.json`` and ``.png``.
+``--cv PROBLEMS`` runs, instead, ``FGNClassifierCV()`` against ``LogisticRegressionCV``
+(lbfgs and newton-cg, max_iter=1000, accuracy) with the same 10 Cs (1e-4 .. 1e4) and 5
+stratified folds, timing each whole search.
+
+Outputs: ``benchmarks/out/linear_probe{,_float32,_cv}{,_quick}.md``, ``.csv``, ``.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -143,16 +147,16 @@ class _TorchLBFGS:
             return self.classes_[self.layer(torch.as_tensor(X)).argmax(1).numpy()]
 
 
-def run_logistic(X_tr, X_te, y_tr, y_te, n_classes, embedding=False):
-    """C sweep (lbfgs), then timed best-C fits with lbfgs and newton-cg."""
+def run_logistic(X_tr, X_te, y_tr, y_te, n_classes, embedding=False, fixed_C=None):
+    """C sweep (lbfgs; skipped when ``fixed_C`` is given), then timed best-C fits with lbfgs and newton-cg."""
     grid = C_GRID_EMBEDDING if embedding else C_GRID_LARGE_K if n_classes >= 1000 else C_GRID
     accs = {}
-    for C in grid:
+    for C in [] if fixed_C else grid:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             est = LogisticRegression(C=C, max_iter=1000).fit(X_tr, y_tr)
         accs[C] = float(np.mean(est.predict(X_te) == y_te))
-    best_C = max(accs, key=accs.get)
+    best_C = fixed_C or max(accs, key=accs.get)
     print(f"  LogisticRegression C sweep (test acc): {accs} -> best C = {best_C:g}", flush=True)
     rows = []
     for solver in ("lbfgs", "newton-cg"):
@@ -204,12 +208,12 @@ def fgn_trace(X_tr, y_tr, X_te, y_te, target: float, max_epochs: int = 12) -> li
     return trace
 
 
-def run_problem(size: str, skip: set[str], class_sep: float, dtype: str = "float64") -> list[dict]:
+def run_problem(size: str, skip: set[str], class_sep: float, dtype: str = "float64", fixed_C=None) -> list[dict]:
     """All methods on one problem."""
     X_tr, X_te, y_tr, y_te = load_problem(size, class_sep, dtype)
     n, k = len(y_tr), len(np.unique(y_tr))
     print(f"\n## {size}: train {X_tr.shape}, test {X_te.shape}, {k} classes", flush=True)
-    rows, best_C = run_logistic(X_tr, X_te, y_tr, y_te, k, is_embedding(size))
+    rows, best_C = run_logistic(X_tr, X_te, y_tr, y_te, k, is_embedding(size), fixed_C)
     if "sgd" not in skip:
         est, s, nw = timed_fit(lambda: SGDClassifier(loss="log_loss", random_state=0), X_tr, y_tr)
         rows.append(row('SGDClassifier(loss="log_loss")', est, s, nw, X_te, y_te, f"{est.n_iter_} ep"))
@@ -246,6 +250,45 @@ def run_problem(size: str, skip: set[str], class_sep: float, dtype: str = "float
     fgn["t to best-0.5pt (s)"] = "—" if reached is None else reached
     print("  FGNClassifier() epoch trace (s, acc %): "
           + " ".join(f"{s:.1f}:{acc:.2f}" for s, acc in trace), flush=True)
+    return rows
+
+
+def run_cv(size: str, class_sep: float, dtype: str, n_cs: int = 10, n_folds: int = 5) -> list[dict]:
+    """FGNClassifierCV against LogisticRegressionCV (lbfgs, newton-cg) on the same folds and Cs."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    from sklearn_fgn import FGNClassifierCV
+
+    X_tr, X_te, y_tr, y_te = load_problem(size, class_sep, dtype)
+    folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=0).split(X_tr, y_tr))
+    Cs = np.logspace(-4, 4, n_cs)
+    print(f"\n## CV {size}: train {X_tr.shape}, Cs = logspace(-4, 4, {n_cs}), {n_folds} folds", flush=True)
+    makers = {
+        f'LogisticRegressionCV(solver="{solver}")': (
+            lambda solver=solver: LogisticRegressionCV(Cs=Cs, cv=folds, solver=solver, max_iter=1000,
+                                                       scoring="accuracy")  # fmt: skip
+        )
+        for solver in ("lbfgs", "newton-cg")
+    }
+    makers["FGNClassifierCV()"] = lambda: FGNClassifierCV(Cs=Cs, cv=folds, device="cpu", random_state=0)
+    rows = []
+    for name, make in makers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = make()
+            start = time.perf_counter()
+            est.fit(X_tr, y_tr)
+            seconds = time.perf_counter() - start
+        scores = est.scores_ if not isinstance(est.scores_, dict) else next(iter(est.scores_.values()))
+        mean = np.asarray(scores).reshape(n_folds, -1).mean(0)
+        rows.append({"problem": size, "method": name, "C_": float(np.ravel(est.C_)[0]),
+                     "best mean val acc (%)": 100 * float(mean.max()),
+                     "test acc (%)": 100 * float(est.score(X_te, y_te)), "seconds": seconds})  # fmt: skip
+        print(f"  {name}: C = {rows[-1]['C_']:.3g}, val {rows[-1]['best mean val acc (%)']:.2f} %, "
+              f"test {rows[-1]['test acc (%)']:.2f} %, {seconds:.1f} s", flush=True)
+    for r in rows:
+        r["time / lbfgs CV"] = r["seconds"] / rows[0]["seconds"]
     return rows
 
 
@@ -291,7 +334,20 @@ def main() -> None:
         p.add_argument("--no-digits", action="store_true", help="leave out load_digits"),
         p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                        help="dtype of the features every method receives (default float64)"),
+        p.add_argument("--best-C", type=float, default=None,
+                       help="skip the LogisticRegression sweep and use this C (the best of an earlier sweep)"),
+        p.add_argument("--cv", default=None,
+                       help="comma-separated problems for the FGNClassifierCV / LogisticRegressionCV section "
+                            "(instead of the single fits)"),
     ))
+    if args.cv:
+        rows = [r for size in args.cv.split(",") if size for r in run_cv(size, args.class_sep, args.dtype)]
+        markdown = ("# Linear probe CV: FGNClassifierCV against LogisticRegressionCV\n\n"
+                    f"Cs = logspace(-4, 4, 10), 5 stratified folds (seed 0), {args.dtype}; "
+                    f"Machine: {_common.machine_description()}\n\n" + _common.markdown_table(rows))
+        print("\n" + markdown)
+        _common.write_outputs("linear_probe_cv", rows, markdown, {"rows": rows}, args.quick)
+        return
     skip = {s for s in args.skip.split(",") if s}
     default = "5000x64x20,emb:5000x64x20:2" if args.quick else ",".join(
         ["20000x256x100", "100000x512x1000", "emb:100000x512x1000:2", "emb:100000x512x1000:2:std"])
@@ -299,7 +355,7 @@ def main() -> None:
     print(_common.machine_description())
     rows = []
     for size in [s for s in sizes.split(",") if s] + ([] if args.no_digits else ["digits"]):
-        rows += run_problem(size, skip, args.class_sep, args.dtype)
+        rows += run_problem(size, skip, args.class_sep, args.dtype, args.best_C)
     columns = ["problem", "method", "test acc (%)", "seconds", "passes", "t to best-0.5pt (s)", "conv. warnings"]
     heads = headline(rows)
     markdown = ("# Linear probe: test accuracy and fit time\n\n"

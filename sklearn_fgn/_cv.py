@@ -23,6 +23,9 @@ from ._estimator import DAMPING_METRICS, FGNClassifier
 
 __all__ = ["FGNClassifierCV"]
 
+# The refit of the chosen C runs to at most this tol (see ``tol``).
+REFIT_TOL = 1e-8
+
 
 class FGNClassifierCV(ClassifierMixin, BaseEstimator):
     r"""Multinomial logistic regression with ``C`` chosen by cross-validation, fitted by FGN steps.
@@ -65,11 +68,11 @@ class FGNClassifierCV(ClassifierMixin, BaseEstimator):
         :class:`FGNClassifier`) warm-started from the previous ``C``.
     max_iter : int, default=100
         Steps (full batch) or epochs per ``C``.
-    tol : float, default=1e-8
-        As in :class:`FGNClassifier`, whose default (1e-4) is looser: along
-        a warm-started path the extra Newton steps are cheap, and the
-        refit's probabilities are then accurate where the weakest ``C``
-        leaves the objective flat.
+    tol : float, default=1e-4
+        As in :class:`FGNClassifier`, for the fits of the path. The refit of
+        the chosen ``C`` runs to ``min(tol, 1e-8)``: it is one fit, and its
+        coefficients are then exact where a weak ``C`` leaves the objective
+        flat.
     fit_intercept : bool, default=True
         Whether to fit intercepts (not penalised).
     class_weight : dict, "balanced" or None, default=None
@@ -150,7 +153,7 @@ class FGNClassifierCV(ClassifierMixin, BaseEstimator):
         damping_metric="auto",
         batch_size="auto",
         max_iter=100,
-        tol=1e-8,
+        tol=1e-4,
         fit_intercept=True,
         class_weight=None,
         device="auto",
@@ -235,17 +238,17 @@ class FGNClassifierCV(ClassifierMixin, BaseEstimator):
             raise ValueError(f"Cs must be positive finite values; got {self.Cs!r}.")
         return Cs
 
-    def _base_estimator(self, C):
+    def _base_estimator(self, C, tol=None):
         return FGNClassifier(
             alpha=1.0 / C, damping=self.damping, damping_metric=self.damping_metric,
-            batch_size=self.batch_size, max_iter=self.max_iter, tol=self.tol,
+            batch_size=self.batch_size, max_iter=self.max_iter, tol=self.tol if tol is None else tol,
             fit_intercept=self.fit_intercept, class_weight=self.class_weight, device=self.device,
             random_state=self.random_state, verbose=self.verbose,
         )  # fmt: skip
 
     def _store_best(self, X, y, sample_weight, best):
         if self.refit:
-            self.best_estimator_ = self._base_estimator(self.C_)
+            self.best_estimator_ = self._base_estimator(self.C_, tol=min(self.tol, REFIT_TOL))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # the fold fits already warned
                 self.best_estimator_.fit(X, y, sample_weight=sample_weight)

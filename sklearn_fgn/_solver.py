@@ -59,6 +59,9 @@ EXTEND_MIN = 1.25
 # Full batch: a step converges the fit only if its decrease is at most this
 # share of the previous step's (``_full_batch_converged``).
 SUPERLINEAR = 0.1
+# ... and a step whose damping term is this share of its slope (the damping a
+# thousand times the curvature along it) cannot end the fit.
+DAMPING_DOMINATED = 0.999
 
 
 @dataclass(frozen=True)
@@ -406,9 +409,9 @@ def _reachable_decrease(result: StepResult) -> float:
     delta'(G + alpha P)delta``) is least at ``t* = -slope / curvature``; for a
     damped step ``t* = 1 + damping_term / curvature``, so this exceeds the
     step's own predicted decrease by about ``t* / 2`` when the damping
-    dominates, whatever its size. When the damping term is most of
-    ``-slope`` the curvature is a difference of nearly equal numbers: inf
-    (a step that cannot tell how far the optimum is).
+    dominates, whatever its size. When the damping term is all but
+    ``DAMPING_DOMINATED`` of ``-slope`` the curvature is a difference of
+    nearly equal numbers: inf (a step that cannot tell how far the optimum is).
 
     Returns
     -------
@@ -420,7 +423,7 @@ def _reachable_decrease(result: StepResult) -> float:
     slope, curvature = float(result.slope), float(result.step_curvature)
     if not slope < 0.0:
         return 0.0
-    if result.damping_term is not None and float(result.damping_term) >= -0.5 * slope:
+    if result.damping_term is not None and float(result.damping_term) >= -DAMPING_DOMINATED * slope:
         return math.inf
     return 0.5 * slope * slope / curvature if curvature > 0.0 else math.inf
 
@@ -632,7 +635,7 @@ def _update_stopping(state: LoopState, cfg: LoopConfig, score: float | None) -> 
 
 
 def _full_batch_converged(
-    record: StepRecord, cfg: LoopConfig, dtype: torch.dtype, previous: float = math.inf
+    record: StepRecord, cfg: LoopConfig, dtype: torch.dtype, previous: float = math.inf, convex: bool = True
 ) -> bool:
     # A trusted step (the quadratic model agrees with the objective) whose
     # predicted decrease p is below tol relative to the loss ends the fit
@@ -644,14 +647,15 @@ def _full_batch_converged(
     # objective's own resolution in ``dtype`` (float32 digits fits ran 14
     # rejected steps of 100 CG iterations each at predicted decreases of
     # 1e-12 to 3e-8, with the loss unchanged in its 8th digit).
-    # The rule assumes the fast final convergence of Newton's method: while
-    # the decreases still shrink only linearly (by less than SUPERLINEAR
-    # from the step before: inexact steps on a badly conditioned end game),
-    # the gap left is a multiple of the last decrease, and the fit goes on.
+    # On the convex linear head the rule assumes the fast final convergence
+    # of Newton's method: while the decreases still shrink only linearly (by
+    # less than SUPERLINEAR from the step before: inexact steps on a badly
+    # conditioned end game), the gap left is a multiple of the last decrease,
+    # and the fit goes on. MLP heads converge linearly anyway: tol alone.
     relative = _relative_decrease(record)
     trusted = record.accepted and record.ratio > 0.5
     accurate = record.cg_tol**2 * relative <= cfg.tol**2
-    fast = relative <= SUPERLINEAR * previous or relative <= cfg.tol**2
+    fast = not convex or relative <= SUPERLINEAR * previous or relative <= cfg.tol**2
     roundoff = max(1e3 * _EPS, float(torch.finfo(dtype).eps))
     # A tiny step held back by a huge damping is no optimum: the undamped
     # model along it must promise no more than the stop allows either.
@@ -711,7 +715,9 @@ def run_epochs(
             _log_epoch(state, records, time.perf_counter() - start, score)
         stop = _update_stopping(state, cfg, score)
         if full_batch and score is None:  # MLP's no-improvement rule is for noisy epochs
-            stop = _full_batch_converged(records[-1][1], cfg, data.X.dtype, state.previous_relative_decrease)
+            stop = _full_batch_converged(
+                records[-1][1], cfg, data.X.dtype, state.previous_relative_decrease, head.is_linear
+            )
         state.converged = stop
         if on_epoch_end is not None and on_epoch_end(state):
             state.stopped = True

@@ -775,3 +775,16 @@ def test_overflow_from_a_tiny_damping_names_the_damping():
     X, y = _standardized("digits")
     with pytest.raises(ValueError, match="damping=1e-200 too small.*raise damping"):
         FGNClassifier(damping=1e-200, device="cpu").fit(X, y)
+
+
+def test_an_mlp_fit_that_learns_nothing_warns():
+    # All hidden units dead: uniform outputs at the loss of the class frequencies.
+    X, y = load_iris(return_X_y=True)
+    est = FGNClassifier(hidden_layer_sizes=(4,), alpha=1e6, max_iter=5, device="cpu", random_state=0)
+    with pytest.warns(ConvergenceWarning, match="no better than predicting the class frequencies"):
+        est.fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        FGNClassifier(hidden_layer_sizes=(8,), device="cpu", random_state=0, max_iter=500).fit(
+            StandardScaler().fit_transform(X), y
+        )
