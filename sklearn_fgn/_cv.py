@@ -19,7 +19,7 @@ from sklearn.utils.parallel import Parallel, delayed
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
-from ._estimator import DAMPING_METRICS, FGNClassifier
+from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin
 
 __all__ = ["FGNClassifierCV"]
 
@@ -27,7 +27,7 @@ __all__ = ["FGNClassifierCV"]
 REFIT_TOL = 1e-8
 
 
-class FGNClassifierCV(ClassifierMixin, BaseEstimator):
+class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
     r"""Multinomial logistic regression with ``C`` chosen by cross-validation, fitted by FGN steps.
 
     The counterpart of ``LogisticRegressionCV`` for linear probes: for every
@@ -260,60 +260,10 @@ class FGNClassifierCV(ClassifierMixin, BaseEstimator):
         else:
             self.coef_, self.intercept_ = mean, np.zeros(mean.shape[0], dtype=mean.dtype)
 
-    def decision_function(self, X):
-        """Logits of ``X`` (the positive class's for binary problems).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,) or (n_samples, n_classes)
-            ``X @ coef_.T + intercept_``.
-        """
+    def _logits(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        logits = X @ self.coef_.T.astype(X.dtype) + self.intercept_.astype(X.dtype)
-        return logits[:, 0] if logits.shape[1] == 1 else logits
-
-    def predict_proba(self, X):
-        """Class probabilities (softmax of the logits; logistic for binary problems).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_classes)
-            Probabilities in the order of ``classes_``.
-        """
-        logits = self.decision_function(X)
-        if logits.ndim == 1:
-            logits = np.stack([np.zeros_like(logits), logits], axis=1)
-        logits = logits - logits.max(axis=1, keepdims=True)
-        proba = np.exp(logits)
-        return proba / proba.sum(axis=1, keepdims=True)
-
-    def predict(self, X):
-        """Predicted class labels.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,)
-            Labels from ``classes_``.
-        """
-        logits = self.decision_function(X)
-        index = (logits > 0).astype(int) if logits.ndim == 1 else logits.argmax(axis=1)
-        return self.classes_[index]
+        return torch.from_numpy(X @ self.coef_.T.astype(X.dtype) + self.intercept_.astype(X.dtype))
 
 
 def _worker_threads(n_jobs):

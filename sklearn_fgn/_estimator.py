@@ -55,7 +55,82 @@ AUTO_BATCH_SIZE = 512
 AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
 
 
-class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
+class _LogitsPredictionMixin:
+    """``decision_function``, ``predict_log_proba``, ``predict_proba`` and ``predict`` from ``_logits``.
+
+    ``_logits(X)`` checks that the estimator is fitted, validates ``X`` and
+    returns the logits as a CPU tensor of shape (n, n_logits) (one column
+    for a binary problem).
+    """
+
+    def decision_function(self, X):
+        """Logits (``raw_prediction``) of ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_classes)
+            The single logit of the positive class for binary problems.
+        """
+        logits = self._logits(X).numpy()
+        return logits[:, 0] if logits.shape[1] == 1 else logits
+
+    def predict_log_proba(self, X):
+        """Log class probabilities, from ``log_softmax`` (``logsigmoid`` for binary).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            Log-probabilities in the order of ``classes_``.
+        """
+        logits = self._logits(X)
+        if logits.shape[1] == 1:
+            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
+        return torch.log_softmax(logits, dim=1).numpy()
+
+    def predict_proba(self, X):
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            Probabilities in the order of ``classes_``.
+        """
+        return np.exp(self.predict_log_proba(X))
+
+    def predict(self, X):
+        """Predicted class labels.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+            Labels from ``classes_``.
+        """
+        logits = self._logits(X)
+        index = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        return self.classes_[index.numpy()]
+
+
+class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixin, BaseEstimator):
     r"""Multinomial logistic or MLP classifier head fitted by Fast Gauss-Newton steps.
 
     Each step solves a damped Gauss-Newton system with one row per example of
@@ -778,72 +853,6 @@ class FGNClassifier(CallbackSupportMixin, ClassifierMixin, BaseEstimator):
         params = self._params_from_attributes(self._head, X.dtype)
         with torch.no_grad():
             return forward(self._head, params, _to_tensor(X, "cpu", host=True))
-
-    def decision_function(self, X):
-        """Logits (``raw_prediction``) of ``X``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,) or (n_samples, n_classes)
-            The single logit of the positive class for binary problems.
-        """
-        logits = self._logits(X).numpy()
-        return logits[:, 0] if logits.shape[1] == 1 else logits
-
-    def predict_log_proba(self, X):
-        """Log class probabilities, from ``log_softmax`` (``logsigmoid`` for binary).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_classes)
-            Log-probabilities in the order of ``classes_``.
-        """
-        logits = self._logits(X)
-        if logits.shape[1] == 1:
-            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        return torch.log_softmax(logits, dim=1).numpy()
-
-    def predict_proba(self, X):
-        """Class probabilities.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_classes)
-            Probabilities in the order of ``classes_``.
-        """
-        return np.exp(self.predict_log_proba(X))
-
-    def predict(self, X):
-        """Predicted class labels.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Samples.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,)
-            Labels from ``classes_``.
-        """
-        logits = self._logits(X)
-        index = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-        return self.classes_[index.numpy()]
 
 
 def _warn_if_nothing_learned(head, state, y_enc, sample_weight):
