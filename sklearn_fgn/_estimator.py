@@ -52,6 +52,8 @@ DAMPING_METRICS = ("auto", "features", "identity")
 # behind these values are in benchmarks/RESULTS.md ("Design measurements").
 AUTO_FULL_BATCH_MAX_ENTRIES = 2**24
 AUTO_BATCH_SIZE = 512
+# early_stopping="auto" holds out at most this many rows (or two per class).
+AUTO_VALIDATION_ROWS = 2048
 AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
 
 
@@ -217,9 +219,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         Hold out ``validation_fraction`` of the training data (stratified
         when every class can give it a sample, at random otherwise) and stop
         on its accuracy, weighted by the sample (and class) weights; the best
-        parameters are kept. ``"auto"`` does so
-        for mini-batch fits (when every class can give the validation split a
-        sample) and never in full batch, which converges to the exact
+        parameters are kept. ``"auto"`` does so for mini-batch fits (when
+        every class can give the validation split a sample), holding out at
+        most 2048 rows (or two per class): that many rank epochs as well as a
+        tenth of a large data set, and the rest are worth more as training
+        data. It never holds out in full batch, which converges to the exact
         optimum of the regularised objective: mini-batch epochs keep lowering
         the training loss long after the held-out accuracy has peaked.
     validation_fraction : float, default=0.1
@@ -773,7 +777,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             training sample, or validation weights that sum to zero.
         """
         n_samples = y_enc.shape[0]
-        n_val = int(np.ceil(self.validation_fraction * n_samples))
+        n_val = self._validation_rows(n_samples)
         if n_val < 2 or n_val >= n_samples:
             raise ValueError(
                 f"early_stopping with validation_fraction={self.validation_fraction} holds out {n_val} "
@@ -791,6 +795,22 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             )
         return split
 
+    def _validation_rows(self, n_samples):
+        """Rows held out: ``validation_fraction``, capped for ``early_stopping="auto"``.
+
+        A few thousand rows rank epochs as well as a tenth of a large data
+        set does; the rest is worth more as training data.
+
+        Returns
+        -------
+        int
+            The number of validation rows.
+        """
+        n_val = int(np.ceil(self.validation_fraction * n_samples))
+        if self.early_stopping == "auto":
+            n_val = min(n_val, max(AUTO_VALIDATION_ROWS, 2 * len(self.classes_)))
+        return n_val
+
     def _resolve_early_stopping(self, y_enc, head):
         if self.early_stopping != "auto":
             return bool(self.early_stopping)
@@ -798,7 +818,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         batch_size = self._resolve_batch_size(n_samples, head)
         if batch_size is None or batch_size >= n_samples:
             return False
-        return self._can_stratify(y_enc, self.validation_fraction * n_samples)
+        return self._can_stratify(y_enc, self._validation_rows(n_samples))
 
     def _can_stratify(self, y_enc, n_validation):
         # A stratified split needs two samples of every class and a validation

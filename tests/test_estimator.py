@@ -788,3 +788,15 @@ def test_an_mlp_fit_that_learns_nothing_warns():
         FGNClassifier(hidden_layer_sizes=(8,), device="cpu", random_state=0, max_iter=500).fit(
             StandardScaler().fit_transform(X), y
         )
+
+
+def test_auto_early_stopping_holds_out_a_few_thousand_rows_at_most():
+    # A tenth of a large data set costs accuracy; a few thousand rows rank epochs as well.
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((30000, 4)), rng.integers(0, 3, 30000)
+    auto = _quiet_fit(FGNClassifier(batch_size=512, max_iter=1, random_state=0, device="cpu"), X, y)
+    explicit = _quiet_fit(
+        FGNClassifier(batch_size=512, max_iter=1, early_stopping=True, random_state=0, device="cpu"), X, y
+    )
+    assert auto.t_ == 30000 - 2048
+    assert explicit.t_ == 30000 - 3000  # validation_fraction as MLPClassifier's
