@@ -800,3 +800,16 @@ def test_auto_early_stopping_holds_out_a_few_thousand_rows_at_most():
     )
     assert auto.t_ == 30000 - 2048
     assert explicit.t_ == 30000 - 3000  # validation_fraction as MLPClassifier's
+
+
+@pytest.mark.parametrize("name", ["iris", "wine"])
+def test_relu_heads_on_raw_features_do_not_start_dead(name):
+    # Glorot weights on raw features (wine's proline is ~1000) killed every ReLU
+    # unit on some seeds: uniform outputs at chance. The first layer is now drawn
+    # for standardised inputs.
+    X, y = DATASETS[name](return_X_y=True)
+    scores = [
+        _quiet_fit(FGNClassifier(hidden_layer_sizes=(8,), random_state=seed, device="cpu"), X, y).score(X, y)
+        for seed in range(6)
+    ]
+    assert min(scores) > 0.9, scores
