@@ -123,6 +123,27 @@ class FeatureMoments:
         return torch.zeros_like(mean), outer + torch.outer(mean, mean)
 
 
+def _shift(X: Tensor) -> Tensor:
+    """Return the first chunk's mean in float64: moments taken about it are free of cancellation."""
+    return X[:_CHUNK_ROWS].to(dtype=torch.float64).mean(0)
+
+
+def _weighted_chunks(X: Tensor, sample_weight: Tensor | None):
+    """Yield ``(X_chunk, weights)`` in float64, ``_CHUNK_ROWS`` rows at a time: X is never converted whole.
+
+    Yields
+    ------
+    tuple of Tensor
+        The chunk and its weights (ones without ``sample_weight``).
+    """
+    for start in range(0, X.shape[0], _CHUNK_ROWS):
+        chunk = X[start : start + _CHUNK_ROWS].to(dtype=torch.float64)
+        if sample_weight is None:
+            yield chunk, torch.ones(chunk.shape[0], dtype=torch.float64, device=X.device)
+        else:
+            yield chunk, sample_weight[start : start + _CHUNK_ROWS].to(dtype=torch.float64)
+
+
 def feature_moments(X: Tensor, sample_weight: Tensor | None = None) -> FeatureMoments:
     """Accumulate :class:`FeatureMoments` of ``X`` in row chunks, in float64.
 
@@ -139,21 +160,16 @@ def feature_moments(X: Tensor, sample_weight: Tensor | None = None) -> FeatureMo
         Cost O(n d^2) flops; memory one float64 chunk of ``_CHUNK_ROWS`` rows
         plus ``d x d``.
     """
-    n, d = X.shape
-    kw = {"dtype": torch.float64, "device": X.device}
-    shift = X[: min(n, _CHUNK_ROWS)].to(**kw).mean(0)
-    total, outer, weight = torch.zeros(d, **kw), torch.zeros(d, d, **kw), 0.0
-    for start in range(0, n, _CHUNK_ROWS):
-        chunk = X[start : start + _CHUNK_ROWS].to(**kw)
-        w = (
-            torch.ones(chunk.shape[0], **kw)
-            if sample_weight is None
-            else sample_weight[start : start + _CHUNK_ROWS].to(**kw)
-        )
+    d = X.shape[1]
+    shift = _shift(X)
+    total, outer = shift.new_zeros(d), shift.new_zeros(d, d)
+    weight = shift.new_zeros(())
+    for chunk, w in _weighted_chunks(X, sample_weight):
         centred = chunk - shift
         total += w @ chunk
         outer.addmm_((centred * w[:, None]).T, centred)
-        weight += float(w.sum())
+        weight += w.sum()
+    weight = float(weight)
     return FeatureMoments(weight, total, outer, shift)
 
 
@@ -166,20 +182,14 @@ def feature_standardization(X: Tensor, sample_weight: Tensor | None = None) -> t
     scale : Tensor of shape (d,)
         Cost O(n d).
     """
-    kw = {"dtype": torch.float64, "device": X.device}
-    n, d = X.shape
-    shift = X[: min(n, _CHUNK_ROWS)].to(**kw).mean(0)
-    total, square, weight = torch.zeros(d, **kw), torch.zeros(d, **kw), 0.0
-    for start in range(0, n, _CHUNK_ROWS):
-        chunk = X[start : start + _CHUNK_ROWS].to(**kw) - shift
-        w = (
-            torch.ones(chunk.shape[0], **kw)
-            if sample_weight is None
-            else sample_weight[start : start + _CHUNK_ROWS].to(**kw)
-        )
-        total += w @ chunk
-        square += w @ (chunk * chunk)
-        weight += float(w.sum())
+    d = X.shape[1]
+    shift = _shift(X)
+    total, square, weight = shift.new_zeros(d), shift.new_zeros(d), shift.new_zeros(())
+    for chunk, w in _weighted_chunks(X, sample_weight):
+        centred = chunk - shift
+        total += w @ centred
+        square += w @ (centred * centred)
+        weight += w.sum()
     offset = total / weight
     return shift + offset, _scales(torch.diag(square / weight - offset * offset))
 
