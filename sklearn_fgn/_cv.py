@@ -9,16 +9,17 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from joblib import effective_n_jobs
+from sklearn import config_context
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import check_scoring
 from sklearn.model_selection import check_cv
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.parallel import Parallel, delayed
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from ._arrays import check_features, check_training_data, is_tensor
 from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin
 
 __all__ = ["FGNClassifierCV"]
@@ -199,12 +200,10 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         self : FGNClassifierCV
             The fitted estimator.
         """
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
-        check_classification_targets(y)
-        sample_weight = _check_sample_weight(sample_weight, X, dtype=X.dtype, ensure_non_negative=True)
+        X, y, sample_weight = check_training_data(self, X, y, sample_weight, reset=True)
         classes = np.unique(y)
         Cs = self._grid()
-        folds = list(check_cv(self.cv, y, classifier=True).split(X, y))
+        folds = list(check_cv(self.cv, y, classifier=True).split(np.empty((len(y), 0)), y))
         scorer = check_scoring(self._base_estimator(1.0), scoring=self.scoring)
         n_jobs = effective_n_jobs(self.n_jobs)
         results = Parallel(n_jobs=n_jobs)(
@@ -262,8 +261,13 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
 
     def _logits(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return torch.from_numpy(X @ self.coef_.T.astype(X.dtype) + self.intercept_.astype(X.dtype))
+        X = check_features(self, X, reset=False)
+        if not is_tensor(X):
+            X = torch.from_numpy(X)
+        coef, intercept = (
+            torch.as_tensor(a, dtype=X.dtype, device=X.device) for a in (self.coef_, self.intercept_)
+        )
+        return X @ coef.T + intercept
 
 
 def _worker_threads(n_jobs):
@@ -283,11 +287,14 @@ def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, thre
     """
     scores, coefs, n_iter = [], [], []
     estimator = clone(estimator)
-    w_test = sample_weight[test]
-    with threadpool_limits(threads), warnings.catch_warnings():
+    y_train, y_test, w_train, w_test = y[train], y[test], sample_weight[train], sample_weight[test]
+    if is_tensor(X):  # index on the tensor's device
+        train, test = (torch.from_numpy(i).to(X.device) for i in (train, test))
+    # Numpy predictions whatever the dispatch: the scorer compares them with numpy labels.
+    with threadpool_limits(threads), warnings.catch_warnings(), config_context(array_api_dispatch=False):
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
-        for state in estimator._fit_path(X[train], y[train], sample_weight[train], 1.0 / Cs):
-            scores.append(float(scorer(estimator, X[test], y[test], sample_weight=w_test)))
+        for state in estimator._fit_path(X[train], y_train, w_train, 1.0 / Cs):
+            scores.append(float(scorer(estimator, X[test], y_test, sample_weight=w_test)))
             coef = estimator.coef_
             if estimator.fit_intercept:
                 coef = np.hstack([coef, estimator.intercept_[:, None]])

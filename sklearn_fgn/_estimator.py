@@ -15,8 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.utils import compute_sample_weight
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
 
 try:  # scikit-learn >= 1.9: the callback protocol (set_callbacks, ProgressBar, ScoringMonitor)
@@ -27,6 +26,7 @@ except ImportError:  # older releases have no callbacks to support
         pass
 
 
+from ._arrays import as_output, check_features, check_training_data, is_tensor, nbytes, numpy_dtype
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._metric import (
     feature_moments,
@@ -78,8 +78,8 @@ class _LogitsPredictionMixin:
         ndarray of shape (n_samples,) or (n_samples, n_classes)
             The single logit of the positive class for binary problems.
         """
-        logits = self._logits(X).numpy()
-        return logits[:, 0] if logits.shape[1] == 1 else logits
+        logits = self._logits(X)
+        return as_output(logits[:, 0] if logits.shape[1] == 1 else logits, X)
 
     def predict_log_proba(self, X):
         """Log class probabilities, from ``log_softmax`` (``logsigmoid`` for binary).
@@ -94,10 +94,7 @@ class _LogitsPredictionMixin:
         ndarray of shape (n_samples, n_classes)
             Log-probabilities in the order of ``classes_``.
         """
-        logits = self._logits(X)
-        if logits.shape[1] == 1:
-            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        return torch.log_softmax(logits, dim=1).numpy()
+        return as_output(self._log_proba(X), X)
 
     def predict_proba(self, X):
         """Class probabilities.
@@ -112,7 +109,7 @@ class _LogitsPredictionMixin:
         ndarray of shape (n_samples, n_classes)
             Probabilities in the order of ``classes_``.
         """
-        return np.exp(self.predict_log_proba(X))
+        return as_output(self._log_proba(X).exp(), X)
 
     def predict(self, X):
         """Predicted class labels.
@@ -129,7 +126,13 @@ class _LogitsPredictionMixin:
         """
         logits = self._logits(X)
         index = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-        return self.classes_[index.numpy()]
+        return as_output(self.classes_[index.cpu().numpy()], X)
+
+    def _log_proba(self, X):
+        logits = self._logits(X)
+        if logits.shape[1] == 1:
+            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
+        return torch.log_softmax(logits, dim=1)
 
 
 class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixin, BaseEstimator):
@@ -434,10 +437,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
             resumed = None
             if self.warm_start and coef_init is None and intercept_init is None:
-                resumed = self._resume_state(head, X.dtype)
+                resumed = self._resume_state(head, numpy_dtype(X.dtype))
             drawn = resumed is None and coef_init is None and intercept_init is None
             state = resumed or LoopState(
-                self._initial_params(head, X.dtype, coef_init, intercept_init), float(self.damping)
+                self._initial_params(head, numpy_dtype(X.dtype), coef_init, intercept_init),
+                float(self.damping),
             )
             early_stopping = self._resolve_early_stopping(y_enc, head)
             state, _ = self._train(head, state, X, y_enc, sample_weight, early_stopping, None, drawn)
@@ -498,9 +502,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             if unseen.size:
                 raise ValueError(f"y contains labels not in classes: {unseen!r}")
             head = self._make_head(hidden, X.shape[1])
-            state = self._resume_state(head, X.dtype) if not first else None
+            dtype = numpy_dtype(X.dtype)
+            state = self._resume_state(head, dtype) if not first else None
             drawn = state is None
-            state = state or LoopState(self._initial_params(head, X.dtype, None, None), float(self.damping))
+            state = state or LoopState(self._initial_params(head, dtype, None, None), float(self.damping))
             self._train(head, state, X, np.searchsorted(self.classes_, y), sample_weight, False, 1, drawn)
 
         return self
@@ -520,7 +525,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             The state of the fit at that ``alpha``.
         """
         X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
-        state = LoopState(self._initial_params(head, X.dtype, None, None), float(self.damping))
+        state = LoopState(self._initial_params(head, numpy_dtype(X.dtype), None, None), float(self.damping))
         early_stopping, prepared = self._resolve_early_stopping(y_enc, head), None
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
@@ -563,10 +568,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             raise ValueError("classes contains NaN.")
 
     def _validate_training_data(self, X, y, sample_weight, reset):
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=reset)
-        check_classification_targets(y)
-        sample_weight = _check_sample_weight(sample_weight, X, dtype=X.dtype, ensure_non_negative=True)
-        return X, y, sample_weight
+        return check_training_data(self, X, y, sample_weight, reset=reset)
 
     def _check_params(self):
         """Check the cross-parameter rules.
@@ -651,6 +653,14 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         prepared : tuple
             What :meth:`_prepare` returned, for the next call on the same data.
         """
+        with _device_memory_hint("fit", self._resolve_batch_size(X.shape[0], head)):
+            state, prepared = self._run(
+                head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared
+            )
+        return state, prepared
+
+    def _run(self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared):
+        """:meth:`_train` without the memory hint."""
         prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head)
         sample_weight, data, metric = prepared
         cfg = LoopConfig(
@@ -728,14 +738,14 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         metric : FeatureMetric or None
             In the data's dtype, on the compute device.
         """
-        device = _resolve_device(self.device)
+        device = _resolve_device(self.device, X)
         X_val = y_val = w_val = None
         if early_stopping:
             X, X_val, y_enc, y_val, sample_weight, w_val = self._validation_split(X, y_enc, sample_weight)
             X_val, y_val = _to_tensor(X_val, device), _to_tensor(y_val.astype(np.int64), device)
             w_val = None if np.all(w_val == 1) else _to_tensor(w_val, device)
         weights = None if np.all(sample_weight == 1) else _to_tensor(sample_weight, device, host=True)
-        X_t = _to_tensor(X, device, host=not _fits_on(device, X.nbytes))
+        X_t = _to_tensor(X, device, host=not _fits_on(device, nbytes(X)))
         y_t = _to_tensor(y_enc.astype(np.int64), X_t.device)
         weights = None if weights is None else weights.to(X_t.device)
         metric, transform = self._feature_metric(X_t, weights, head, device), None
@@ -784,16 +794,21 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 f"of {n_samples} samples; it needs at least 2 and must leave some for training. "
                 "Change validation_fraction or set early_stopping=False."
             )
-        split = train_test_split(
-            X, y_enc, sample_weight, test_size=n_val,
+        train, val = train_test_split(
+            np.arange(n_samples), test_size=n_val,
             stratify=y_enc if self._can_stratify(y_enc, n_val) else None,
             random_state=self._rng,
         )  # fmt: skip
-        if not split[5].sum() > 0:
+        if not sample_weight[val].sum() > 0:
             raise ValueError(
                 "The sample weights of the validation split sum to zero; set early_stopping=False."
             )
-        return split
+        if is_tensor(X):  # index on the tensor's device
+            train_t, val_t = (torch.from_numpy(i).to(X.device) for i in (train, val))
+            X_train, X_val = X[train_t], X[val_t]
+        else:
+            X_train, X_val = X[train], X[val]
+        return X_train, X_val, y_enc[train], y_enc[val], sample_weight[train], sample_weight[val]
 
     def _validation_rows(self, n_samples):
         """Rows held out: ``validation_fraction``, capped for ``early_stopping="auto"``.
@@ -869,10 +884,40 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
     # ------------------------------------------------------------- predict
     def _logits(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        params = self._params_from_attributes(self._head, X.dtype)
-        with torch.no_grad():
-            return forward(self._head, params, _to_tensor(X, "cpu", host=True))
+        X = check_features(self, X, reset=False)
+        params = self._params_from_attributes(self._head, numpy_dtype(X.dtype))
+        X = X if is_tensor(X) else _to_tensor(X, "cpu", host=True)  # a tensor stays on its device
+        with torch.no_grad(), _device_memory_hint("predict", None):
+            return forward(self._head, {k: p.to(X.device) for k, p in params.items()}, X)
+
+
+class DeviceMemoryError(torch.OutOfMemoryError, ValueError):
+    """The GPU ran out of memory; the message names the setting to lower.
+
+    A ``torch.OutOfMemoryError`` (so handlers of torch's error still catch
+    it) and a ``ValueError`` (a setting of the estimator or the size of the
+    input is the cure).
+    """
+
+
+@contextlib.contextmanager
+def _device_memory_hint(task, batch_size):
+    """Re-raise torch's CUDA out-of-memory error as a :class:`DeviceMemoryError` that says what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if isinstance(exc, DeviceMemoryError):
+            raise
+        if task == "predict":
+            advice = "predict on fewer rows at a time (the logits of all rows are held at once)"
+        elif batch_size is None:
+            advice = (
+                "set batch_size (full batch now: each step holds a few (n_samples, n_classes) arrays), "
+                "or device='cpu'"
+            )
+        else:
+            advice = f"lower batch_size (now {batch_size}), or device='cpu'"
+        raise DeviceMemoryError(f"The GPU ran out of memory during {task}: {advice}. torch: {exc}") from exc
 
 
 def _warn_if_nothing_learned(head, state, y_enc, sample_weight):
@@ -938,11 +983,14 @@ def _seed_from(random_state):
 
 
 def _torch_dtype(dtype):
-    return torch.float32 if np.dtype(dtype) == np.float32 else torch.float64
+    return torch.float32 if numpy_dtype(dtype) == np.float32 else torch.float64
 
 
-def _resolve_device(device):
+def _resolve_device(device, X=None):
+    """Return the torch device of ``device``; ``"auto"`` is a CUDA ``X``'s device, else CUDA when present."""
     if isinstance(device, str) and device == "auto":
+        if is_tensor(X) and X.is_cuda:
+            return X.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
@@ -971,6 +1019,19 @@ def _fits_on(device, nbytes):
 
 
 def _to_tensor(array, device, host=False):
+    """Return ``array`` as a tensor on ``device``, or in host memory when ``host``.
+
+    A tensor already on a CUDA device stays there when ``device`` is CUDA
+    (it is on the device already, whatever ``host`` says).
+
+    Returns
+    -------
+    Tensor
+    """
+    if is_tensor(array):
+        if array.is_cuda and torch.device(device).type == "cuda":
+            return array.to(device)
+        return array.cpu() if host else array.to(device)
     array = np.ascontiguousarray(array)
     # torch.from_numpy shares memory and warns on read-only arrays (memmaps); copy those.
     tensor = torch.from_numpy(array if array.flags.writeable else array.copy())

@@ -4,9 +4,16 @@ Every test passes on a CPU-only machine; CUDA cases skip with a reason.
 Test modules import the constants directly (``from conftest import SEEDS``).
 """
 
-import pytest
-import torch
-from threadpoolctl import threadpool_limits
+import os
+
+# Before scipy is imported (sklearn imports it): lets the tests run under
+# sklearn.config_context(array_api_dispatch=True), and sklearn's common
+# checks run their array-API check.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 # The test problems are tiny (n <= 16, P <= 60): intra-op threads only add
 # synchronisation, and on a busy 2-core machine they made the suite ~6x slower.

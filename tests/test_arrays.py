@@ -1,0 +1,209 @@
+"""Torch tensors and array-API arrays in and out of the estimators (``sklearn_fgn._arrays``)."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES
+from sklearn import config_context
+from sklearn.datasets import load_iris
+from sklearn.preprocessing import StandardScaler
+
+from sklearn_fgn import FGNClassifier, FGNClassifierCV
+from sklearn_fgn._estimator import DeviceMemoryError
+
+METHODS = ("decision_function", "predict_proba", "predict_log_proba", "predict")
+
+
+@pytest.fixture(scope="module")
+def iris32():
+    X, y = load_iris(return_X_y=True)
+    return StandardScaler().fit_transform(X).astype(np.float32), y
+
+
+def _fit_pair(X, y, **params):
+    """The same estimator fitted on the numpy array and on a CPU tensor of it."""
+    params = {"device": "cpu", "random_state": 0, **params}
+    return FGNClassifier(**params).fit(X, y), FGNClassifier(**params).fit(torch.from_numpy(X), y)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"hidden_layer_sizes": (8,)}, {"batch_size": 32, "early_stopping": True, "max_iter": 5}],
+    ids=["linear-full-batch", "mlp", "mini-batch-early-stopping"],
+)
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_float32_tensor_fits_as_the_float32_array(iris32, params):
+    X, y = iris32
+    from_array, from_tensor = _fit_pair(X, y, **params)
+    arrays = [from_array.coef_] if hasattr(from_array, "coef_") else from_array.coefs_
+    tensors = [from_tensor.coef_] if hasattr(from_tensor, "coef_") else from_tensor.coefs_
+    for a, b in zip(arrays, tensors, strict=True):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    assert from_tensor.n_iter_ == from_array.n_iter_
+    assert from_tensor.n_features_in_ == 4
+
+
+def test_outputs_are_numpy_without_dispatch(iris32):
+    X, y = iris32
+    est = FGNClassifier(device="cpu", random_state=0).fit(torch.from_numpy(X), torch.from_numpy(y))
+    for method in METHODS:
+        from_tensor = getattr(est, method)(torch.from_numpy(X))
+        assert isinstance(from_tensor, np.ndarray), method
+        np.testing.assert_array_equal(from_tensor, getattr(est, method)(X))
+    assert est.predict_proba(torch.from_numpy(X)).dtype == np.float32
+    assert est.score(torch.from_numpy(X), y) > 0.95
+
+
+def test_outputs_follow_the_input_namespace_under_dispatch(iris32):
+    X, y = iris32
+    est = FGNClassifier(device="cpu", random_state=0).fit(X, y)
+    X_t = torch.from_numpy(X)
+    with config_context(array_api_dispatch=True):
+        for method in METHODS:
+            out = getattr(est, method)(X_t)
+            assert isinstance(out, torch.Tensor), method
+            assert out.device == X_t.device
+            np.testing.assert_array_equal(out.numpy(), getattr(est, method)(X))
+            assert isinstance(getattr(est, method)(X), np.ndarray)  # numpy in, numpy out
+        assert est.predict_proba(X_t).dtype == torch.float32
+    assert isinstance(est.coef_, np.ndarray)
+
+
+def test_string_labels_stay_numpy_under_dispatch(iris32):
+    X, y = iris32
+    labels = np.array(["setosa", "versicolor", "virginica"])[y]
+    est = FGNClassifier(device="cpu", random_state=0).fit(torch.from_numpy(X), labels)
+    with config_context(array_api_dispatch=True):
+        predicted = est.predict(torch.from_numpy(X))
+    assert isinstance(predicted, np.ndarray) and predicted.dtype.kind == "U"
+    assert np.mean(predicted == labels) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(torch.float16, np.float32), (torch.bfloat16, np.float32), (torch.int64, np.float64)],
+)
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_tensor_dtypes_are_cast_as_check_array_casts(iris32, dtype, expected):
+    X, y = iris32
+    est = FGNClassifier(device="cpu", random_state=0, max_iter=3).fit(torch.from_numpy(X * 4).to(dtype), y)
+    assert est.coef_.dtype == expected
+
+
+def test_tensor_that_requires_grad_is_accepted(iris32):
+    X, y = iris32
+    X_t = torch.from_numpy(X).requires_grad_(True)
+    est = FGNClassifier(device="cpu", random_state=0).fit(X_t, y)
+    assert X_t.grad is None
+    assert est.predict(X_t).shape == (150,)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda X: X[:, 0], "Expected a 2D tensor"),
+        (lambda X: X.masked_fill(X > 2, float("nan")), "NaN or infinity"),
+        (lambda X: X[:0], "0 sample"),
+        (lambda X: X.to(torch.complex64), "Complex"),
+        (lambda X: X.to_sparse(), "sparse"),
+    ],
+    ids=["1d", "nan", "empty", "complex", "sparse"],
+)
+def test_bad_tensors_raise_value_error(iris32, make, match):
+    X, y = iris32
+    with pytest.raises(ValueError, match=match):
+        FGNClassifier(device="cpu").fit(make(torch.from_numpy(X)), y)
+
+
+def test_wrong_number_of_features_and_lengths_raise(iris32):
+    X, y = iris32
+    est = FGNClassifier(device="cpu", random_state=0).fit(X, y)
+    with pytest.raises(ValueError, match="X has 3 features, but FGNClassifier is expecting 4"):
+        est.predict(torch.from_numpy(X[:, :3]))
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        FGNClassifier(device="cpu").fit(torch.from_numpy(X), y[:-1])
+
+
+def test_cv_on_tensors_matches_arrays(iris32):
+    X, y = iris32
+    params = {"Cs": [0.1, 10.0], "cv": 3, "device": "cpu", "random_state": 0}
+    from_array = FGNClassifierCV(**params).fit(X, y)
+    from_tensor = FGNClassifierCV(**params).fit(torch.from_numpy(X), torch.from_numpy(y))
+    np.testing.assert_array_equal(from_array.scores_, from_tensor.scores_)
+    np.testing.assert_array_equal(from_array.coef_, from_tensor.coef_)
+    with config_context(array_api_dispatch=True):
+        proba = from_tensor.predict_proba(torch.from_numpy(X))
+    assert isinstance(proba, torch.Tensor)
+    np.testing.assert_allclose(proba.numpy(), from_array.predict_proba(X), rtol=1e-6)
+
+
+def test_cuda_out_of_memory_names_the_setting_to_lower(iris32, monkeypatch):
+    X, y = iris32
+    est = FGNClassifier(device="cpu", batch_size=64, random_state=0).fit(X, y)
+    before = est.coef_.copy()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("sklearn_fgn._estimator.run_epochs", out_of_memory)
+    with pytest.raises(DeviceMemoryError, match=r"lower batch_size \(now 64\)"):
+        est.fit(X, y)
+    np.testing.assert_array_equal(est.coef_, before)  # the failed fit left the model as it was
+    with pytest.raises(ValueError, match="set batch_size"):
+        FGNClassifier(device="cpu").fit(X, y)
+
+
+def test_cuda_fitted_model_holds_no_tensors_and_predicts_without_cuda(iris32, tmp_path):
+    """A model fitted with ``device="cuda"`` unpickles and predicts where CUDA is absent.
+
+    Simulated on any machine: the fitted attributes are numpy (no tensor is
+    pickled), and a child process that sees no GPU loads a model whose
+    ``device`` says CUDA and predicts as the parent does.
+    """
+    X, y = iris32
+    device = "cuda" if "cuda" in DEVICES else "cpu"
+    est = FGNClassifier(device=device, random_state=0).fit(torch.from_numpy(X).to(device), y)
+    est.set_params(device="cuda")
+    assert not [k for k, v in vars(est).items() if isinstance(v, torch.Tensor)]
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(est))
+    np.save(tmp_path / "X.npy", X)
+    code = (
+        "import pickle, sys, numpy as np, torch; assert not torch.cuda.is_available(); "
+        f"est = pickle.loads(open({str(path)!r}, 'rb').read()); "
+        f"np.save({str(tmp_path / 'p.npy')!r}, est.predict_proba(np.load({str(tmp_path / 'X.npy')!r})))"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), est.predict_proba(X), rtol=1e-6)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA not available")
+def test_cuda_tensor_fit_stays_on_the_gpu(iris32):
+    X, y = iris32
+    X_cuda = torch.from_numpy(X).cuda()
+    est = FGNClassifier(random_state=0).fit(X_cuda, torch.from_numpy(y).cuda())  # device="auto"
+    reference = FGNClassifier(device="cpu", random_state=0).fit(X, y)
+    np.testing.assert_allclose(est.coef_, reference.coef_, rtol=1e-3, atol=1e-4)
+    with config_context(array_api_dispatch=True):
+        proba = est.predict_proba(X_cuda)
+        labels = est.predict(X_cuda)
+    assert proba.is_cuda and proba.dtype == torch.float32 and labels.is_cuda
+    assert isinstance(est.predict(X_cuda), np.ndarray)
+    assert (labels.cpu().numpy() == y).mean() > 0.95
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA not available")
+def test_cuda_mini_batch_fit_from_cuda_tensor_with_early_stopping(iris32):
+    X, y = iris32
+    params = {"batch_size": 32, "early_stopping": True, "max_iter": 5, "random_state": 0}
+    est = FGNClassifier(device="cuda", **params).fit(torch.from_numpy(X).cuda(), y)
+    reference = FGNClassifier(device="cpu", **params).fit(X, y)
+    assert est.n_iter_ == reference.n_iter_
+    np.testing.assert_allclose(est.coef_, reference.coef_, rtol=1e-3, atol=1e-3)
