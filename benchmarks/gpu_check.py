@@ -50,6 +50,7 @@ Run::
     python benchmarks/gpu_check.py --install     # GPU machine: pip install (see below), then the check
     python benchmarks/gpu_check.py --budget-seconds 300
     python benchmarks/gpu_check.py --dry-run     # CPU only: every section at tiny sizes, under a minute
+    python benchmarks/gpu_check.py --sections probe imagenet --budget-seconds 200   # a subset
 
 ``--install`` runs ``python -m pip install -e ".[test]" array-api-compat`` first (torch is not
 pinned: the machine keeps its own CUDA build) and, if that fails (no network), ``pip install
@@ -826,6 +827,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report path (markdown)")
     parser.add_argument(
+        "--sections", nargs="+", choices=list(SHARES), default=list(SHARES),
+        help="sections to run (default: all); the budget is split over them in proportion to their shares",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)"
     )
     return parser.parse_args(argv)
@@ -844,8 +849,10 @@ def main(argv=None) -> int:
     )
     report = Report(args.out, header)
     signal.signal(signal.SIGALRM, _on_alarm)
+    total_share = sum(SHARES[key] for key in args.sections)
     for number, (key, title, body) in enumerate(SECTIONS, 1):
-        run_section(report, number, title, SHARES[key] * args.budget_seconds, body, ctx)
+        if key in args.sections:
+            run_section(report, number, title, SHARES[key] / total_share * args.budget_seconds, body, ctx)
     print("\n" + report.text())
     print(f"wrote {args.out}")
     return 1 if any(s.failed for s in report.sections) else 0

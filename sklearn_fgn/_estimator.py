@@ -55,6 +55,10 @@ AUTO_BATCH_SIZE = 512
 # early_stopping="auto" holds out at most this many rows (or two per class).
 AUTO_VALIDATION_ROWS = 2048
 AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
+# On a GPU a linear head fits full batch wherever its arrays take at most
+# this share of the device's memory (see ``_full_batch_fits``).
+AUTO_GPU_FULL_BATCH_ARRAYS = 12
+AUTO_GPU_MEMORY_SHARE = 0.5
 
 
 class _LogitsPredictionMixin:
@@ -206,9 +210,14 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
     batch_size : int, "auto" or None, default="auto"
         ``None`` is full batch. ``"auto"``: full batch while
         ``n_samples * n_classes <= 2**24`` (about 16.7 million logits; for
-        MLP heads also ``n_samples <= 8192``), else 512. Full batch converges
-        to the optimum in a few Newton steps; mini-batches make progress from
-        the first epoch on data too large for that.
+        MLP heads also ``n_samples <= 8192``), else 512. On a CUDA device a
+        linear head fits full batch wherever about 12 ``(n_samples,
+        n_classes)`` arrays and ``X`` take at most half the device's memory
+        (an ImageNet-sized probe, 1.28M x 1024 x 1000, on an 80 GB-class GPU
+        and up): small steps there are bound by kernel launches, not
+        arithmetic. Full batch converges to the optimum in a few Newton
+        steps; mini-batches make progress from the first epoch on data too
+        large for that.
     max_iter : int, default=100
         Steps in full batch, epochs otherwise.
     tol : float, default=1e-4
@@ -443,7 +452,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 self._initial_params(head, numpy_dtype(X.dtype), coef_init, intercept_init),
                 float(self.damping),
             )
-            early_stopping = self._resolve_early_stopping(y_enc, head)
+            early_stopping = self._resolve_early_stopping(y_enc, head, X)
             state, _ = self._train(head, state, X, y_enc, sample_weight, early_stopping, None, drawn)
         _warn_if_nothing_learned(head, state, y_enc, sample_weight)
         if not (state.converged or state.stopped):
@@ -526,7 +535,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
         state = LoopState(self._initial_params(head, numpy_dtype(X.dtype), None, None), float(self.damping))
-        early_stopping, prepared = self._resolve_early_stopping(y_enc, head), None
+        early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X), None
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
             state = LoopState(state.params, state.damping)
@@ -653,7 +662,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         prepared : tuple
             What :meth:`_prepare` returned, for the next call on the same data.
         """
-        with _device_memory_hint("fit", self._resolve_batch_size(X.shape[0], head)):
+        with _device_memory_hint("fit", self._resolve_batch_size(X.shape[0], head, X)):
             state, prepared = self._run(
                 head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared
             )
@@ -666,7 +675,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         cfg = LoopConfig(
             alpha=self._penalty_coefficients(head, metric, data), damping=float(self.damping),
             curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
-            batch_size=self._resolve_batch_size(X.shape[0], head),  # as decided before any split
+            batch_size=self._resolve_batch_size(X.shape[0], head, X),  # as decided before any split
             max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
             cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
             kronecker=metric is not None,
@@ -751,7 +760,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         metric, transform = self._feature_metric(X_t, weights, head, device), None
         if metric is not None:
             X_val = None if X_val is None else metric.whiten(X_val)
-            batch_size = self._resolve_batch_size(X.shape[0], head)
+            batch_size = self._resolve_batch_size(X.shape[0], head, X)
             if batch_size is None or batch_size >= X.shape[0]:
                 X_t = metric.whiten(X_t)  # once: every step sees all rows
             else:
@@ -826,11 +835,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             n_val = min(n_val, max(AUTO_VALIDATION_ROWS, 2 * len(self.classes_)))
         return n_val
 
-    def _resolve_early_stopping(self, y_enc, head):
+    def _resolve_early_stopping(self, y_enc, head, X):
         if self.early_stopping != "auto":
             return bool(self.early_stopping)
         n_samples = y_enc.shape[0]
-        batch_size = self._resolve_batch_size(n_samples, head)
+        batch_size = self._resolve_batch_size(n_samples, head, X)
         if batch_size is None or batch_size >= n_samples:
             return False
         return self._can_stratify(y_enc, self._validation_rows(n_samples))
@@ -842,10 +851,16 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         counts = np.bincount(y_enc, minlength=n_classes)
         return bool(counts.min() >= 2 and min(n_validation, n_samples - n_validation) >= n_classes)
 
-    def _resolve_batch_size(self, n_samples, head):
+    def _resolve_batch_size(self, n_samples, head, X):
+        """Return ``batch_size``, or what ``"auto"`` means for this data, head and device (None: full)."""
         if self.batch_size != "auto":
             return self.batch_size
-        full = n_samples * head.n_logits <= AUTO_FULL_BATCH_MAX_ENTRIES
+        device = _resolve_device(self.device, X)
+        if head.is_linear and device.type == "cuda":
+            memory = torch.cuda.get_device_properties(device).total_memory
+            full = _full_batch_fits(n_samples, head, np.dtype(numpy_dtype(X.dtype)).itemsize, memory)
+        else:
+            full = n_samples * head.n_logits <= AUTO_FULL_BATCH_MAX_ENTRIES
         if not head.is_linear:
             full = full and n_samples <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES
         return None if full else AUTO_BATCH_SIZE
@@ -889,6 +904,25 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         X = X if is_tensor(X) else _to_tensor(X, "cpu", host=True)  # a tensor stays on its device
         with torch.no_grad(), _device_memory_hint("predict", None):
             return forward(self._head, {k: p.to(X.device) for k, p in params.items()}, X)
+
+
+def _full_batch_fits(n_samples, head, itemsize, device_memory):
+    """Return whether a linear head's full-batch fit fits in half of a GPU's ``device_memory`` bytes.
+
+    A full-batch step holds about ten (n_samples, n_logits) arrays at once
+    (logits, probabilities, CG vectors, products; measured: 9.4), counted
+    as ``AUTO_GPU_FULL_BATCH_ARRAYS``, beside the features themselves. On a
+    GPU a full-batch step costs about as much as a mini-batch one's
+    overheads (kernel launches, host reads), so full batch wins wherever it
+    fits (measurements in ``benchmarks/RESULTS.md``). The device's total
+    memory, not its free memory, keeps the choice reproducible.
+
+    Returns
+    -------
+    bool
+    """
+    arrays = AUTO_GPU_FULL_BATCH_ARRAYS * n_samples * head.n_logits + n_samples * head.n_features
+    return arrays * itemsize <= AUTO_GPU_MEMORY_SHARE * device_memory
 
 
 class DeviceMemoryError(torch.OutOfMemoryError, ValueError):
@@ -991,7 +1025,7 @@ def _resolve_device(device, X=None):
     if isinstance(device, str) and device == "auto":
         if is_tensor(X) and X.is_cuda:
             return X.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _resolve_device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -1007,6 +1041,8 @@ def _resolve_device(device, X=None):
         raise ValueError(f"device={device!r} was requested but CUDA is not available; use 'auto' or 'cpu'.")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices.")
+    if resolved.type == "cuda" and resolved.index is None:  # "cuda" is the current device, by index
+        resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 

@@ -462,7 +462,7 @@ def _to_device(
 ) -> Batch:  # fmt: skip
     total = None if sample_weight is None else y.shape[0] * weight_mean
     if X.device != device:
-        pin = device.type == "cuda"
+        pin = device.type == "cuda" and X.device.type == "cpu"  # host -> GPU: page-locked, asynchronous
         move = lambda t: t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)  # noqa: E731
         X, y, sample_weight = move(X), move(y), None if sample_weight is None else move(sample_weight)
     return Batch(X if transform is None else transform(X), y, sample_weight, total)

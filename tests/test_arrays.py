@@ -207,3 +207,26 @@ def test_cuda_mini_batch_fit_from_cuda_tensor_with_early_stopping(iris32):
     reference = FGNClassifier(device="cpu", **params).fit(X, y)
     assert est.n_iter_ == reference.n_iter_
     np.testing.assert_allclose(est.coef_, reference.coef_, rtol=1e-3, atol=1e-3)
+
+
+def test_gpu_auto_batch_is_full_batch_where_it_fits_in_half_the_memory():
+    from sklearn_fgn._estimator import _full_batch_fits
+    from sklearn_fgn._heads import Head
+
+    imagenet = Head(1024, 1000, (), "relu", True)
+    # 12 (n, K) float32 arrays of 1281167 x 1000 and X: 66.7 GB.
+    assert _full_batch_fits(1281167, imagenet, 4, 150e9)  # H200 (139.8 GiB)
+    assert not _full_batch_fits(1281167, imagenet, 4, 80e9)
+    assert not _full_batch_fits(1281167, imagenet, 8, 150e9)  # float64 doubles it
+    probe = Head(512, 1000, (), "relu", True)
+    assert _full_batch_fits(100000, probe, 4, 24e9)  # 1.4 GB: any recent GPU
+    assert not _full_batch_fits(100000, probe, 4, 2e9)
+
+
+def test_cpu_auto_batch_size_is_unchanged(iris32):
+    X, y = iris32
+    est = FGNClassifier(device="cpu")
+    est.classes_ = np.unique(y)
+    head = est._make_head((), 4)
+    assert est._resolve_batch_size(150, head, torch.from_numpy(X)) is None
+    assert est._resolve_batch_size(2**24, head, X) == 512  # 3 logits: above 2**24 entries
