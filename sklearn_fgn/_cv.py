@@ -24,8 +24,10 @@ from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin
 
 __all__ = ["FGNClassifierCV"]
 
-# The refit of the chosen C runs to at most this tol (see ``tol``).
+# The refit of the chosen C runs to at most this tol (see ``tol``), or, where
+# its end game converges only linearly, to this estimated relative gap.
 REFIT_TOL = 1e-8
+REFIT_GAP_TOL = 1e-6
 
 
 class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
@@ -70,8 +72,12 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
     max_iter : int, default=100
         Steps (full batch) or epochs per ``C``.
     tol : float, default=1e-4
-        As in :class:`FGNClassifier`, for the fits of the path. The refit of
-        the chosen ``C`` runs to ``min(tol, 1e-8)``: it is one fit, and its
+        As in :class:`FGNClassifier`, for the fits of the path, which only
+        score their solutions: a full-batch fit whose end game converges
+        linearly (weak ``C`` on raw features) also stops once the gap its
+        decreases leave is estimated below ``tol``, as ``LogisticRegressionCV``
+        stops short of the optimum. The refit of the chosen ``C`` runs to
+        ``min(tol, 1e-8)`` with Newton's stopping rule: it is one fit, and its
         coefficients are then exact where a weak ``C`` leaves the objective
         flat.
     fit_intercept : bool, default=True
@@ -246,18 +252,23 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         )  # fmt: skip
 
     def _store_best(self, X, y, sample_weight, best):
-        if self.refit:
-            self.best_estimator_ = self._base_estimator(self.C_, tol=min(self.tol, REFIT_TOL))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # the fold fits already warned
-                self.best_estimator_.fit(X, y, sample_weight=sample_weight)
-            self.coef_, self.intercept_ = self.best_estimator_.coef_, self.best_estimator_.intercept_
-            return
         mean = self.coefs_paths_[:, best].mean(axis=0)
         if self.fit_intercept:
             self.coef_, self.intercept_ = mean[:, :-1], mean[:, -1]
         else:
             self.coef_, self.intercept_ = mean, np.zeros(mean.shape[0], dtype=mean.dtype)
+        if not self.refit:
+            return
+        # From the folds' mean solution, to REFIT_GAP_TOL where the end game is linear.
+        self.best_estimator_ = self._base_estimator(self.C_, tol=min(self.tol, REFIT_TOL))
+        init = (self.coef_, self.intercept_ if self.fit_intercept else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the fold fits already warned
+            for _ in self.best_estimator_._fit_path(
+                X, y, sample_weight, [1.0 / self.C_], REFIT_GAP_TOL, init
+            ):
+                pass
+        self.coef_, self.intercept_ = self.best_estimator_.coef_, self.best_estimator_.intercept_
 
     def _logits(self, X):
         check_is_fitted(self)
@@ -293,7 +304,7 @@ def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, thre
     # Numpy predictions whatever the dispatch: the scorer compares them with numpy labels.
     with threadpool_limits(threads), warnings.catch_warnings(), config_context(array_api_dispatch=False):
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
-        for state in estimator._fit_path(X[train], y_train, w_train, 1.0 / Cs):
+        for state in estimator._fit_path(X[train], y_train, w_train, 1.0 / Cs, gap_tol=estimator.tol):
             scores.append(float(scorer(estimator, X[test], y_test, sample_weight=w_test)))
             coef = estimator.coef_
             if estimator.fit_intercept:

@@ -519,14 +519,17 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
         return self
 
-    def _fit_path(self, X, y, sample_weight, alphas):
+    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None):
         """Fit at each of ``alphas`` in turn, each fit starting from the previous solution.
 
         What does not depend on ``alpha`` is done once: validation, the
         tensors on the device, the validation split, the feature metric and
         its eigendecomposition. Yields after each fit, with the fitted
         attributes of that ``alpha`` set (a generator: the caller scores
-        them). Used by :class:`FGNClassifierCV`.
+        them). Used by :class:`FGNClassifierCV`. ``gap_tol``: full-batch
+        fits whose end game converges only linearly stop at that estimated
+        relative gap (see ``LoopConfig``) instead of running to Newton's rate.
+        ``init``: ``(coef_init, intercept_init)`` of the first fit (else drawn).
 
         Yields
         ------
@@ -534,13 +537,14 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             The state of the fit at that ``alpha``.
         """
         X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
-        state = LoopState(self._initial_params(head, numpy_dtype(X.dtype), None, None), float(self.damping))
+        init = (None, None) if init is None else init
+        state = LoopState(self._initial_params(head, numpy_dtype(X.dtype), *init), float(self.damping))
         early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X), None
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
             state = LoopState(state.params, state.damping)
             state, prepared = self._train(
-                head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared
+                head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol
             )
             yield state
 
@@ -644,8 +648,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         return params
 
     def _train(
-        self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn=False, prepared=None
-    ):
+        self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn=False, prepared=None,
+        gap_tol=None,
+    ):  # fmt: skip
         """Run the loop on ``state`` and store the fitted attributes.
 
         ``drawn``: ``state.params`` come from :func:`init_params`; an MLP's
@@ -664,11 +669,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         with _device_memory_hint("fit", self._resolve_batch_size(X.shape[0], head, X)):
             state, prepared = self._run(
-                head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared
+                head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared, gap_tol
             )
         return state, prepared
 
-    def _run(self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared):
+    def _run(self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared, gap_tol):
         """:meth:`_train` without the memory hint."""
         prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head)
         sample_weight, data, metric = prepared
@@ -678,7 +683,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             batch_size=self._resolve_batch_size(X.shape[0], head, X),  # as decided before any split
             max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
             cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
-            kronecker=metric is not None,
+            kronecker=metric is not None, gap_tol=gap_tol,
         )  # fmt: skip
         state.params = _to_fit_coordinates(head, state.params, data, metric, drawn)
         generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))

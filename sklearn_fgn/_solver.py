@@ -73,6 +73,9 @@ class LoopConfig:
     :func:`._curvature.penalty_coefficients`). ``kronecker``: the features
     are whitened, and full-batch CG steps of a linear head are preconditioned
     by the Kronecker model (:func:`._step.make_kronecker_preconditioner`).
+    ``gap_tol``: a full-batch linear fit whose decreases shrink only
+    linearly also stops once their geometric tail is below it (see
+    ``_full_batch_converged``); None asks Newton's rate.
     """
 
     alpha: Alpha
@@ -88,6 +91,7 @@ class LoopConfig:
     cg_max_iter: int = 100
     verbose: int = 0
     kronecker: bool = False
+    gap_tol: float | None = None
 
 
 @dataclass
@@ -648,22 +652,46 @@ def _full_batch_converged(
     # rejected steps of 100 CG iterations each at predicted decreases of
     # 1e-12 to 3e-8, with the loss unchanged in its 8th digit).
     # On the convex linear head the rule assumes the fast final convergence
-    # of Newton's method: while the decreases still shrink only linearly (by
-    # less than SUPERLINEAR from the step before: inexact steps on a badly
-    # conditioned end game), the gap left is a multiple of the last decrease,
-    # and the fit goes on. MLP heads converge linearly anyway: tol alone.
+    # of Newton's method (r = p / p_previous <= SUPERLINEAR), which leaves a
+    # gap far below p (about p^2: tol^2 for the stopping step). While the
+    # decreases shrink only linearly (inexact steps on a badly conditioned
+    # end game, weak regularisation: r about 0.5-0.9) the gap left is a
+    # multiple of the last decrease, and the fit goes on; or, with
+    # ``cfg.gap_tol`` (the path fits of FGNClassifierCV, which only score
+    # their solutions), it stops once the geometric tail of the decreases
+    # taken, p r / (1 - r), is below gap_tol: measured on the steps taken, it
+    # counts what the inexact solves missed, so eta is not asked there. MLP
+    # heads converge linearly anyway: tol alone.
     relative = _relative_decrease(record)
     trusted = record.accepted and record.ratio > 0.5
     accurate = record.cg_tol**2 * relative <= cfg.tol**2
-    fast = not convex or relative <= SUPERLINEAR * previous or relative <= cfg.tol**2
+    newton = accurate and (not convex or relative <= SUPERLINEAR * previous or relative <= cfg.tol**2)
+    linear = convex and cfg.gap_tol is not None and _geometric_tail(relative, previous) <= cfg.gap_tol
     roundoff = max(1e3 * _EPS, float(torch.finfo(dtype).eps))
     # A tiny step held back by a huge damping is no optimum: the undamped
     # model along it must promise no more than the stop allows either.
     reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
     small = relative <= cfg.tol and reachable <= cfg.tol
-    return (trusted and accurate and fast and small) or (
+    return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(cfg.tol, roundoff)
     )
+
+
+def _geometric_tail(decrease: float, previous: float) -> float:
+    """Return ``p r / (1 - r)`` with ``r = p / previous``: what a geometric sequence of decreases has left.
+
+    inf unless ``SUPERLINEAR < r < 1`` (faster decreases are Newton's, whose
+    rule asks the solve's accuracy instead).
+
+    Returns
+    -------
+    float
+        The estimated relative gap left.
+    """
+    rate = decrease / previous if previous > 0.0 else math.inf
+    if not SUPERLINEAR < rate < 1.0:
+        return math.inf
+    return decrease * rate / (1.0 - rate)
 
 
 def _log_epoch(state: LoopState, records: list[tuple[int, StepRecord]], seconds: float, score) -> None:
