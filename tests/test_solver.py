@@ -27,6 +27,7 @@ from sklearn_fgn._solver import (
     StepRecord,
     _forcing_term,
     _full_batch_converged,
+    _geometric_tail,
     _remaining_gap,
     damped_update,
     levenberg_marquardt,
@@ -254,3 +255,18 @@ def test_fits_leave_the_process_allocator_alone():
     out = subprocess.run([sys.executable, "-c", _ALLOCATOR_UNTOUCHED], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("gap_tol, previous, expected", [
+    (None, 1e-5, False),  # Newton's rule: a linear end game goes on
+    (1e-4, 1e-5, True),  # r = 0.3: the tail 3e-6 * 0.3 / 0.7 = 1.3e-6 is below gap_tol
+    (1e-6, 1e-5, False),  # ... but not below 1e-6
+    (1e-4, 3.05e-6, False),  # r = 0.98: the tail 3e-6 * 0.98 / 0.02 = 1.5e-4 is not
+])  # fmt: skip
+def test_gap_tol_stops_a_linear_end_game_at_its_estimated_tail(gap_tol, previous, expected):
+    # cg_tol = 0.5: the step fails Newton's accuracy rule, so only the tail rule can stop the fit.
+    record = _record(ratio=1.0, cg_tol=0.5, predicted=3.0 * 3e-6)  # relative decrease 3e-6, loss 3.0
+    cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=gap_tol)
+    tail = _geometric_tail(3e-6, previous)
+    assert (tail <= (gap_tol or 0.0)) is expected
+    assert _full_batch_converged(record, cfg, torch.float64, previous) is expected
