@@ -36,7 +36,15 @@ from ._metric import (
     unwhitened_params,
     whitened_params,
 )
-from ._solver import CURVATURE_OPTIONS, DAMPING_SCHEDULES, LoopConfig, LoopState, TrainingData, run_epochs
+from ._solver import (
+    CURVATURE_OPTIONS,
+    DAMPING_SCHEDULES,
+    LoopConfig,
+    LoopState,
+    RowSubset,
+    TrainingData,
+    run_epochs,
+)  # fmt: skip
 from ._step import SOLVERS
 
 __all__ = ["FGNClassifier"]
@@ -753,20 +761,27 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             In the data's dtype, on the compute device.
         """
         device = _resolve_device(self.device, X)
-        X_val = y_val = w_val = None
-        if early_stopping:
-            X, X_val, y_enc, y_val, sample_weight, w_val = self._validation_split(X, y_enc, sample_weight)
-            X_val, y_val = _to_tensor(X_val, device), _to_tensor(y_val.astype(np.int64), device)
-            w_val = None if np.all(w_val == 1) else _to_tensor(w_val, device)
-        weights = None if np.all(sample_weight == 1) else _to_tensor(sample_weight, device, host=True)
         X_t = _to_tensor(X, device, host=not _fits_on(device, nbytes(X)))
+        X_val = y_val = w_val = None
+        if early_stopping:  # the training rows stay in X: a RowSubset gathers them batch by batch
+            train, val = self._validation_split(y_enc, sample_weight)
+            X_val = X_t[torch.from_numpy(val).to(X_t.device)].to(device)
+            y_val = _to_tensor(y_enc[val].astype(np.int64), device)
+            w_val = None if np.all(sample_weight[val] == 1) else _to_tensor(sample_weight[val], device)
+            X_t, y_enc, sample_weight = (
+                RowSubset(X_t, torch.from_numpy(train)),
+                y_enc[train],
+                sample_weight[train],
+            )
+        weights = None if np.all(sample_weight == 1) else _to_tensor(sample_weight, X_t.device)
         y_t = _to_tensor(y_enc.astype(np.int64), X_t.device)
-        weights = None if weights is None else weights.to(X_t.device)
         metric, transform = self._feature_metric(X_t, weights, head, device), None
+        batch_size = self._resolve_batch_size(X_t.shape[0], head, X)
+        if (batch_size is None or batch_size >= X_t.shape[0]) and isinstance(X_t, RowSubset):
+            X_t = X_t.materialize()  # every step sees all rows
         if metric is not None:
             X_val = None if X_val is None else metric.whiten(X_val)
-            batch_size = self._resolve_batch_size(X.shape[0], head, X)
-            if batch_size is None or batch_size >= X.shape[0]:
+            if batch_size is None or batch_size >= X_t.shape[0]:
                 X_t = metric.whiten(X_t)  # once: every step sees all rows
             else:
                 transform = metric.whiten  # per batch: no whitened copy of X
@@ -779,20 +794,21 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             return None
         moments = feature_moments(X, sample_weight)
         if not bool(torch.isfinite(moments.outer).all()):
+            largest = float((X.X if isinstance(X, RowSubset) else X).abs().max())
             raise ValueError(
-                "The second moment of the features overflowed float64 (largest feature "
-                f"{float(X.abs().max()):.3g}); scale the features (e.g. StandardScaler)."
+                f"The second moment of the features overflowed float64 (largest feature {largest:.3g}); "
+                "scale the features (e.g. StandardScaler)."
             )
         metric = make_feature_metric(moments, centered=head.fit_intercept)
         return metric.to(X.dtype, device)
 
-    def _validation_split(self, X, y_enc, sample_weight):
+    def _validation_split(self, y_enc, sample_weight):
         """Hold out ``validation_fraction``: stratified when every class can give it a sample.
 
         Returns
         -------
-        tuple
-            ``X, X_val, y, y_val, sample_weight, sample_weight_val``.
+        train, val : ndarray of int
+            The rows of each part.
 
         Raises
         ------
@@ -817,12 +833,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             raise ValueError(
                 "The sample weights of the validation split sum to zero; set early_stopping=False."
             )
-        if is_tensor(X):  # index on the tensor's device
-            train_t, val_t = (torch.from_numpy(i).to(X.device) for i in (train, val))
-            X_train, X_val = X[train_t], X[val_t]
-        else:
-            X_train, X_val = X[train], X[val]
-        return X_train, X_val, y_enc[train], y_enc[val], sample_weight[train], sample_weight[val]
+        return train, val
 
     def _validation_rows(self, n_samples):
         """Rows held out: ``validation_fraction``, capped for ``early_stopping="auto"``.
@@ -1074,8 +1085,11 @@ def _to_tensor(array, device, host=False):
             return array.to(device)
         return array.cpu() if host else array.to(device)
     array = np.ascontiguousarray(array)
-    # torch.from_numpy shares memory and warns on read-only arrays (memmaps); copy those.
-    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    # torch.from_numpy shares memory, and warns on read-only arrays (memmaps):
+    # they are shared too, never copied whole; the fit only reads its features.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
     return tensor if host else tensor.to(device)
 
 

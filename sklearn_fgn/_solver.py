@@ -495,6 +495,39 @@ def prime_host_allocator() -> None:
     torch.empty(_ALLOCATOR_PRIMER_BYTES, dtype=torch.uint8, device="cpu")
 
 
+class RowSubset:
+    """Rows ``rows`` of ``X`` without copying them: what a validation split leaves for training.
+
+    It offers what a fit reads from its features, ``shape``, ``dtype``,
+    ``device`` and row indexing (a slice or an index tensor, which gathers
+    those rows alone), so that a large ``X`` (a memory-mapped array, a GPU
+    tensor) is never copied whole; :meth:`materialize` copies the rows out.
+    """
+
+    def __init__(self, X: Tensor, rows: Tensor):
+        self.X, self.rows = X, rows.to(X.device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows.shape[0], *self.X.shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.X.device
+
+    def __getitem__(self, index) -> Tensor:
+        if isinstance(index, Tensor):
+            index = index.to(self.rows.device)
+        return self.X[self.rows[index]]
+
+    def materialize(self) -> Tensor:
+        return self.X[self.rows]
+
+
 @dataclass(frozen=True)
 class TrainingData:
     """Training (and optional validation) tensors; ``X`` may live on the host.
@@ -502,9 +535,10 @@ class TrainingData:
     ``sample_weight_val`` weights the validation accuracy. ``transform``, when
     given, maps each batch's ``X`` (on the device) to the features the head
     sees (the feature whitening of mini-batch fits); ``X_val`` is already mapped.
+    ``X`` may be a :class:`RowSubset` (mini-batches gather their rows from it).
     """
 
-    X: Tensor
+    X: Tensor | RowSubset
     y: Tensor
     sample_weight: Tensor | None
     device: torch.device

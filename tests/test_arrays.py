@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import DEVICES
 from sklearn import config_context
 from sklearn.datasets import load_iris
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_fgn import FGNClassifier, FGNClassifierCV
@@ -230,3 +232,22 @@ def test_cpu_auto_batch_size_is_unchanged(iris32):
     head = est._make_head((), 4)
     assert est._resolve_batch_size(150, head, torch.from_numpy(X)) is None
     assert est._resolve_batch_size(2**24, head, X) == 512  # 3 logits: above 2**24 entries
+
+
+def test_read_only_memmap_is_read_in_place_and_fits_as_the_array(iris32, tmp_path):
+    """A read-only memmap is shared, not copied; a mini-batch fit with a validation split reads its rows."""
+    from sklearn_fgn._estimator import _to_tensor
+
+    X, y = iris32
+    path = tmp_path / "X.f32"
+    X.tofile(path)
+    X_map = np.memmap(path, dtype=np.float32, mode="r", shape=X.shape)
+    assert _to_tensor(X_map, "cpu", host=True).data_ptr() == X_map.ctypes.data
+    params = {"batch_size": 32, "early_stopping": True, "max_iter": 4, "device": "cpu", "random_state": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "array is not writable" warning either
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        from_map = FGNClassifier(**params).fit(X_map, y)
+        from_array = FGNClassifier(**params).fit(np.array(X), y)
+    np.testing.assert_array_equal(from_map.coef_, from_array.coef_)
+    np.testing.assert_array_equal(from_map.predict_proba(X_map), from_array.predict_proba(X))
