@@ -220,10 +220,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         ``n_samples * n_classes <= 2**24`` (about 16.7 million logits; for
         MLP heads also ``n_samples <= 8192``), else 512. On a CUDA device a
         linear head fits full batch wherever about 12 ``(n_samples,
-        n_classes)`` arrays and ``X`` take at most half the device's memory
-        (an ImageNet-sized probe, 1.28M x 1024 x 1000, on an 80 GB-class GPU
-        and up): small steps there are bound by kernel launches, not
-        arithmetic. Full batch converges to the optimum in a few Newton
+        n_classes)`` arrays and ``X`` take at most half the device's memory:
+        small steps there are bound by kernel launches, not arithmetic. Full batch converges to the optimum in a few Newton
         steps; mini-batches make progress from the first epoch on data too
         large for that.
     max_iter : int, default=100
@@ -926,12 +924,12 @@ def _full_batch_fits(n_samples, head, itemsize, device_memory):
     """Return whether a linear head's full-batch fit fits in half of a GPU's ``device_memory`` bytes.
 
     A full-batch step holds about ten (n_samples, n_logits) arrays at once
-    (logits, probabilities, CG vectors, products; measured: 9.4), counted
-    as ``AUTO_GPU_FULL_BATCH_ARRAYS``, beside the features themselves. On a
-    GPU a full-batch step costs about as much as a mini-batch one's
-    overheads (kernel launches, host reads), so full batch wins wherever it
-    fits (measurements in ``benchmarks/RESULTS.md``). The device's total
-    memory, not its free memory, keeps the choice reproducible.
+    (logits, probabilities, CG vectors, products), counted with a margin as
+    ``AUTO_GPU_FULL_BATCH_ARRAYS``, beside the features themselves. On a GPU
+    a full-batch step costs little more than a mini-batch step's overheads
+    (kernel launches, host reads), so full batch wins wherever it fits
+    (``benchmarks/RESULTS.md``). The device's total memory, not its free
+    memory, keeps the choice reproducible.
 
     Returns
     -------
