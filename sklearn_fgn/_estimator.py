@@ -221,9 +221,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         MLP heads also ``n_samples <= 8192``), else 512. On a CUDA device a
         linear head fits full batch wherever about 12 ``(n_samples,
         n_classes)`` arrays and ``X`` take at most half the device's memory:
-        small steps there are bound by kernel launches, not arithmetic. Full batch converges to the optimum in a few Newton
-        steps; mini-batches make progress from the first epoch on data too
-        large for that.
+        small steps there are bound by kernel launches, not arithmetic. Full
+        batch converges to the optimum in a few Newton steps; mini-batches
+        make progress from the first epoch on data too large for that.
     max_iter : int, default=100
         Steps in full batch, epochs otherwise.
     tol : float, default=1e-4

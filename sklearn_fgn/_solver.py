@@ -693,7 +693,7 @@ def _full_batch_converged(
     # multiple of the last decrease, and the fit goes on; or, with
     # ``cfg.gap_tol`` (the path fits of FGNClassifierCV, which only score
     # their solutions), it stops once the geometric tail of the decreases
-    # taken, p r / (1 - r), is below gap_tol: measured on the steps taken, it
+    # taken, p r / (1 - r), is below gap_tol: read off the steps taken, it
     # counts what the inexact solves missed, so eta is not asked there. MLP
     # heads converge linearly anyway: tol alone.
     relative = _relative_decrease(record)
