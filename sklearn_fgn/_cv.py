@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from ._arrays import check_features, check_training_data, is_tensor
-from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin
+from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin, _to_tensor
 
 __all__ = ["FGNClassifierCV"]
 
@@ -270,15 +270,14 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
                 pass
         self.coef_, self.intercept_ = self.best_estimator_.coef_, self.best_estimator_.intercept_
 
-    def _logits(self, X):
+    def _logits_map(self, X):
         check_is_fitted(self)
         X = check_features(self, X, reset=False)
-        if not is_tensor(X):
-            X = torch.from_numpy(X)
+        X = X if is_tensor(X) else _to_tensor(X, "cpu", host=True)
         coef, intercept = (
             torch.as_tensor(a, dtype=X.dtype, device=X.device) for a in (self.coef_, self.intercept_)
         )
-        return X @ coef.T + intercept
+        return X, lambda rows: rows @ coef.T + intercept
 
 
 def _worker_threads(n_jobs):

@@ -63,6 +63,8 @@ AUTO_BATCH_SIZE = 512
 # early_stopping="auto" holds out at most this many rows (or two per class).
 AUTO_VALIDATION_ROWS = 2048
 AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
+# Rows whose logits the predict methods compute at once.
+PREDICT_CHUNK_ROWS = 2**15
 # On a GPU a linear head fits full batch wherever its arrays take at most
 # this share of the device's memory (see ``_full_batch_fits``).
 AUTO_GPU_FULL_BATCH_ARRAYS = 12
@@ -70,11 +72,14 @@ AUTO_GPU_MEMORY_SHARE = 0.5
 
 
 class _LogitsPredictionMixin:
-    """``decision_function``, ``predict_log_proba``, ``predict_proba`` and ``predict`` from ``_logits``.
+    """``decision_function``, ``predict_log_proba``, ``predict_proba`` and ``predict`` from ``_logits_map``.
 
-    ``_logits(X)`` checks that the estimator is fitted, validates ``X`` and
-    returns the logits as a CPU tensor of shape (n, n_logits) (one column
-    for a binary problem).
+    ``_logits_map(X)`` checks that the estimator is fitted, validates ``X``
+    and returns it as a tensor (on its device when it was one) with the map
+    from rows of it to their logits, shape (rows, n_logits) (one column for
+    a binary problem). The methods apply it ``PREDICT_CHUNK_ROWS`` rows at a
+    time, so that their temporaries (and ``predict``'s logits) take memory
+    in proportion to a chunk, not to ``X``.
     """
 
     def decision_function(self, X):
@@ -90,7 +95,7 @@ class _LogitsPredictionMixin:
         ndarray of shape (n_samples,) or (n_samples, n_classes)
             The single logit of the positive class for binary problems.
         """
-        logits = self._logits(X)
+        logits = torch.cat(list(self._logit_chunks(X)))
         return as_output(logits[:, 0] if logits.shape[1] == 1 else logits, X)
 
     def predict_log_proba(self, X):
@@ -136,15 +141,27 @@ class _LogitsPredictionMixin:
         ndarray of shape (n_samples,)
             Labels from ``classes_``.
         """
-        logits = self._logits(X)
-        index = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        index = torch.cat(
+            [(z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1) for z in self._logit_chunks(X)]
+        )
         return as_output(self.classes_[index.cpu().numpy()], X)
 
     def _log_proba(self, X):
-        logits = self._logits(X)
-        if logits.shape[1] == 1:
-            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        return torch.log_softmax(logits, dim=1)
+        return torch.cat([_log_softmax(z) for z in self._logit_chunks(X)])
+
+    def _logit_chunks(self, X):
+        """Validate ``X`` once; yield the logits of ``PREDICT_CHUNK_ROWS`` rows at a time."""
+        X, logits_of = self._logits_map(X)
+        with torch.no_grad(), _device_memory_hint("predict", None):
+            for start in range(0, X.shape[0], PREDICT_CHUNK_ROWS):
+                yield logits_of(X[start : start + PREDICT_CHUNK_ROWS])
+
+
+def _log_softmax(logits):
+    """Log class probabilities from logits; a single logit is the positive class's against 0."""
+    if logits.shape[1] == 1:
+        logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
+    return torch.log_softmax(logits, dim=1)
 
 
 class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixin, BaseEstimator):
@@ -911,13 +928,12 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         }  # fmt: skip
 
     # ------------------------------------------------------------- predict
-    def _logits(self, X):
+    def _logits_map(self, X):
         check_is_fitted(self)
         X = check_features(self, X, reset=False)
         params = self._params_from_attributes(self._head, numpy_dtype(X.dtype))
         X = X if is_tensor(X) else _to_tensor(X, "cpu", host=True)  # a tensor stays on its device
-        with torch.no_grad(), _device_memory_hint("predict", None):
-            return forward(self._head, {k: p.to(X.device) for k, p in params.items()}, X)
+        return X, functools.partial(forward, self._head, {k: p.to(X.device) for k, p in params.items()})
 
 
 def _full_batch_fits(n_samples, head, itemsize, device_memory):

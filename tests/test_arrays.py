@@ -251,3 +251,14 @@ def test_read_only_memmap_is_read_in_place_and_fits_as_the_array(iris32, tmp_pat
         from_array = FGNClassifier(**params).fit(np.array(X), y)
     np.testing.assert_array_equal(from_map.coef_, from_array.coef_)
     np.testing.assert_array_equal(from_map.predict_proba(X_map), from_array.predict_proba(X))
+
+
+@pytest.mark.parametrize("hidden", [(), (8,)])
+def test_predictions_in_row_chunks_equal_the_whole(iris32, monkeypatch, hidden):
+    X, y = iris32
+    est = FGNClassifier(hidden_layer_sizes=hidden, device="cpu", random_state=0).fit(X, y)
+    whole = {m: getattr(est, m)(X) for m in METHODS}
+    monkeypatch.setattr("sklearn_fgn._estimator.PREDICT_CHUNK_ROWS", 7)  # 150 rows: 22 chunks
+    for method in METHODS:
+        np.testing.assert_allclose(getattr(est, method)(X), whole[method], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(est.predict(X), whole["predict"])

@@ -379,8 +379,10 @@ def test_kronecker_preconditioner_is_the_exact_inverse_of_its_model(seed, curvat
     # coef_0 flattens row-major (class k, feature j) -> k * d + j: the model is S kron I_d + diag(lambda_j)
     model_coef = torch.kron(S, torch.eye(d, dtype=torch.float64)) + torch.diag(lam["coef_0"].repeat(K))
     model_bias = S + 0.3 * torch.eye(K, dtype=torch.float64)
-    expected = torch.cat([
-        torch.linalg.solve(model_coef, r[: K * d]),
-        torch.linalg.solve(model_bias, r[K * d :]),
-    ])
+    expected = torch.cat(
+        [
+            torch.linalg.solve(model_coef, r[: K * d]),
+            torch.linalg.solve(model_bias, r[K * d :]),
+        ]
+    )
     torch.testing.assert_close(apply(r), expected, rtol=1e-10, atol=1e-12)
