@@ -263,8 +263,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         the training loss long after the held-out accuracy has peaked.
     validation_fraction : float, default=0.1
         Share held out with ``early_stopping``.
-    cg_max_iter : int, default=100
-        Conjugate-gradient iterations per step at most.
+    cg_max_iter : int or "auto", default="auto"
+        Conjugate-gradient iterations per step at most. ``"auto"``: 100 on
+        mini-batches, 1000 in full batch, where ``cg_tol="auto"`` ends the
+        solve: a capped solve makes a truncated Newton step, and a weakly
+        regularised end game then converges only linearly.
     cg_tol : float in [0, 1) or "auto", default="auto"
         Relative residual at which CG stops (0: run ``cg_max_iter``). ``"auto"``: 1e-2 on
         mini-batches (a batch's step is noisy anyway); in full batch the
@@ -377,7 +380,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "early_stopping": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
-        "cg_max_iter": [Interval(Integral, 1, None, closed="left")],
+        "cg_max_iter": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "cg_tol": [Interval(Real, 0, 1, closed="left"), StrOptions({"auto"})],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
@@ -403,7 +406,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         n_iter_no_change=5,
         early_stopping="auto",
         validation_fraction=0.1,
-        cg_max_iter=100,
+        cg_max_iter="auto",
         cg_tol="auto",
         fit_intercept=True,
         class_weight=None,

@@ -49,6 +49,9 @@ _EPS = float(torch.finfo(torch.float64).eps)
 # cg_tol="auto" on mini-batches: a batch's step is noisy anyway, and a
 # tighter solve buys no accuracy per epoch (benchmarks/RESULTS.md).
 AUTO_CG_TOL = 1e-2
+# cg_max_iter="auto": on mini-batches, and in full batch (where the forcing term ends the solve).
+AUTO_CG_MAX_ITER = 100
+AUTO_CG_MAX_ITER_FULL_BATCH = 1000
 # Backtracking along a rejected step: sufficient-decrease constant and the
 # most halvings tried (t >= 2**-MAX_BACKTRACKS).
 ARMIJO = 1e-4
@@ -88,7 +91,7 @@ class LoopConfig:
     tol: float = 1e-4
     n_iter_no_change: int = 5
     cg_tol: float | str = "auto"
-    cg_max_iter: int = 100
+    cg_max_iter: int | str = 100
     verbose: int = 0
     kronecker: bool = False
     gap_tol: float | None = None
@@ -393,8 +396,8 @@ def damped_update(
     """
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
-        curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=cfg.cg_max_iter, logits=logits,
-        weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
+        curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=_cg_max_iter(cfg, extend),
+        logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
     )  # fmt: skip
     out = take_step(
         head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend
@@ -404,6 +407,13 @@ def damped_update(
         out.predicted_decrease, out.ratio, cg_tol, out.step_size, _reachable_decrease(result),
     )  # fmt: skip
     return out.params, out.damping, record, out.logits
+
+
+def _cg_max_iter(cfg: LoopConfig, full_batch: bool) -> int:
+    """Return ``cfg.cg_max_iter``, or what ``"auto"`` means in full batch or on mini-batches."""
+    if cfg.cg_max_iter != "auto":
+        return int(cfg.cg_max_iter)
+    return AUTO_CG_MAX_ITER_FULL_BATCH if full_batch else AUTO_CG_MAX_ITER
 
 
 def _reachable_decrease(result: StepResult) -> float:
