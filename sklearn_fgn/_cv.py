@@ -28,6 +28,9 @@ __all__ = ["FGNClassifierCV"]
 # its end game converges only linearly, to this estimated relative gap.
 REFIT_TOL = 1e-8
 REFIT_GAP_TOL = 1e-6
+# CG iterations per step of a path fit: path fits stop at a gap of tol, which
+# truncated Newton steps reach sooner than solves run to the forcing term.
+PATH_CG_MAX_ITER = 100
 
 
 class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
@@ -214,7 +217,7 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         n_jobs = effective_n_jobs(self.n_jobs)
         results = Parallel(n_jobs=n_jobs)(
             delayed(_fit_fold_path)(
-                self._base_estimator(Cs[0]),
+                self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER),
                 X,
                 y,
                 sample_weight,
@@ -243,12 +246,12 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             raise ValueError(f"Cs must be positive finite values; got {self.Cs!r}.")
         return Cs
 
-    def _base_estimator(self, C, tol=None):
+    def _base_estimator(self, C, tol=None, cg_max_iter="auto"):
         return FGNClassifier(
             alpha=1.0 / C, damping=self.damping, damping_metric=self.damping_metric,
             batch_size=self.batch_size, max_iter=self.max_iter, tol=self.tol if tol is None else tol,
-            fit_intercept=self.fit_intercept, class_weight=self.class_weight, device=self.device,
-            random_state=self.random_state, verbose=self.verbose,
+            cg_max_iter=cg_max_iter, fit_intercept=self.fit_intercept, class_weight=self.class_weight,
+            device=self.device, random_state=self.random_state, verbose=self.verbose,
         )  # fmt: skip
 
     def _store_best(self, X, y, sample_weight, best):
