@@ -693,35 +693,28 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         prepared : tuple
             What :meth:`_prepare` returned, for the next call on the same data.
         """
-        with _device_memory_hint("fit", self._resolve_batch_size(X.shape[0], head, X)):
-            state, prepared = self._run(
-                head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared, gap_tol
-            )
-        return state, prepared
-
-    def _run(self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn, prepared, gap_tol):
-        """:meth:`_train` without the memory hint."""
-        prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head)
-        sample_weight, data, metric = prepared
-        cfg = LoopConfig(
-            alpha=self._penalty_coefficients(head, metric, data), damping=float(self.damping),
-            curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
-            batch_size=self._resolve_batch_size(X.shape[0], head, X),  # as decided before any split
-            max_iter=self.max_iter, tol=float(self.tol), n_iter_no_change=self.n_iter_no_change,
-            cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, verbose=self.verbose,
-            kronecker=metric is not None, gap_tol=gap_tol,
-        )  # fmt: skip
-        state.params = _to_fit_coordinates(head, state.params, data, metric, drawn)
-        generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
-        y_labels, max_subtasks = self.classes_[y_enc], n_epochs or self.max_iter
-        to_features = functools.partial(_in_feature_coordinates, metric)
-        events = _EpochCallbacks(self, head, X, y_labels, sample_weight, max_subtasks, to_features)
-        with _torch_threads_like_threadpools():
-            try:
-                state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
-            except KeyboardInterrupt:  # keep the last accepted parameters, as MLPClassifier does
-                warnings.warn("Training interrupted by user.", stacklevel=4)
-                state.stopped = True
+        batch_size = self._resolve_batch_size(X.shape[0], head, X)  # as decided before any split
+        with _device_memory_hint("fit", batch_size):
+            prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head)
+            sample_weight, data, metric = prepared
+            cfg = LoopConfig(
+                alpha=self._penalty_coefficients(head, metric, data), damping=float(self.damping),
+                curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
+                batch_size=batch_size, max_iter=self.max_iter, tol=float(self.tol),
+                n_iter_no_change=self.n_iter_no_change, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
+                verbose=self.verbose, kronecker=metric is not None, gap_tol=gap_tol,
+            )  # fmt: skip
+            state.params = _to_fit_coordinates(head, state.params, data, metric, drawn)
+            generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
+            y_labels, max_subtasks = self.classes_[y_enc], n_epochs or self.max_iter
+            to_features = functools.partial(_in_feature_coordinates, metric)
+            events = _EpochCallbacks(self, head, X, y_labels, sample_weight, max_subtasks, to_features)
+            with _torch_threads_like_threadpools():
+                try:
+                    state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
+                except KeyboardInterrupt:  # keep the last accepted parameters, as MLPClassifier does
+                    warnings.warn("Training interrupted by user.", stacklevel=4)
+                    state.stopped = True
         if early_stopping and state.best_params is not None:
             state.params = state.best_params
         state.params = to_features(state.params)
@@ -795,12 +788,13 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         y_t = _to_tensor(y_enc.astype(np.int64), X_t.device)
         metric, transform = self._feature_metric(X_t, weights, head, device), None
         batch_size = self._resolve_batch_size(X_t.shape[0], head, X)
-        if (batch_size is None or batch_size >= X_t.shape[0]) and isinstance(X_t, RowSubset):
-            X_t = X_t.materialize()  # every step sees all rows
+        full_batch = batch_size is None or batch_size >= X_t.shape[0]  # every step sees all rows
+        if full_batch and isinstance(X_t, RowSubset):
+            X_t = X_t.materialize()
         if metric is not None:
             X_val = None if X_val is None else metric.whiten(X_val)
-            if batch_size is None or batch_size >= X_t.shape[0]:
-                X_t = metric.whiten(X_t)  # once: every step sees all rows
+            if full_batch:
+                X_t = metric.whiten(X_t)  # once
             else:
                 transform = metric.whiten  # per batch: no whitened copy of X
         data = TrainingData(X_t, y_t, weights, device, X_val, y_val, w_val, transform)
