@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from dataclasses import replace
@@ -27,6 +28,7 @@ except ImportError:  # older releases have no callbacks to support
 
 
 from ._arrays import as_output, check_features, check_training_data, is_tensor, nbytes, numpy_dtype
+from ._distributed import SINGLE, Communicator, communicator
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._metric import (
     feature_moments,
@@ -42,6 +44,7 @@ from ._solver import (
     LoopConfig,
     LoopState,
     RowSubset,
+    Shard,
     TrainingData,
     run_epochs,
 )  # fmt: skip
@@ -282,6 +285,22 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         Reuse the previous solution (and damping) as the initialisation.
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA when available, else CPU.
+    distributed : bool, default=False
+        Fit data-parallel over the default ``torch.distributed`` process
+        group (``init_process_group``; ``torchrun`` sets it up): every rank
+        calls ``fit`` (or ``partial_fit``) with its own shard of the rows,
+        in rank order, and all end with the model one process fits on the
+        concatenated rows (up to the order of float sums). Sums over rows
+        (loss, gradient, feature moments, each CG curvature product) are
+        all-reduced, one ``n_params``-sized all-reduce per CG iteration;
+        labels and weights are gathered once, so the classes, validation
+        split and batches are the single process's. The Gram-Cholesky
+        solver is not used. Use a backend for the device (NCCL on CUDA,
+        gloo on CPU); a rank whose data fail validation makes every rank
+        raise, and a rank that fails later makes the others raise
+        ``DistributedFitError`` (a ``RuntimeError``) when their next
+        collective fails or times out (the group's ``timeout``). See
+        ``examples/distributed_probe.py``.
     random_state : int, RandomState instance or None, default=None
         Seeds the MLP initialisation, shuffling and the validation split.
     verbose : int, default=0
@@ -386,6 +405,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         "class_weight": [dict, StrOptions({"balanced"}), None],
         "warm_start": ["boolean"],
         "device": [str, torch.device],
+        "distributed": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -412,6 +432,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         class_weight=None,
         warm_start=False,
         device="auto",
+        distributed=False,
         random_state=None,
         verbose=0,
     ):
@@ -435,6 +456,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         self.class_weight = class_weight
         self.warm_start = warm_start
         self.device = device
+        self.distributed = distributed
         self.random_state = random_state
         self.verbose = verbose
 
@@ -469,7 +491,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             The fitted estimator.
         """
         with _restored_on_error(self):
-            X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
+            X, y_enc, sample_weight, head, layout = self._setup_fit(X, y, sample_weight)
             resumed = None
             if self.warm_start and coef_init is None and intercept_init is None:
                 resumed = self._resume_state(head, numpy_dtype(X.dtype))
@@ -479,7 +501,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 float(self.damping),
             )
             early_stopping = self._resolve_early_stopping(y_enc, head, X)
-            state, _ = self._train(head, state, X, y_enc, sample_weight, early_stopping, None, drawn)
+            state, _ = self._train(
+                head, state, X, y_enc, sample_weight, early_stopping, None, drawn, layout=layout
+            )
         _warn_if_nothing_learned(head, state, y_enc, sample_weight)
         if not (state.converged or state.stopped):
             warnings.warn(
@@ -520,15 +544,18 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         with _restored_on_error(self):
             first = not hasattr(self, "classes_")
-            X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
-            hidden = self._check_params()
-            self._check_partial_fit_params(classes)
+            comm = communicator(self.distributed)
+            with _agreed(comm):  # every rank raises if one's data fail validation
+                X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
+                hidden = self._check_params()
+                self._check_partial_fit_params(classes)
+            y, sample_weight, layout = _gathered_rows(comm, X, y, sample_weight)
             if first:
                 if classes is None:
                     raise ValueError("classes must be passed on the first call to partial_fit.")
                 self.classes_ = np.unique(np.asarray(classes))
                 self._check_classes()
-                self._rng = np.random.RandomState(_seed_from(self.random_state))
+                self._rng = np.random.RandomState(_agreed_seed(comm, self.random_state))
             elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
                 raise ValueError(
                     f"classes={classes!r} differs from classes_={self.classes_!r} of the first call."
@@ -541,7 +568,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             state = self._resume_state(head, dtype) if not first else None
             drawn = state is None
             state = state or LoopState(self._initial_params(head, dtype, None, None), float(self.damping))
-            self._train(head, state, X, np.searchsorted(self.classes_, y), sample_weight, False, 1, drawn)
+            y_enc = np.searchsorted(self.classes_, y)
+            self._train(head, state, X, y_enc, sample_weight, False, 1, drawn, layout=layout)
 
         return self
 
@@ -562,7 +590,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         LoopState
             The state of the fit at that ``alpha``.
         """
-        X, y_enc, sample_weight, head = self._setup_fit(X, y, sample_weight)
+        X, y_enc, sample_weight, head, layout = self._setup_fit(X, y, sample_weight)
         init = (None, None) if init is None else init
         state = LoopState(self._initial_params(head, numpy_dtype(X.dtype), *init), float(self.damping))
         early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X), None
@@ -570,7 +598,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             self.alpha = float(alpha)
             state = LoopState(state.params, state.damping)
             state, prepared = self._train(
-                head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol
+                head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol, layout
             )
             yield state
 
@@ -578,17 +606,24 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
     def _setup_fit(self, X, y, sample_weight):
         """Validate the data and settings; set ``classes_``; return what a fit needs.
 
+        With ``distributed``, ``X`` is this rank's shard and ``y_enc`` and
+        ``sample_weight`` are every rank's, concatenated in rank order.
+
         Returns
         -------
         tuple
-            ``(X, y_enc, sample_weight, head)``.
+            ``(X, y_enc, sample_weight, head, layout)``; ``layout`` is None
+            in a single process, else a :class:`_RowLayout`.
         """
-        X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=True)
-        hidden = self._check_params()
+        comm = communicator(self.distributed)
+        with _agreed(comm):  # every rank raises if one's data fail validation
+            X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=True)
+            hidden = self._check_params()
+        y, sample_weight, layout = _gathered_rows(comm, X, y, sample_weight)
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         self._check_classes()
-        self._rng = np.random.RandomState(_seed_from(self.random_state))
-        return X, y_enc, sample_weight, self._make_head(hidden, X.shape[1])
+        self._rng = np.random.RandomState(_agreed_seed(comm, self.random_state))
+        return X, y_enc, sample_weight, self._make_head(hidden, X.shape[1]), layout
 
     def _check_partial_fit_params(self, classes):
         if self.early_stopping is True:
@@ -675,7 +710,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
     def _train(
         self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn=False, prepared=None,
-        gap_tol=None,
+        gap_tol=None, layout=None,
     ):  # fmt: skip
         """Run the loop on ``state`` and store the fitted attributes.
 
@@ -684,7 +719,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         (:func:`standardized_first_layer`). The parameters are mapped to the
         coordinates of the fit (whitened features in the feature metric) and
         back. ``prepared``: the :meth:`_prepare` of an earlier call on the same
-        data (a regularisation path), or None to prepare here.
+        data (a regularisation path), or None to prepare here. ``layout``:
+        ``X`` is one rank's shard of a data-parallel fit (``y_enc`` and
+        ``sample_weight`` are all ranks'), see :meth:`_setup_fit`.
 
         Returns
         -------
@@ -693,22 +730,24 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         prepared : tuple
             What :meth:`_prepare` returned, for the next call on the same data.
         """
-        batch_size = self._resolve_batch_size(X.shape[0], head, X)  # as decided before any split
+        batch_size = self._resolve_batch_size(y_enc.shape[0], head, X)  # as decided before any split
+        comm = SINGLE if layout is None else layout.comm
         with _device_memory_hint("fit", batch_size):
-            prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head)
+            prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head, layout)
             sample_weight, data, metric = prepared
             cfg = LoopConfig(
                 alpha=self._penalty_coefficients(head, metric, data), damping=float(self.damping),
                 curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
                 batch_size=batch_size, max_iter=self.max_iter, tol=float(self.tol),
                 n_iter_no_change=self.n_iter_no_change, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
-                verbose=self.verbose, kronecker=metric is not None, gap_tol=gap_tol,
+                verbose=self.verbose, kronecker=metric is not None, gap_tol=gap_tol, comm=comm,
             )  # fmt: skip
-            state.params = _to_fit_coordinates(head, state.params, data, metric, drawn)
+            state.params = _to_fit_coordinates(head, state.params, data, metric, drawn, comm)
             generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
-            y_labels, max_subtasks = self.classes_[y_enc], n_epochs or self.max_iter
+            mine = slice(None) if layout is None else slice(layout.offset, layout.offset + X.shape[0])
+            y_labels, max_subtasks = self.classes_[y_enc[mine]], n_epochs or self.max_iter
             to_features = functools.partial(_in_feature_coordinates, metric)
-            events = _EpochCallbacks(self, head, X, y_labels, sample_weight, max_subtasks, to_features)
+            events = _EpochCallbacks(self, head, X, y_labels, sample_weight[mine], max_subtasks, to_features)
             with _torch_threads_like_threadpools():
                 try:
                     state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
@@ -722,7 +761,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         events.close()
         return state, prepared
 
-    def _prepare(self, X, y_enc, sample_weight, early_stopping, head):
+    def _prepare(self, X, y_enc, sample_weight, early_stopping, head, layout=None):
         """Class weights, the tensors and the feature metric: what a fit needs besides ``alpha``.
 
         Returns
@@ -731,7 +770,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             ``(sample_weight, data, metric)``, see :meth:`_training_data`.
         """
         sample_weight = self._class_weighted(sample_weight, y_enc)
-        return (sample_weight, *self._training_data(X, y_enc, sample_weight, early_stopping, head))
+        return (sample_weight, *self._training_data(X, y_enc, sample_weight, early_stopping, head, layout))
 
     def _class_weighted(self, sample_weight, y_enc):
         if self.class_weight is not None:
@@ -754,7 +793,12 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         float or dict
             See :func:`._curvature.penalty_coefficients`.
         """
-        total = data.X.shape[0] if data.sample_weight is None else float(data.sample_weight.double().sum())
+        if data.shard is not None:
+            total = data.shard.weight_total
+        elif data.sample_weight is None:
+            total = data.X.shape[0]
+        else:
+            total = float(data.sample_weight.double().sum())
         alpha = float(self.alpha) / total
         if metric is None or alpha == 0.0:
             return alpha
@@ -762,8 +806,12 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         coefficients["coef_0"] = alpha * metric.penalty
         return coefficients
 
-    def _training_data(self, X, y_enc, sample_weight, early_stopping, head):
+    def _training_data(self, X, y_enc, sample_weight, early_stopping, head, layout=None):
         """Tensors for the loop, and the feature metric (None in the identity metric).
+
+        With ``layout`` (a data-parallel fit) the split is drawn on all
+        ranks' labels, as one process would, and each rank keeps the
+        training and validation rows it holds (:class:`._solver.Shard`).
 
         Returns
         -------
@@ -773,22 +821,28 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         device = _resolve_device(self.device, X)
         X_t = _to_tensor(X, device, host=not _fits_on(device, nbytes(X)))
+        offset = 0 if layout is None else layout.offset
         X_val = y_val = w_val = None
+        train = np.arange(y_enc.shape[0])
         if early_stopping:  # the training rows stay in X: a RowSubset gathers them batch by batch
             train, val = self._validation_split(y_enc, sample_weight)
-            X_val = X_t[torch.from_numpy(val).to(X_t.device)].to(device)
-            y_val = _to_tensor(y_enc[val].astype(np.int64), device)
-            w_val = None if np.all(sample_weight[val] == 1) else _to_tensor(sample_weight[val], device)
-            X_t, y_enc, sample_weight = (
-                RowSubset(X_t, torch.from_numpy(train)),
-                y_enc[train],
-                sample_weight[train],
-            )
-        weights = None if np.all(sample_weight == 1) else _to_tensor(sample_weight, X_t.device)
-        y_t = _to_tensor(y_enc.astype(np.int64), X_t.device)
-        metric, transform = self._feature_metric(X_t, weights, head, device), None
-        batch_size = self._resolve_batch_size(X_t.shape[0], head, X)
-        full_batch = batch_size is None or batch_size >= X_t.shape[0]  # every step sees all rows
+            local_val = _held_here(val, offset, X_t.shape[0])
+            X_val = X_t[torch.from_numpy(local_val - offset).to(X_t.device)].to(device)
+            y_val = _to_tensor(y_enc[local_val].astype(np.int64), device)
+            w_val = None if np.all(sample_weight[val] == 1) else _to_tensor(sample_weight[local_val], device)
+        positions = np.flatnonzero((train >= offset) & (train < offset + X_t.shape[0]))
+        rows = train[positions]  # the training rows held here, in the order of the training set
+        if early_stopping:
+            X_t = RowSubset(X_t, torch.from_numpy(rows - offset))
+        shard = None
+        if layout is not None:
+            shard = Shard(torch.from_numpy(positions), train.shape[0], float(sample_weight[train].sum()))
+        weights = None if np.all(sample_weight[train] == 1) else _to_tensor(sample_weight[rows], X_t.device)
+        y_t = _to_tensor(y_enc[rows].astype(np.int64), X_t.device)
+        comm = SINGLE if layout is None else layout.comm
+        metric, transform = self._feature_metric(X_t, weights, head, device, comm), None
+        batch_size = self._resolve_batch_size(train.shape[0], head, X)
+        full_batch = batch_size is None or batch_size >= train.shape[0]  # every step sees all rows
         if full_batch and isinstance(X_t, RowSubset):
             X_t = X_t.materialize()
         if metric is not None:
@@ -797,14 +851,29 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 X_t = metric.whiten(X_t)  # once
             else:
                 transform = metric.whiten  # per batch: no whitened copy of X
-        data = TrainingData(X_t, y_t, weights, device, X_val, y_val, w_val, transform)
+        data = TrainingData(X_t, y_t, weights, device, X_val, y_val, w_val, transform, shard)
         return data, metric
 
-    def _feature_metric(self, X, sample_weight, head, device):
-        """Return the first layer's feature metric (:mod:`._metric`) from the training rows, or None."""
+    def _feature_metric(self, X, sample_weight, head, device, comm=SINGLE):
+        """Return the first layer's feature metric (:mod:`._metric`) from the training rows, or None.
+
+        With ``comm`` from all ranks' rows; every rank takes rank 0's
+        eigendecompositions (identical inputs, but LAPACK's bits may depend
+        on the thread count), so the parameters stay identical.
+
+        Returns
+        -------
+        FeatureMetric or None
+            In ``X``'s dtype on ``device``.
+
+        Raises
+        ------
+        ValueError
+            When the features' second moment overflows float64.
+        """
         if self.damping_metric == "identity" or (self.damping_metric == "auto" and not head.is_linear):
             return None
-        moments = feature_moments(X, sample_weight)
+        moments = feature_moments(X, sample_weight, comm)
         if not bool(torch.isfinite(moments.outer).all()):
             largest = float((X.X if isinstance(X, RowSubset) else X).abs().max())
             raise ValueError(
@@ -812,6 +881,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 "scale the features (e.g. StandardScaler)."
             )
         metric = make_feature_metric(moments, centered=head.fit_intercept)
+        for tensor in metric.tensors():
+            comm.broadcast_(tensor)
         return metric.to(X.dtype, device)
 
     def _validation_split(self, y_enc, sample_weight):
@@ -1019,14 +1090,22 @@ def _restored_on_error(estimator):
         raise
 
 
-def _to_fit_coordinates(head, params, data, metric, drawn):
-    """Parameters on the device, in the coordinates of the fit (see ``FGNClassifier._train``)."""
-    params = {k: t.to(data.device) for k, t in params.items()}
+def _to_fit_coordinates(head, params, data, metric, drawn, comm=SINGLE):
+    """Parameters on the device, in the coordinates of the fit (see ``FGNClassifier._train``).
+
+    With ``comm`` every rank starts from rank 0's parameters.
+
+    Returns
+    -------
+    dict of Tensor
+        The parameters the loop starts from.
+    """
+    params = {k: comm.broadcast_(t.to(data.device)) for k, t in params.items()}
     if drawn and not head.is_linear:
         if metric is not None:
             mean, scale = metric.mean, metric.scale
         else:
-            mean, scale = feature_standardization(data.X, data.sample_weight)
+            mean, scale = feature_standardization(data.X, data.sample_weight, comm)
         params = standardized_first_layer(params, mean, scale)
     return params if metric is None else whitened_params(metric, params)
 
@@ -1034,6 +1113,88 @@ def _to_fit_coordinates(head, params, data, metric, drawn):
 def _in_feature_coordinates(metric, params):
     """Map parameters of a fit in whitened coordinates back to the features' (identity without a metric)."""
     return params if metric is None else unwhitened_params(metric, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowLayout:
+    """A rank's rows in a data-parallel fit: ``X`` holds rows ``offset:offset + len(X)`` of all ranks'."""
+
+    comm: Communicator
+    offset: int
+
+
+@contextlib.contextmanager
+def _agreed(comm):
+    """Run the body on every rank; if it raised on any, raise on all (no rank waits for a failed one).
+
+    A single process runs the body as it is. Otherwise the ranks exchange
+    their errors (one ``all_gather_object``): a rank re-raises its own, the
+    others a ``ValueError`` naming the first rank that failed.
+
+    Yields
+    ------
+    None
+
+    Raises
+    ------
+    ValueError
+        On the ranks whose body ran, when another rank's raised.
+    """
+    if not comm.distributed:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001  (shared with the other ranks, then re-raised)
+        error = exc
+    messages = comm.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ValueError(f"distributed fit: rank {rank} of {comm.world_size} rejected its data: {message}")
+
+
+def _gathered_rows(comm, X, y, sample_weight):
+    """Every rank's labels and weights, concatenated in rank order, and this rank's layout.
+
+    Single process: ``(y, sample_weight, None)``. Otherwise one
+    ``all_gather_object`` of ``(n_features, dtype, y, sample_weight)``;
+    the ranks must agree on the number of features and the dtype.
+
+    Returns
+    -------
+    tuple
+        ``(y, sample_weight, layout)``.
+
+    Raises
+    ------
+    ValueError
+        On every rank, when the ranks' features differ in width or dtype.
+    """
+    if not comm.distributed:
+        return y, sample_weight, None
+    parts = comm.gather_objects((X.shape[1], str(numpy_dtype(X.dtype)), np.asarray(y), sample_weight))
+    shapes = {(width, dtype) for width, dtype, _, _ in parts}
+    if len(shapes) > 1:
+        described = ", ".join(f"rank {r}: {w} features, {t}" for r, (w, t, _, _) in enumerate(parts))
+        raise ValueError(f"distributed fit: the ranks' X differ in width or dtype ({described}).")
+    offset = sum(part[2].shape[0] for part in parts[: comm.rank])
+    y = np.concatenate([part[2] for part in parts])
+    sample_weight = np.concatenate([part[3] for part in parts])
+    return y, sample_weight, _RowLayout(comm, offset)
+
+
+def _agreed_seed(comm, random_state):
+    """:func:`_seed_from` on rank 0, shared: ``random_state=None`` draws the same seed on every rank."""
+    return comm.gather_objects(_seed_from(random_state))[0]
+
+
+def _held_here(rows, offset, n_local):
+    """Return the entries of ``rows`` (global indices) in ``offset:offset + n_local``, in their order."""
+    return rows[(rows >= offset) & (rows < offset + n_local)]
 
 
 def _seed_from(random_state):

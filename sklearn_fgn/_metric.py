@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._distributed import SINGLE, Communicator
+
 __all__ = [
     "FULL_METRIC_MAX_FEATURES",
     "METRIC_RIDGE",
@@ -123,9 +125,21 @@ class FeatureMoments:
         return torch.zeros_like(mean), outer + torch.outer(mean, mean)
 
 
-def _shift(X: Tensor) -> Tensor:
-    """Return the first chunk's mean in float64: moments taken about it are free of cancellation."""
-    return X[:_CHUNK_ROWS].to(dtype=torch.float64).mean(0)
+def _shift(X: Tensor, comm: Communicator = SINGLE) -> Tensor:
+    """Return the first chunk's mean in float64: moments taken about it are free of cancellation.
+
+    With ``comm``, the mean of every rank's first chunk (the same point on every rank).
+
+    Returns
+    -------
+    Tensor of shape (d,)
+        The shift, float64.
+    """
+    first = X[:_CHUNK_ROWS].to(dtype=torch.float64)
+    if not comm.distributed:
+        return first.mean(0)
+    sums = comm.sum_(torch.cat([first.sum(0), first.new_full((1,), first.shape[0])]))
+    return sums[:-1] / sums[-1]
 
 
 def _weighted_chunks(X: Tensor, sample_weight: Tensor | None):
@@ -144,7 +158,9 @@ def _weighted_chunks(X: Tensor, sample_weight: Tensor | None):
             yield chunk, sample_weight[start : start + _CHUNK_ROWS].to(dtype=torch.float64)
 
 
-def feature_moments(X: Tensor, sample_weight: Tensor | None = None) -> FeatureMoments:
+def feature_moments(
+    X: Tensor, sample_weight: Tensor | None = None, comm: Communicator = SINGLE
+) -> FeatureMoments:
     """Accumulate :class:`FeatureMoments` of ``X`` in row chunks, in float64.
 
     Parameters
@@ -153,6 +169,9 @@ def feature_moments(X: Tensor, sample_weight: Tensor | None = None) -> FeatureMo
         Features, on any device (the moments are computed there).
     sample_weight : Tensor of shape (n,), optional
         Non-negative weights (ones when None).
+    comm : Communicator, optional
+        ``X`` is a rank's shard: the moments of all ranks' rows, summed
+        about a common shift in one all-reduce of ``d^2 + d + 1`` values.
 
     Returns
     -------
@@ -161,7 +180,7 @@ def feature_moments(X: Tensor, sample_weight: Tensor | None = None) -> FeatureMo
         plus ``d x d``.
     """
     d = X.shape[1]
-    shift = _shift(X)
+    shift = _shift(X, comm)
     total, outer = shift.new_zeros(d), shift.new_zeros(d, d)
     weight = shift.new_zeros(())
     for chunk, w in _weighted_chunks(X, sample_weight):
@@ -169,12 +188,18 @@ def feature_moments(X: Tensor, sample_weight: Tensor | None = None) -> FeatureMo
         total += w @ chunk
         outer.addmm_((centred * w[:, None]).T, centred)
         weight += w.sum()
-    weight = float(weight)
-    return FeatureMoments(weight, total, outer, shift)
+    if comm.distributed:
+        sums = comm.sum_(torch.cat([outer.reshape(-1), total, weight.reshape(1)]))
+        outer, total, weight = sums[: d * d].view(d, d), sums[d * d : -1], sums[-1]
+    return FeatureMoments(float(weight), total, outer, shift)
 
 
-def feature_standardization(X: Tensor, sample_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def feature_standardization(
+    X: Tensor, sample_weight: Tensor | None = None, comm: Communicator = SINGLE
+) -> tuple[Tensor, Tensor]:
     """Weighted per-feature mean and ``1 / std`` (see :func:`_scales`), in row chunks, float64.
+
+    With ``comm`` over all ranks' rows (one all-reduce of ``2 d + 1`` values).
 
     Returns
     -------
@@ -183,13 +208,16 @@ def feature_standardization(X: Tensor, sample_weight: Tensor | None = None) -> t
         Cost O(n d).
     """
     d = X.shape[1]
-    shift = _shift(X)
+    shift = _shift(X, comm)
     total, square, weight = shift.new_zeros(d), shift.new_zeros(d), shift.new_zeros(())
     for chunk, w in _weighted_chunks(X, sample_weight):
         centred = chunk - shift
         total += w @ centred
         square += w @ (centred * centred)
         weight += w.sum()
+    if comm.distributed:
+        sums = comm.sum_(torch.cat([total, square, weight.reshape(1)]))
+        total, square, weight = sums[:d], sums[d : 2 * d], sums[-1]
     offset = total / weight
     return shift + offset, _scales(torch.diag(square / weight - offset * offset))
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._curvature import Alpha, LogitsFn, logits_function
+from ._distributed import SINGLE, Communicator
 from ._heads import Head, forward
 from ._step import StepResult, compute_step, normalized_weights, objective_from_logits
 
@@ -78,7 +79,8 @@ class LoopConfig:
     by the Kronecker model (:func:`._step.make_kronecker_preconditioner`).
     ``gap_tol``: a full-batch linear fit whose decreases shrink only
     linearly also stops once their geometric tail is below it (see
-    ``_full_batch_converged``); None asks Newton's rate.
+    ``_full_batch_converged``); None asks Newton's rate. ``comm``: the rows
+    are this rank's shard of a data-parallel fit (:mod:`._distributed`).
     """
 
     alpha: Alpha
@@ -95,6 +97,7 @@ class LoopConfig:
     verbose: int = 0
     kronecker: bool = False
     gap_tol: float | None = None
+    comm: Communicator = SINGLE
 
 
 @dataclass
@@ -123,13 +126,20 @@ class Batch:
     """One batch of tensors on the compute device.
 
     ``weight_total`` divides ``sample_weight`` instead of its sum (see
-    :func:`._step.normalized_weights`).
+    :func:`._step.normalized_weights`). ``n_rows``: the rows of the whole
+    batch when these are one rank's share of it (``X``'s rows otherwise).
     """
 
     X: Tensor
     y: Tensor
     sample_weight: Tensor | None
     weight_total: float | None = None
+    n_rows: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Rows in the whole batch (over all ranks)."""
+        return self.X.shape[0] if self.n_rows is None else self.n_rows
 
 
 def _resolve_curvature(cfg: LoopConfig, head: Head, full_batch: bool) -> str:
@@ -216,6 +226,7 @@ def _evaluate_step(
     t: float,
     weights: Tensor,
     alpha: float,
+    comm: Communicator = SINGLE,
 ) -> tuple[Params, Tensor, float]:
     """Evaluate the objective at ``params + t * step``.
 
@@ -233,12 +244,12 @@ def _evaluate_step(
         logits = torch.add(result.logits, result.logits_step, alpha=t)
     else:
         logits = logits_function(head)(trial, batch.X)
-    return trial, logits, float(objective_from_logits(head, trial, logits, batch.y, weights, alpha))
+    return trial, logits, float(objective_from_logits(head, trial, logits, batch.y, weights, alpha, comm))
 
 
 def _backtrack(
     head: Head | LogitsFn, params: Params, batch: Batch, result: StepResult, loss: float, weights: Tensor,
-    alpha: float,
+    alpha: float, comm: Communicator = SINGLE,
 ) -> tuple[float, Params, Tensor, float] | None:  # fmt: skip
     """Armijo backtracking along a rejected step: ``t = 1/2, 1/4, ...``.
 
@@ -255,7 +266,7 @@ def _backtrack(
     t = 1.0
     for _ in range(MAX_BACKTRACKS):
         t *= 0.5
-        trial, logits, new_loss = _evaluate_step(head, params, batch, result, t, weights, alpha)
+        trial, logits, new_loss = _evaluate_step(head, params, batch, result, t, weights, alpha, comm)
         if new_loss <= loss + ARMIJO * t * slope:  # False for NaN
             return t, trial, logits, new_loss
     return None
@@ -263,7 +274,7 @@ def _backtrack(
 
 def _extend(
     head: Head | LogitsFn, params: Params, batch: Batch, result: StepResult, loss: float, weights: Tensor,
-    alpha: float,
+    alpha: float, comm: Communicator = SINGLE,
 ) -> tuple[float, Params, Tensor, float, float, float] | None:  # fmt: skip
     """Lengthen a trusted step to the undamped model's minimiser along it.
 
@@ -283,7 +294,7 @@ def _extend(
     if not (slope < 0.0 and curvature > 0.0) or -slope < EXTEND_MIN * curvature:
         return None
     t = -slope / curvature
-    trial, logits, new_loss = _evaluate_step(head, params, batch, result, t, weights, alpha)
+    trial, logits, new_loss = _evaluate_step(head, params, batch, result, t, weights, alpha, comm)
     predicted = -0.5 * t * slope
     ratio = (loss - new_loss) / predicted
     if not ratio > 0.75:  # also catches NaN
@@ -320,6 +331,7 @@ def take_step(
     schedule: str = "adaptive",
     min_damping: float = DAMPING_BOUNDS[0],
     extend: bool = False,
+    comm: Communicator = SINGLE,
 ) -> StepOutcome:
     """Accept, cut back, lengthen or discard the step ``result`` and adapt ``damping``.
 
@@ -338,24 +350,27 @@ def take_step(
       taken before the Levenberg-Marquardt update (in the damping-dominated
       regime ``t * delta(lambda)`` is about ``delta(lambda / t)``).
 
+    With ``comm`` (a data-parallel fit) each objective evaluated costs one
+    scalar all-reduce; every rank then takes the same decisions.
+
     Returns
     -------
     StepOutcome
     """
     # From the logits, not X: a logits function may take integer ids or a dict of inputs.
     weights = normalized_weights(batch.sample_weight, batch.y.shape[0], result.logits, batch.weight_total)
-    trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, alpha)
+    trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, alpha, comm)
     loss, predicted = float(result.loss), float(result.predicted_decrease)
     if schedule == "constant":
         return StepOutcome(trial, damping, True, new_loss, predicted, 1.0, 1.0, trial_logits)
     accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, min_damping)
     step_size = 1.0
     if not accepted:
-        cut = _backtrack(head, params, batch, result, loss, weights, alpha)
+        cut = _backtrack(head, params, batch, result, loss, weights, alpha, comm)
         accepted = cut is not None
         step_size, trial, trial_logits, new_loss = cut if accepted else (0.0, params, result.logits, loss)
     elif extend and ratio > 0.75:
-        longer = _extend(head, params, batch, result, loss, weights, alpha)
+        longer = _extend(head, params, batch, result, loss, weights, alpha, comm)
         if longer is not None:
             step_size, trial, trial_logits, new_loss, predicted, ratio = longer
             _, _, next_damping = levenberg_marquardt(
@@ -397,10 +412,10 @@ def damped_update(
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=_cg_max_iter(cfg, extend),
-        logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
+        logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend, comm=cfg.comm,
     )  # fmt: skip
     out = take_step(
-        head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend
+        head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend, cfg.comm
     )
     record = StepRecord(
         float(result.loss), out.new_loss, out.accepted, damping, curvature, result.cg.n_iter,
@@ -445,41 +460,85 @@ def _reachable_decrease(result: StepResult) -> float:
 def iter_batches(
     X: Tensor, y: Tensor, sample_weight: Tensor | None, batch_size: int | None,
     generator: torch.Generator, device: torch.device,
-    transform: Callable[[Tensor], Tensor] | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None, shard: Shard | None = None,
 ) -> Iterator[Batch]:  # fmt: skip
     """Shuffled batches moved to ``device`` one at a time (``X`` may stay on the host).
 
     A batch's weights are divided by its size times the mean of
     ``sample_weight`` (see :func:`._step.normalized_weights`); ``transform``
     (the feature whitening) is applied to each batch's ``X`` on ``device``.
+    With ``shard`` the rows are one rank's share of a data-parallel fit
+    (see :func:`_shard_batches`).
 
     Yields
     ------
     Batch
         The next batch (the whole data when ``batch_size`` is None or >= n).
     """
+    if shard is not None:
+        yield from _shard_batches(X, y, sample_weight, batch_size, generator, device, transform, shard)
+        return
     n = X.shape[0]
     weight_mean = None if sample_weight is None else float(sample_weight.double().mean())
     if batch_size is None or batch_size >= n:
-        yield _to_device(X, y, sample_weight, device, weight_mean, transform)
+        yield _to_device(X, y, sample_weight, device, _total(y.shape[0], weight_mean), transform)
         return
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         sw = None if sample_weight is None else sample_weight[idx]
-        yield _to_device(X[idx], y[idx], sw, device, weight_mean, transform)
+        yield _to_device(X[idx], y[idx], sw, device, _total(idx.shape[0], weight_mean), transform)
+
+
+def _total(n_rows: int, weight_mean: float | None) -> float | None:
+    return None if weight_mean is None else n_rows * weight_mean
+
+
+def _shard_batches(
+    X: Tensor, y: Tensor, sample_weight: Tensor | None, batch_size: int | None,
+    generator: torch.Generator, device: torch.device, transform: Callable[[Tensor], Tensor] | None,
+    shard: Shard,
+) -> Iterator[Batch]:  # fmt: skip
+    """Yield a rank's share of the batches one process would draw from all ranks' rows.
+
+    The epoch's order is ``randperm(shard.n_total)`` from the same generator
+    on every rank, so batch ``b`` holds the same rows as in a single process
+    on the concatenated data; this rank yields the rows of it that it holds
+    (in that order; possibly none: it still takes part in the step's
+    reductions), weighted by the whole batch's size and the data's mean
+    weight. Cost per epoch: O(n_total) to invert the order, O(n_local log n_local) to sort.
+
+    Yields
+    ------
+    Batch
+        This rank's rows of the next batch, with ``n_rows`` the batch's size.
+    """
+    n = shard.n_total
+    weight_mean = shard.weight_total / n
+    if batch_size is None or batch_size >= n:
+        yield _to_device(X, y, sample_weight, device, shard.weight_total, transform, n)
+        return
+    order = torch.randperm(n, generator=generator)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(n)  # each training position's place in the epoch
+    key = place[shard.positions]
+    key, local = torch.sort(key)
+    counts = torch.bincount(key // batch_size, minlength=-(-n // batch_size)).tolist()
+    for start, rows in zip(range(0, n, batch_size), torch.split(local, counts), strict=True):
+        size = min(batch_size, n - start)
+        sw = None if sample_weight is None else sample_weight[rows]
+        yield _to_device(X[rows], y[rows], sw, device, size * weight_mean, transform, size)
 
 
 def _to_device(
-    X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device, weight_mean: float | None,
-    transform: Callable[[Tensor], Tensor] | None = None,
+    X: Tensor, y: Tensor, sample_weight: Tensor | None, device: torch.device, total: float | None,
+    transform: Callable[[Tensor], Tensor] | None = None, n_rows: int | None = None,
 ) -> Batch:  # fmt: skip
-    total = None if sample_weight is None else y.shape[0] * weight_mean
     if X.device != device:
         pin = device.type == "cuda" and X.device.type == "cpu"  # host -> GPU: page-locked, asynchronous
         move = lambda t: t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)  # noqa: E731
         X, y, sample_weight = move(X), move(y), None if sample_weight is None else move(sample_weight)
-    return Batch(X if transform is None else transform(X), y, sample_weight, total)
+    return Batch(X if transform is None else transform(X), y, sample_weight, total, n_rows)
 
 
 # glibc's malloc serves blocks above its mmap threshold by mmap and returns
@@ -539,6 +598,26 @@ class RowSubset:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Where a rank's training rows lie among all ranks' (a data-parallel fit).
+
+    Attributes
+    ----------
+    positions : Tensor of shape (n_local,), int64 on the host
+        Each local training row's position in the training rows of the
+        single process on the concatenated data (what its batches index).
+    n_total : int
+        Training rows over all ranks.
+    weight_total : float
+        Their total weight (``n_total`` without sample weights).
+    """
+
+    positions: Tensor
+    n_total: int
+    weight_total: float
+
+
+@dataclass(frozen=True)
 class TrainingData:
     """Training (and optional validation) tensors; ``X`` may live on the host.
 
@@ -546,6 +625,8 @@ class TrainingData:
     given, maps each batch's ``X`` (on the device) to the features the head
     sees (the feature whitening of mini-batch fits); ``X_val`` is already mapped.
     ``X`` may be a :class:`RowSubset` (mini-batches gather their rows from it).
+    ``shard``: the tensors are this rank's share of a data-parallel fit
+    (validation rows too).
     """
 
     X: Tensor | RowSubset
@@ -556,6 +637,12 @@ class TrainingData:
     y_val: Tensor | None = None
     sample_weight_val: Tensor | None = None
     transform: Callable[[Tensor], Tensor] | None = None
+    shard: Shard | None = None
+
+    @property
+    def n_total(self) -> int:
+        """Training rows over all ranks."""
+        return self.X.shape[0] if self.shard is None else self.shard.n_total
 
 
 def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: torch.dtype) -> float:
@@ -622,7 +709,7 @@ def _run_epoch(
     logits : Tensor or None
         In full batch, the logits at ``state.params`` (None otherwise).
     """
-    n = data.X.shape[0]
+    n = data.n_total
     full_batch = cfg.batch_size is None or cfg.batch_size >= n
     # Mini-batches: with fewer rows than parameters an exact step on its own
     # batch always lowers that batch's loss, so the reduction ratio cannot see
@@ -631,7 +718,7 @@ def _run_epoch(
     min_damping = DAMPING_BOUNDS[0] if full_batch else cfg.damping
     records = []
     batches = iter_batches(
-        data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device, data.transform
+        data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device, data.transform, data.shard
     )
     for batch in batches:
         curvature = _resolve_curvature(cfg, head, full_batch)
@@ -644,17 +731,22 @@ def _run_epoch(
             state.previous_relative_decrease = state.last_relative_decrease
             state.last_relative_decrease = _relative_decrease(record)
             state.gap_estimate = _remaining_gap(record, state.last_relative_decrease)
-        records.append((batch.X.shape[0], record))
+        records.append((batch.size, record))
     return records, (logits if full_batch else None)
 
 
 def validation_accuracy(
-    head: Head, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None = None
-) -> float:
-    """(Weighted) accuracy of the head on held-out tensors (on ``X``'s device)."""
+    head: Head, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None = None,
+    comm: Communicator = SINGLE,
+) -> float:  # fmt: skip
+    """(Weighted) accuracy of the head on held-out tensors (on ``X``'s device); all ranks' with ``comm``."""
     logits = forward(head, params, X)
     pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
     correct = (pred == y).double()
+    if comm.distributed:  # one all-reduce of (hits, weight)
+        w = torch.ones_like(correct) if sample_weight is None else sample_weight.to(correct)
+        hits, total = comm.sum_(torch.stack([(w * correct).sum(), w.sum()])).tolist()
+        return hits / total
     if sample_weight is None:
         return float(correct.mean())
     sample_weight = sample_weight.to(correct)
@@ -769,7 +861,7 @@ def run_epochs(
     LoopState
         ``state``, updated in place.
     """
-    full_batch = cfg.batch_size is None or cfg.batch_size >= data.X.shape[0]
+    full_batch = cfg.batch_size is None or cfg.batch_size >= data.n_total
     logits = None  # full batch: the logits at state.params, reused by the next step
     for _ in range(cfg.max_iter if n_epochs is None else n_epochs):
         if on_epoch_begin is not None:
@@ -777,11 +869,13 @@ def run_epochs(
         start = time.perf_counter()
         records, logits = _run_epoch(head, state, data, cfg, generator, logits)
         state.n_iter += 1
-        state.t += data.X.shape[0]
+        state.t += data.n_total
         state.loss_curve.append(_epoch_loss(records, full_batch))
         score = None
         if data.X_val is not None:
-            score = validation_accuracy(head, state.params, data.X_val, data.y_val, data.sample_weight_val)
+            score = validation_accuracy(
+                head, state.params, data.X_val, data.y_val, data.sample_weight_val, cfg.comm
+            )
             state.validation_scores.append(score)
         if cfg.verbose:
             _log_epoch(state, records, time.perf_counter() - start, score)

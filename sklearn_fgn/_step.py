@@ -71,6 +71,7 @@ from ._curvature import (
     make_ggn_operator,
     penalty_coefficients,
 )
+from ._distributed import SINGLE, Communicator
 from ._heads import Head
 from ._margin import MarginStats, curvature_weight, loss_derivative, margin, per_example_loss
 
@@ -153,7 +154,7 @@ class StepResult:
 def normalized_weights(
     sample_weight: Tensor | None, n: int, like: Tensor, weight_total: float | None = None
 ) -> Tensor:
-    """``omega = s / sum(s)``, or ``s / weight_total`` when given (uniform ``1/n`` without ``s``).
+    """``omega = s / sum(s)``, or ``s / weight_total`` if given (``1/n`` or ``1/weight_total`` without ``s``).
 
     A mini-batch of a weighted data set passes ``weight_total = n *
     mean(s over the data set)``: its objective is then an unbiased estimate
@@ -167,7 +168,8 @@ def normalized_weights(
         The weights ``omega``, in ``like``'s dtype and on its device.
     """
     if sample_weight is None:
-        return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
+        total = n if weight_total is None else weight_total  # a rank's share of a data-parallel batch
+        return torch.full((n,), 1.0 / total, dtype=like.dtype, device=like.device)
     sample_weight = sample_weight.to(dtype=like.dtype, device=like.device)
     return sample_weight / (sample_weight.sum() if weight_total is None else weight_total)
 
@@ -199,9 +201,12 @@ def objective(
 
 
 def objective_from_logits(
-    head: Head | LogitsFn, params: Params, logits: Tensor, y: Tensor, weights: Tensor, alpha: Alpha
-) -> Tensor:
+    head: Head | LogitsFn, params: Params, logits: Tensor, y: Tensor, weights: Tensor, alpha: Alpha,
+    comm: Communicator = SINGLE,
+) -> Tensor:  # fmt: skip
     """:func:`objective` given the logits at ``params`` (no forward pass).
+
+    ``comm``: the rows are a rank's shard; the data term is summed over the ranks (one scalar).
 
     Returns
     -------
@@ -210,17 +215,21 @@ def objective_from_logits(
     """
     m = margin(logits, y)
     penalty = _penalty(params, penalty_coefficients(head, params, alpha))
-    return (weights * per_example_loss(m)).sum() + penalty
+    return comm.sum_((weights * per_example_loss(m)).sum()) + penalty
 
 
 def _loss_and_gradient(
-    lin, stats: MarginStats, params: Params, weights: Tensor, coefficients: dict[str, float | Tensor]
-):
+    lin, stats: MarginStats, params: Params, weights: Tensor, coefficients: dict[str, float | Tensor],
+    comm: Communicator = SINGLE,
+):  # fmt: skip
     m = stats.margin
-    loss = (weights * per_example_loss(m)).sum() + _penalty(params, coefficients)
+    data_loss = (weights * per_example_loss(m)).sum()
     # d(sum omega_i phi(m_i))/dz_i = omega_i phi'(m_i) a_i, pulled back by J^T.
     coeff = (weights * loss_derivative(m))[:, None] * stats.direction
     grad = lin.vjp(coeff)
+    if comm.distributed:  # the shards' data terms, in one all-reduce
+        grad, (data_loss,) = comm.sum_params(grad, data_loss)
+    loss = data_loss + _penalty(params, coefficients)
     for k, c in coefficients.items():
         if isinstance(c, float):
             grad[k] = torch.add(grad[k], params[k], alpha=c)
@@ -317,6 +326,7 @@ def _solve(
     cg_tol: float,
     cg_max_iter: int,
     track_logits: bool = False,
+    comm: Communicator = SINGLE,
 ) -> tuple[Params, CGResult]:
     """Preconditioned CG on ``(B^T B + Lambda) delta = -grad`` in parameter space.
 
@@ -329,7 +339,10 @@ def _solve(
     ``delta`` is a difference of ``O(1 / lambda)`` terms.
 
     With ``track_logits`` CG also accumulates ``J delta`` (``result.image``)
-    from the JVP inside each curvature product.
+    from the JVP inside each curvature product. With ``comm`` the rows are a
+    rank's shard: each curvature product is summed over the ranks (one
+    all-reduce of ``P`` values); CG's vectors are replicated, so its inner
+    products need none.
 
     Returns
     -------
@@ -342,7 +355,7 @@ def _solve(
 
     def image_matvec(v: Tensor) -> tuple[Tensor, Tensor]:
         jv = op.jvp(_unflat(v, grad))
-        return torch.addcmul(_flat(op.curvature_from_jvp(jv)), lam_vec, v), jv
+        return torch.addcmul(comm.sum_(_flat(op.curvature_from_jvp(jv))), lam_vec, v), jv
 
     def system_matvec(v: Tensor) -> Tensor:
         return image_matvec(v)[0]
@@ -369,7 +382,12 @@ def _check_finite_step(cg_result: CGResult, dtype: torch.dtype, damping: float) 
         )
 
 
-def _check_solver(solver: str, head: Head | LogitsFn) -> None:
+def _check_solver(solver: str, head: Head | LogitsFn, comm: Communicator = SINGLE) -> None:
+    if solver == "cholesky" and comm.distributed:
+        raise ValueError(
+            "solver='cholesky' forms the Gram of the batch's rows, which a data-parallel fit spreads "
+            "over the ranks; use solver='cg' (or 'auto')"
+        )
     if solver == "cholesky" and not isinstance(head, Head):
         raise ValueError(
             "solver='cholesky' needs the per-layer structure of a Head to form the Gram; "
@@ -457,6 +475,7 @@ def compute_step(
     logits: Tensor | None = None,
     weight_total: float | None = None,
     kronecker: bool = False,
+    comm: Communicator = SINGLE,
 ) -> StepResult:
     """Return the damped step ``-(G + Lambda)^{-1} grad L`` on one batch.
 
@@ -510,6 +529,12 @@ def compute_step(
         :func:`make_kronecker_preconditioner` instead of ``Lambda^-1`` (when
         the solver is CG): it also captures the spread of the curvature
         across classes. Cost per step: O(n K^2 + K^3) once, O(K^2 d) per iteration.
+    comm : Communicator, optional
+        The batch is this rank's shard of a data-parallel batch
+        (:mod:`._distributed`; ``weight_total`` is then the whole batch's):
+        the loss, the gradient and every curvature product are summed over
+        the ranks, and ``solver="auto"`` is CG (the Gram would span the
+        ranks' rows). The default is the single process.
 
     Returns
     -------
@@ -521,19 +546,20 @@ def compute_step(
         also accumulates ``logits_step = J delta`` (one ``(n, n_logits)``
         axpy per iteration), so evaluating the step needs no forward pass.
     """
-    _check_solver(solver, head)
+    _check_solver(solver, head, comm)
     lin = linearize(head, params, X, logits)
     weights = normalized_weights(sample_weight, y.shape[0], lin.logits, weight_total)
     coefficients = penalty_coefficients(head, params, alpha)
     stats = MarginStats(lin.logits, y)
-    loss, grad = _loss_and_gradient(lin, stats, params, weights, coefficients)
+    loss, grad = _loss_and_gradient(lin, stats, params, weights, coefficients, comm)
     fgn_op = make_fgn_operator(lin, y, weights, stats)
     op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights, stats)
     lam = damping_diagonal(params, damping, coefficients)
     auto = solver == "auto"
     if auto:  # the Gram needs a Head's layers and O(n^2) memory
         pays_off = (
-            isinstance(head, Head)
+            not comm.distributed
+            and isinstance(head, Head)
             and y.shape[0] <= CHOLESKY_MAX_ROWS
             and _gram_pays_off(head, params, X, stats, weights, lam, cg_tol, curvature)
         )
@@ -549,8 +575,9 @@ def compute_step(
         solver = "cholesky" if preconditioner is not None else "cg"
     linear = isinstance(head, Head) and head.is_linear  # logits linear in params: J delta is exact
     if kronecker and linear and preconditioner is None:
-        preconditioner = make_kronecker_preconditioner(class_curvature(stats, weights, curvature), lam, grad)
-    step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter, linear)
+        factor = comm.sum_(class_curvature(stats, weights, curvature))
+        preconditioner = make_kronecker_preconditioner(factor, lam, grad)
+    step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter, linear, comm)
     _check_finite_step(cg_result, lin.logits.dtype, damping)
     logits_step = None
     if linear:

@@ -1,0 +1,198 @@
+r"""Data-parallel fits on ``torch.distributed``: every sum over rows is all-reduced.
+
+Each rank of a process group holds a shard of the rows; the objective,
+its gradient and every curvature product are sums over rows, so a rank
+computes its shard's part and one all-reduce adds the parts. Parameters stay
+replicated: CG's vectors live in parameter space and every rank runs the
+same iteration on the same reduced products, so its inner products need no
+communication. Per step that is
+
+* one all-reduce of ``P + 1`` values (gradient and loss),
+* one all-reduce of ``P`` values per CG iteration (the curvature product),
+* one scalar all-reduce per objective evaluated along the step (the trial,
+  backtracking or lengthening), and ``K^2`` values for the Kronecker
+  preconditioner of a full-batch linear step in the feature metric,
+
+plus, once per fit, the feature moments (``d^2 + d + 1`` values) and the
+labels and weights (``n`` each, gathered so that every rank draws the same
+validation split and batches as one process on the concatenated rows).
+
+:class:`Communicator` is the single process (every reduction the identity);
+:class:`ProcessGroupCommunicator` wraps a process group and counts what
+it sends. A collective that fails (another rank raised or died, or the
+group's timeout passed) raises :class:`DistributedFitError`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Communicator", "CommStats", "DistributedFitError", "ProcessGroupCommunicator", "communicator"]
+
+
+class DistributedFitError(RuntimeError):
+    """A collective of a data-parallel fit failed: another rank raised, died or timed out."""
+
+
+@dataclass
+class CommStats:
+    """What a communicator sent: collectives, values and seconds spent in them (this rank)."""
+
+    calls: int = 0
+    values: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    largest: int = 0
+
+    def reset(self) -> None:
+        self.calls = self.values = self.bytes = self.largest = 0
+        self.seconds = 0.0
+
+
+class Communicator:
+    """The single process: one rank, every reduction is the identity."""
+
+    world_size = 1
+    rank = 0
+    distributed = False
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over the ranks, in place; return it."""
+        return tensor
+
+    def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``tensor`` with rank ``src``'s, in place; return it."""
+        return tensor
+
+    def gather_objects(self, obj) -> list:
+        """Return every rank's ``obj`` (picklable), in rank order."""
+        return [obj]
+
+    def sum_params(
+        self, params: dict[str, Tensor], *scalars: Tensor
+    ) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Sum a parameter dict and 0-d tensors over the ranks in one all-reduce.
+
+        Returns
+        -------
+        params : dict of Tensor
+            The sums, shaped as ``params``.
+        scalars : list of Tensor
+            The summed 0-d tensors.
+        """
+        return params, list(scalars)
+
+
+SINGLE = Communicator()
+
+
+class ProcessGroupCommunicator(Communicator):
+    """Reductions over a ``torch.distributed`` process group (the default one when ``group`` is None).
+
+    Tensors are reduced on their own device; a CUDA tensor under a backend
+    without CUDA support (gloo) is reduced through a host copy.
+    """
+
+    distributed = True
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        super().__init__()
+        self.dist, self.group = dist, group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.backend = dist.get_backend(group)
+
+    def _run(self, what: str, size: int, fn):
+        start = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:  # gloo: RuntimeError / DistBackendError on a peer's failure or timeout
+            raise DistributedFitError(
+                f"rank {self.rank} of {self.world_size}: {what} failed ({type(exc).__name__}: {exc}). "
+                "Another rank probably raised or died (its own error names the cause), or the process "
+                "group's timeout passed."
+            ) from exc
+        self.stats.calls += 1
+        self.stats.values += size
+        self.stats.largest = max(self.stats.largest, size)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def _on_backend(self, tensor: Tensor) -> Tensor:
+        return tensor.cpu() if tensor.is_cuda and self.backend == "gloo" else tensor
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        buffer = self._on_backend(tensor)
+        self.stats.bytes += buffer.numel() * buffer.element_size()
+        self._run(f"all_reduce of {buffer.numel()} values", buffer.numel(),
+                  lambda: self.dist.all_reduce(buffer, group=self.group))  # fmt: skip
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+        return tensor
+
+    def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        buffer = self._on_backend(tensor)
+        self.stats.bytes += buffer.numel() * buffer.element_size()
+        self._run(f"broadcast of {buffer.numel()} values", buffer.numel(),
+                  lambda: self.dist.broadcast(buffer, src=src, group=self.group))  # fmt: skip
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+        return tensor
+
+    def gather_objects(self, obj) -> list:
+        out = [None] * self.world_size
+        self._run("all_gather_object", 0, lambda: self.dist.all_gather_object(out, obj, group=self.group))
+        return out
+
+    def sum_params(self, params, *scalars):
+        flat = torch.cat([t.reshape(-1) for t in params.values()] + [s.reshape(1) for s in scalars])
+        self.sum_(flat)
+        out, start = {}, 0
+        for k, t in params.items():
+            out[k] = flat[start : start + t.numel()].view_as(t)
+            start += t.numel()
+        return out, [flat[start + i] for i in range(len(scalars))]
+
+
+_COMMUNICATORS: dict[int, ProcessGroupCommunicator] = {}
+
+
+def communicator(distributed: bool) -> Communicator:
+    """Return the single process, or a communicator over the default process group.
+
+    One communicator per process group, so that its :class:`CommStats`
+    add up over fits (``benchmarks/distributed.py`` reads them).
+
+    Returns
+    -------
+    Communicator
+        :data:`SINGLE`, or the default group's :class:`ProcessGroupCommunicator`.
+
+    Raises
+    ------
+    ValueError
+        If ``distributed`` but no default process group is initialised.
+    """
+    if not distributed:
+        return SINGLE
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialised default process group: call "
+            "torch.distributed.init_process_group (torchrun sets its environment) before fit."
+        )
+    group = dist.group.WORLD
+    key = id(group)
+    if key not in _COMMUNICATORS or _COMMUNICATORS[key].group is not group:
+        _COMMUNICATORS[key] = ProcessGroupCommunicator(group)
+    return _COMMUNICATORS[key]

@@ -1,0 +1,190 @@
+"""Data-parallel fits on gloo: 2 and 3 local processes against one process on the concatenated rows.
+
+Each process group runs every fit of ``FITS`` in turn (``distributed_worker.py``),
+so the suite starts 5 processes in all. A distributed fit must give the
+single-process fit's parameters to 1e-6 (float64; only the order of float
+sums differs), the same number of iterations, and bit-identical parameters
+on every rank.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+
+import sklearn_fgn._distributed as distributed
+from sklearn_fgn import FGNClassifier
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
+# Uneven shards: 2 ranks, and 3 ranks with a small first shard.
+BOUNDS = {2: [0, 170, 400], 3: [0, 50, 230, 400]}
+LINEAR = {"device": "cpu", "random_state": 0}
+MLP = {"device": "cpu", "random_state": 0, "hidden_layer_sizes": (8,), "activation": "tanh"}
+FITS = {
+    "full_batch": {"params": {**LINEAR, "batch_size": None}},
+    "full_batch_weighted": {
+        "params": {**LINEAR, "batch_size": None, "class_weight": "balanced"}, "weighted": True,
+    },
+    "full_batch_identity_metric": {"params": {**LINEAR, "batch_size": None, "damping_metric": "identity"}},
+    "mini_batch_weighted": {
+        "params": {**LINEAR, "batch_size": 64, "max_iter": 3, "early_stopping": False}, "weighted": True,
+    },
+    "mini_batch_early_stopping": {
+        "params": {**LINEAR, "batch_size": 64, "max_iter": 4, "early_stopping": True, "n_iter_no_change": 2},
+        "weighted": True,
+    },
+    "mlp_full_batch": {"params": {**MLP, "batch_size": None, "max_iter": 6}},
+    # solver="cg": a single process may take Gram-Cholesky steps on small batches, which a
+    # data-parallel fit does not use.
+    "mlp_mini_batch": {
+        "params": {**MLP, "batch_size": 64, "max_iter": 2, "early_stopping": False, "solver": "cg"},
+    },
+    "partial_fit": {"params": {**LINEAR, "batch_size": 64}, "partial_fit": 2, "weighted": True},
+    "nan_on_rank_1": {"params": {**LINEAR, "batch_size": None}, "nan_rank": 1},
+    "rank_1_fails_midway": {"params": {**LINEAR, "batch_size": None}, "fail": {"rank": 1, "call": 2}},
+}  # fmt: skip
+NAMES = list(FITS)
+
+
+def _data():
+    X, y = make_classification(400, 10, n_informative=6, n_classes=3, random_state=0)
+    sample_weight = np.random.RandomState(0).uniform(0.5, 2.0, X.shape[0])
+    return X, y, sample_weight
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start both process groups at once; return ``{world_size: (results, stderr, seconds)}``."""
+    directory = tmp_path_factory.mktemp("distributed")
+    X, y, sample_weight = _data()
+    np.savez(directory / "data.npz", X=X, y=y, sample_weight=sample_weight)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    groups = {}
+    for world, bounds in BOUNDS.items():
+        spec = {
+            "data": str(directory / "data.npz"), "bounds": bounds, "port": _free_port(), "timeout": 60,
+            "out": str(directory / f"w{world}"), "fits": list(FITS.values()),
+        }  # fmt: skip
+        groups[world] = [
+            subprocess.Popen(
+                [sys.executable, WORKER, json.dumps(spec), str(rank)],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(world)
+        ]
+    out = {}
+    for world, procs in groups.items():
+        stderr = [p.communicate(timeout=300)[1] for p in procs]
+        results = {
+            name: [dict(np.load(directory / f"w{world}.{i}.{rank}.npz")) for rank in range(world)]
+            for i, name in enumerate(NAMES)
+        }
+        out[world] = (results, stderr, [p.returncode for p in procs])
+    return out
+
+
+def _single(name):
+    fit = FITS[name]
+    X, y, sample_weight = _data()
+    model = FGNClassifier(**fit["params"])
+    weights = sample_weight if fit.get("weighted") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fit.get("partial_fit"):
+            for _ in range(fit["partial_fit"]):
+                model.partial_fit(X, y, classes=np.unique(y), sample_weight=weights)
+        else:
+            model.fit(X, y, sample_weight=weights)
+    params = model.coefs_ + model.intercepts_ if hasattr(model, "coefs_") else [model.coef_, model.intercept_]
+    return model, params
+
+
+@pytest.mark.parametrize("world", sorted(BOUNDS))
+@pytest.mark.parametrize("name", [n for n in NAMES if "nan" not in n and "fails" not in n])
+def test_distributed_fit_equals_single_process_fit(runs, world, name):
+    results = runs[world][0][name]
+    assert all("error" not in r for r in results), [str(r.get("error")) for r in results]
+    model, params = _single(name)
+    for rank, result in enumerate(results):
+        for i, expected in enumerate(params):
+            got = result[f"param_{i}"]
+            scale = np.abs(expected).max()
+            assert np.abs(got - expected).max() <= 1e-6 * scale, (
+                rank,
+                i,
+                np.abs(got - expected).max() / scale,
+            )
+            assert np.array_equal(got, results[0][f"param_{i}"])  # replicated: the same bits on every rank
+        assert int(result["n_iter"]) == model.n_iter_
+        assert int(result["t"]) == model.t_
+        np.testing.assert_allclose(result["loss_curve"], model.loss_curve_, rtol=1e-8)
+        np.testing.assert_allclose(result["validation_scores"], model.validation_scores_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("world", sorted(BOUNDS))
+def test_invalid_shard_raises_on_every_rank(runs, world):
+    results = runs[world][0]["nan_on_rank_1"]
+    errors = [str(r["error"]) for r in results]
+    assert "NaN" in errors[1]
+    for rank, error in enumerate(errors):
+        if rank != 1:
+            assert error.startswith("ValueError: distributed fit: rank 1 of"), error
+            assert "NaN" in error
+
+
+@pytest.mark.parametrize("world", sorted(BOUNDS))
+def test_failed_rank_does_not_hang_the_others(runs, world):
+    # The module fixture bounds the wait (300 s); the group's timeout is 60 s.
+    results, _, returncodes = runs[world]
+    errors = [str(r["error"]) for r in results["rank_1_fails_midway"]]
+    assert errors[1] == "RuntimeError: injected failure"
+    for rank, error in enumerate(errors):
+        if rank != 1:
+            assert error.startswith("DistributedFitError: rank"), error
+            assert "Another rank probably raised or died" in error
+    assert all(code == 1 for code in returncodes)
+
+
+def test_distributed_needs_a_process_group():
+    X, y, _ = _data()
+    with pytest.raises(ValueError, match="init_process_group"):
+        FGNClassifier(distributed=True).fit(X, y)
+
+
+def test_single_process_communicator_is_the_identity():
+    comm = distributed.communicator(False)
+    assert comm is distributed.SINGLE and not comm.distributed
+    import torch
+
+    t = torch.arange(3.0)
+    assert comm.sum_(t) is t and comm.broadcast_(t) is t
+    params, scalars = comm.sum_params({"a": t}, torch.tensor(2.0))
+    assert params["a"] is t and float(scalars[0]) == 2.0
+
+
+def test_torchrun_example_fits_what_one_process_fits():
+    example = os.path.join(os.path.dirname(WORKER), os.pardir, "examples", "distributed_probe.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", example]
+    done = subprocess.run([*command, "--rows", "3000"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(line for line in done.stdout.splitlines() if "coefficients differ by" in line)
+    distributed_accuracy, single_accuracy = (
+        float(part.split()[-1]) for part in line.split(";")[0].split(",")
+    )
+    assert distributed_accuracy == single_accuracy
+    assert float(line.split("differ by ")[1].split()[0]) < 1e-4  # float32 sums in another order
