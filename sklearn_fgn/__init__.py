@@ -1,8 +1,16 @@
 """Fast Gauss-Newton classifier heads for scikit-learn and PyTorch."""
 
 from ._cv import FGNClassifierCV
-from ._estimator import FGNClassifier
+from ._distributed import DistributedFitError
+from ._estimator import DeviceMemoryError, FGNClassifier
 from ._solver import prime_host_allocator
 
-__all__ = ["FGNClassifier", "FGNClassifierCV", "__version__", "prime_host_allocator"]
+__all__ = [
+    "DeviceMemoryError",
+    "DistributedFitError",
+    "FGNClassifier",
+    "FGNClassifierCV",
+    "__version__",
+    "prime_host_allocator",
+]
 __version__ = "0.1.0"

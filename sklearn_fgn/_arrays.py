@@ -16,6 +16,8 @@ unpickles and predicts on a machine without one.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import warnings
 
 import numpy as np
@@ -185,3 +187,44 @@ def _check_n_features(estimator, n_features, reset):
             f"X has {n_features} features, but {name} is expecting {estimator.n_features_in_} "
             "features as input."
         )
+
+
+@contextlib.contextmanager
+def random_access(array):
+    """Inside, the kernel reads a memory-mapped ``array`` page by page (``MADV_RANDOM``); else nothing.
+
+    Mini-batches gather rows at random. On a memory-mapped file larger than
+    the page cache, each row's page fault otherwise reads the kernel's whole
+    read-ahead window around it (megabytes for one row of kilobytes), and an
+    epoch reads the file many times over. The advice is taken back
+    (``MADV_NORMAL``) on exit: predictions read the rows in order. Arrays
+    that are not memory-mapped (or platforms without ``madvise``) are left alone.
+
+    Yields
+    ------
+    None
+    """
+    mapping = _file_mapping(array)
+    advised = False
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mapping.madvise(mmap.MADV_RANDOM)
+            advised = True
+        except (OSError, ValueError):  # a closed mapping, or the kernel refused: advice is optional
+            advised = False
+    try:
+        yield
+    finally:
+        if advised:
+            with contextlib.suppress(OSError, ValueError):
+                mapping.madvise(mmap.MADV_NORMAL)
+
+
+def _file_mapping(array):
+    """Return the ``mmap`` behind a ``np.memmap`` (or a view of one), else None."""
+    while isinstance(array, np.ndarray):
+        mapping = getattr(array, "_mmap", None)  # np.memmap and its views keep the mapping here
+        if isinstance(mapping, mmap.mmap):
+            return mapping
+        array = array.base
+    return None

@@ -27,7 +27,15 @@ except ImportError:  # older releases have no callbacks to support
         pass
 
 
-from ._arrays import as_output, check_features, check_training_data, is_tensor, nbytes, numpy_dtype
+from ._arrays import (
+    as_output,
+    check_features,
+    check_training_data,
+    is_tensor,
+    nbytes,
+    numpy_dtype,
+    random_access,
+)
 from ._distributed import SINGLE, Communicator, communicator
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._metric import (
@@ -748,7 +756,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             y_labels, max_subtasks = self.classes_[y_enc[mine]], n_epochs or self.max_iter
             to_features = functools.partial(_in_feature_coordinates, metric)
             events = _EpochCallbacks(self, head, X, y_labels, sample_weight[mine], max_subtasks, to_features)
-            with _torch_threads_like_threadpools():
+            mini_batch = batch_size is not None and batch_size < data.n_total
+            with _torch_threads_like_threadpools(), random_access(X if mini_batch else None):
                 try:
                     state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
                 except KeyboardInterrupt:  # keep the last accepted parameters, as MLPClassifier does
@@ -873,7 +882,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         if self.damping_metric == "identity" or (self.damping_metric == "auto" and not head.is_linear):
             return None
-        moments = feature_moments(X, sample_weight, comm)
+        moments = feature_moments(*_in_row_order(X, sample_weight), comm)
         if not bool(torch.isfinite(moments.outer).all()):
             largest = float((X.X if isinstance(X, RowSubset) else X).abs().max())
             raise ValueError(
@@ -1105,9 +1114,23 @@ def _to_fit_coordinates(head, params, data, metric, drawn, comm=SINGLE):
         if metric is not None:
             mean, scale = metric.mean, metric.scale
         else:
-            mean, scale = feature_standardization(data.X, data.sample_weight, comm)
+            mean, scale = feature_standardization(*_in_row_order(data.X, data.sample_weight), comm)
         params = standardized_first_layer(params, mean, scale)
     return params if metric is None else whitened_params(metric, params)
+
+
+def _in_row_order(X, sample_weight):
+    """``(X, sample_weight)`` with a :class:`RowSubset`'s rows sorted: an order-free pass reads X in order.
+
+    Returns
+    -------
+    tuple
+        ``(X, sample_weight)``, permuted alike (unchanged when ``X`` is a tensor).
+    """
+    if not isinstance(X, RowSubset):
+        return X, sample_weight
+    X, order = X.in_row_order()
+    return X, None if sample_weight is None else sample_weight[order.to(sample_weight.device)]
 
 
 def _in_feature_coordinates(metric, params):

@@ -253,6 +253,52 @@ def test_read_only_memmap_is_read_in_place_and_fits_as_the_array(iris32, tmp_pat
     np.testing.assert_array_equal(from_map.predict_proba(X_map), from_array.predict_proba(X))
 
 
+def test_mini_batch_fit_reads_a_memmap_page_by_page_and_gives_the_advice_back(iris32, tmp_path, monkeypatch):
+    """Random row gathers on a memmap: MADV_RANDOM during the epochs, MADV_NORMAL after."""
+    import mmap
+
+    import sklearn_fgn._arrays as arrays
+
+    X, y = iris32
+    np.save(tmp_path / "X.npy", X)
+    X_map = np.load(tmp_path / "X.npy", mmap_mode="r")
+    mapping = arrays._file_mapping(X_map)
+    assert isinstance(mapping, mmap.mmap)
+    assert arrays._file_mapping(np.asarray(X_map)[10:20]) is mapping  # views lead back to it
+    assert arrays._file_mapping(np.array(X)) is None
+
+    advice = []
+
+    class Recorder:
+        def madvise(self, option):
+            advice.append(option)
+
+    monkeypatch.setattr(arrays, "_file_mapping", lambda array: None if array is None else Recorder())
+    params = {"max_iter": 2, "device": "cpu", "random_state": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        FGNClassifier(batch_size=None, **params).fit(X_map, y)
+        assert advice == []  # full batch reads X once, in order
+        FGNClassifier(batch_size=32, **params).fit(X_map, y)
+    assert advice == [mmap.MADV_RANDOM, mmap.MADV_NORMAL]
+
+
+def test_order_free_passes_read_a_row_subset_in_row_order():
+    from sklearn_fgn._estimator import _in_row_order
+    from sklearn_fgn._metric import feature_moments
+    from sklearn_fgn._solver import RowSubset
+
+    X = torch.randn(50, 3, dtype=torch.float64)
+    rows = torch.randperm(50)[:30]
+    weights = torch.rand(30, dtype=torch.float64)
+    sorted_X, sorted_w = _in_row_order(RowSubset(X, rows), weights)
+    assert torch.equal(sorted_X.rows, torch.sort(rows).values)
+    assert torch.equal(sorted_X.materialize(), X[torch.sort(rows).values])
+    before, after = feature_moments(RowSubset(X, rows), weights), feature_moments(sorted_X, sorted_w)
+    for a, b in [(before.covariance(True)[1], after.covariance(True)[1]), (before.total, after.total)]:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("hidden", [(), (8,)])
 def test_predictions_in_row_chunks_equal_the_whole(iris32, monkeypatch, hidden):
     X, y = iris32

@@ -156,7 +156,7 @@ def test_failed_rank_does_not_hang_the_others(runs, world):
         if rank != 1:
             assert error.startswith("DistributedFitError: rank"), error
             assert "Another rank probably raised or died" in error
-    assert all(code == 1 for code in returncodes)
+    assert all(code != 0 for code in returncodes), returncodes  # sys.exit(1), or an abort in teardown
 
 
 def test_distributed_needs_a_process_group():
