@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -32,7 +33,10 @@ __all__ = [
     "StepOutcome",
     "StepRecord",
     "TrainingData",
+    "check_step_options",
     "damped_update",
+    "step_on_batch",
+    "track_full_batch_step",
     "iter_batches",
     "levenberg_marquardt",
     "prime_host_allocator",
@@ -142,7 +146,40 @@ class Batch:
         return self.X.shape[0] if self.n_rows is None else self.n_rows
 
 
-def _resolve_curvature(cfg: LoopConfig, head: Head, full_batch: bool) -> str:
+def check_step_options(
+    *, damping: object, damping_schedule: object, curvature: object, cg_tol: object, cg_max_iter: object,
+    alpha: object,
+) -> None:  # fmt: skip
+    """Check the step settings shared by ``FGNClassifier`` and the skorch net (plain values).
+
+    Raises
+    ------
+    ValueError
+        Naming the first setting out of range.
+    """
+    if damping_schedule not in DAMPING_SCHEDULES:
+        raise ValueError(f"damping_schedule must be one of {DAMPING_SCHEDULES}; got {damping_schedule!r}.")
+    if curvature not in CURVATURE_OPTIONS:
+        raise ValueError(f"curvature must be one of {CURVATURE_OPTIONS}; got {curvature!r}.")
+    if not (_is_number(damping) and 0.0 < damping < math.inf):
+        raise ValueError(f"damping must be a finite float > 0; got {damping!r}.")
+    if cg_tol != "auto" and not (_is_number(cg_tol) and 0.0 <= cg_tol < 1.0):
+        raise ValueError(
+            f"cg_tol must be a float in [0, 1) or 'auto' (CG's relative-residual tolerance: 1 or more "
+            f"stops CG before its first iteration, so no step is taken); got {cg_tol!r}."
+        )
+    if cg_max_iter != "auto" and not (_is_number(cg_max_iter, Integral) and cg_max_iter >= 1):
+        raise ValueError(f"cg_max_iter must be an int >= 1 or 'auto'; got {cg_max_iter!r}.")
+    if not (_is_number(alpha) and 0.0 <= alpha < math.inf):
+        raise ValueError(f"alpha must be a finite float >= 0; got {alpha!r}.")
+
+
+def _is_number(value: object, kind: type = Real) -> bool:
+    # ``bool`` is an ``Integral`` (hence a ``Real``) in Python; a setting of True is a mistake.
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _resolve_curvature(cfg: LoopConfig, n_logits: int, full_batch: bool) -> str:
     """FGN or full GGN for the next step (``curvature="auto"`` decides here).
 
     Mini-batches take FGN steps (the n-row system solved exactly is FGN's
@@ -158,7 +195,7 @@ def _resolve_curvature(cfg: LoopConfig, head: Head, full_batch: bool) -> str:
     """
     if cfg.curvature != "auto":
         return cfg.curvature
-    return "ggn" if full_batch and head.n_logits > 2 else "fgn"
+    return "ggn" if full_batch and n_logits > 2 else "fgn"
 
 
 def levenberg_marquardt(
@@ -409,19 +446,63 @@ def damped_update(
     logits : Tensor
         The logits at the returned parameters on ``batch``.
     """
+    _, out, record = step_on_batch(
+        head, params, batch, damping, cfg, curvature, cg_tol, min_damping, logits, extend
+    )
+    return out.params, out.damping, record, out.logits
+
+
+def step_on_batch(
+    head: Head | LogitsFn,
+    params: Params,
+    batch: Batch,
+    damping: float,
+    cfg: LoopConfig,
+    curvature: str,
+    cg_tol: float,
+    min_damping: float = DAMPING_BOUNDS[0],
+    logits: Tensor | None = None,
+    extend: bool = False,
+) -> tuple[StepResult, StepOutcome, StepRecord]:
+    """Compute a damped step (:func:`._step.compute_step`) and take it (:func:`take_step`).
+
+    The one step path of both front ends: :func:`damped_update` (``FGNClassifier``)
+    and the skorch net's ``train_step``, which also reads the step itself
+    and the logits before it. Arguments as :func:`damped_update`; ``head``
+    may be a logits function.
+
+    Returns
+    -------
+    result : StepResult
+        The computed step.
+    outcome : StepOutcome
+        What was done with it.
+    record : StepRecord
+        The per-step record.
+    """
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=_cg_max_iter(cfg, extend),
         logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend, comm=cfg.comm,
     )  # fmt: skip
-    out = take_step(
-        head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend, cfg.comm
-    )
+    with torch.no_grad():  # a logits function's trial forward passes need no graph
+        out = take_step(
+            head,
+            params,
+            batch,
+            result,
+            damping,
+            cfg.alpha,
+            cfg.damping_schedule,
+            min_damping,
+            extend,
+            cfg.comm,
+        )
     record = StepRecord(
         float(result.loss), out.new_loss, out.accepted, damping, curvature, result.cg.n_iter,
         out.predicted_decrease, out.ratio, cg_tol, out.step_size, _reachable_decrease(result),
     )  # fmt: skip
-    return out.params, out.damping, record, out.logits
+    return result, out, record
 
 
 def _cg_max_iter(cfg: LoopConfig, full_batch: bool) -> int:
@@ -690,6 +771,13 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
     return eta
 
 
+def track_full_batch_step(state: LoopState, record: StepRecord) -> None:
+    """Keep what the next full-batch step's forcing term and stopping rule read from this one."""
+    state.previous_relative_decrease = state.last_relative_decrease
+    state.last_relative_decrease = _relative_decrease(record)
+    state.gap_estimate = _remaining_gap(record, state.last_relative_decrease)
+
+
 def _relative_decrease(record: StepRecord) -> float:
     """Return the step's predicted decrease relative to the objective before it."""
     return record.predicted_decrease / max(abs(record.loss), 1e-300)
@@ -737,16 +825,14 @@ def _run_epoch(
         data.X, data.y, data.sample_weight, cfg.batch_size, generator, data.device, data.transform, data.shard
     )
     for batch in batches:
-        curvature = _resolve_curvature(cfg, head, full_batch)
+        curvature = _resolve_curvature(cfg, head.n_logits, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
         state.params, state.damping, record, logits = damped_update(
             head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping,
             logits if full_batch else None, extend=full_batch,
         )  # fmt: skip
         if full_batch:
-            state.previous_relative_decrease = state.last_relative_decrease
-            state.last_relative_decrease = _relative_decrease(record)
-            state.gap_estimate = _remaining_gap(record, state.last_relative_decrease)
+            track_full_batch_step(state, record)
         records.append((batch.size, record))
     return records, (logits if full_batch else None)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
-from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -31,8 +30,21 @@ except ImportError as exc:  # pragma: no cover - exercised only without skorch
     ) from exc
 
 from ._curvature import LogitsFn
-from ._solver import DAMPING_BOUNDS, DAMPING_SCHEDULES, Batch, StepOutcome, take_step
-from ._step import CURVATURES, StepResult, compute_step
+from ._solver import (
+    DAMPING_BOUNDS,
+    DAMPING_SCHEDULES,
+    Batch,
+    LoopConfig,
+    LoopState,
+    StepOutcome,
+    StepRecord,
+    _forcing_term,
+    _resolve_curvature,
+    check_step_options,
+    step_on_batch,
+    track_full_batch_step,
+)
+from ._step import StepResult
 
 __all__ = ["DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
 
@@ -84,17 +96,22 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         halving) and rejected only if that fails; with ``batch_size=-1`` a
         trusted step is also lengthened to the quadratic model's minimiser
         along it when the objective confirms it there.
-    curvature : {"fgn", "ggn"}, default="fgn"
+    curvature : {"auto", "fgn", "ggn"}, default="auto"
         FGN (one row per example) or the full softmax GGN (``n_classes``
-        rows per example).
+        rows per example). ``"auto"``, as ``FGNClassifier``: FGN on
+        mini-batches, the full GGN with ``batch_size=-1`` when the labels
+        span more than two classes (exact Newton for a linear module).
     solver : {"cg"}, default="cg"
         Only CG: the exact Gram needs per-layer structure a module lacks,
         so ``"cholesky"`` raises ``ValueError``.
-    cg_max_iter : int, default=20
-        CG iterations per step; each costs one JVP and one VJP of the module.
-    cg_tol : float, default=1e-3
-        CG's relative-residual tolerance, in [0, 1) (0: run ``cg_max_iter``
-        iterations), as in ``FGNClassifier``.
+    cg_max_iter : int or "auto", default="auto"
+        CG iterations per step at most; each costs one JVP and one VJP of
+        the module. ``"auto"``: 100 on mini-batches, 1000 with ``batch_size=-1``.
+    cg_tol : float in [0, 1) or "auto", default="auto"
+        CG's relative-residual tolerance (0: run ``cg_max_iter``
+        iterations). ``"auto"``, as ``FGNClassifier``: 1e-2 on
+        mini-batches; with ``batch_size=-1`` the inexact-Newton forcing term
+        ``min(0.5, sqrt(predicted relative decrease of the last step))``.
     alpha : float, default=0.0
         L2 strength on every parameter with ``ndim >= 2`` (weights,
         convolution kernels), as ``MLPClassifier``'s: ``alpha / 2 * ||W||^2``
@@ -186,10 +203,10 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         lr=0.0,
         damping=1.0,
         damping_schedule="adaptive",
-        curvature="fgn",
+        curvature="auto",
         solver="cg",
-        cg_max_iter=20,
-        cg_tol=1e-3,
+        cg_max_iter="auto",
+        cg_tol="auto",
         alpha=0.0,
         **kwargs,
     ):
@@ -214,6 +231,7 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         """
         super().initialize()  # checks the settings through check_training_readiness
         self.damping_ = float(self.damping)
+        self._step_state = LoopState({}, self.damping_)  # what the forcing term reads of the last step
         return self
 
     def check_training_readiness(self):
@@ -280,39 +298,34 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         logits_fn = _checked_logits_fn(logits_fn, n_labels, self.criterion_.weight)
         _update_running_stats(self.module_, logits_fn, params, X)
         damping = self.damping_ if self.damping_schedule == "adaptive" else float(self.damping)
-        with _no_running_stats(self.module_), _clear_buffer_errors():
-            result = self._compute_step(logits_fn, params, X, y, sample_weight, damping)
-            out = self._apply_step(logits_fn, params, result, X, y, sample_weight, damping)
-        self._record_step(result, out, damping)
-        return {"loss": result.loss, "y_pred": result.logits}
-
-    def _compute_step(
-        self, logits_fn: LogitsFn, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None,
-        damping: float,
-    ) -> StepResult:  # fmt: skip
-        result = compute_step(
-            logits_fn, params, X, y, sample_weight, alpha=self._mean_alpha(y), damping=damping,
-            curvature=self.curvature, solver="cg", cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
-        )  # fmt: skip
-        return result
-
-    def _apply_step(
-        self, logits_fn: LogitsFn, params: Params, result: StepResult, X: Tensor, y: Tensor,
-        sample_weight: Tensor | None, damping: float,
-    ) -> StepOutcome:  # fmt: skip
-        # FGNClassifier's step control (sklearn_fgn._solver.take_step); write the result into the module.
+        # FGNClassifier's step path (sklearn_fgn._solver.step_on_batch) and its "auto" rules.
         full_batch = self.batch_size == -1
         floor = DAMPING_BOUNDS[0] if full_batch else float(self.damping)  # see damping_schedule
-        with torch.no_grad():
-            out = take_step(
-                logits_fn, params, Batch(X, y, sample_weight), result, damping, self._mean_alpha(y),
-                self.damping_schedule, floor, extend=full_batch,
+        cfg = self._loop_config(y)
+        state = getattr(self, "_step_state", None) or LoopState({}, damping)
+        curvature = _resolve_curvature(cfg, n_labels, full_batch)
+        cg_tol = _forcing_term(cfg, state, full_batch, next(iter(params.values())).dtype)
+        with _no_running_stats(self.module_), _clear_buffer_errors():
+            result, out, record = step_on_batch(
+                logits_fn, params, Batch(X, y, sample_weight), damping, cfg, curvature, cg_tol, floor,
+                extend=full_batch,
             )  # fmt: skip
         if self.damping_schedule == "adaptive":
             self.damping_ = out.damping
         if out.accepted:
             _write_params(self.module_, out.params)
-        return out
+        if full_batch:
+            track_full_batch_step(state, record)
+        self._step_state = state
+        self._record_step(result, out, record)
+        return {"loss": result.loss, "y_pred": result.logits}
+
+    def _loop_config(self, y: Tensor) -> LoopConfig:
+        """Return the step settings as :class:`._solver.LoopConfig` (CG only: a module has no Gram)."""
+        return LoopConfig(
+            alpha=self._mean_alpha(y), damping=float(self.damping), curvature=self.curvature, solver="cg",
+            damping_schedule=self.damping_schedule, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
+        )  # fmt: skip
 
     def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
         """Record the training split's size, which scales ``alpha`` (skorch's epoch hook)."""
@@ -324,11 +337,11 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         n_train = getattr(self, "_n_train", None) or y.shape[0]
         return float(self.alpha) / n_train
 
-    def _record_step(self, result: StepResult, out: StepOutcome, damping: float) -> None:
+    def _record_step(self, result: StepResult, out: StepOutcome, record: StepRecord) -> None:
         step_norm = out.step_size * math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))
-        self.history.record_batch("loss", float(result.loss))
-        self.history.record_batch("damping", damping)
-        self.history.record_batch("cg_iter", 0 if result.cg is None else result.cg.n_iter)
+        self.history.record_batch("loss", record.loss)
+        self.history.record_batch("damping", record.damping)
+        self.history.record_batch("cg_iter", record.cg_iter)
         self.history.record_batch("step_norm", step_norm)
         self.history.record_batch("accepted", out.accepted)
         self.history.record_batch("step_size", out.step_size)
@@ -340,33 +353,15 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
                 "per-layer structure of an FGNClassifier head. Use solver='cg'."
             )
         _check_option("solver", self.solver, SOLVERS)
-        _check_option("damping_schedule", self.damping_schedule, DAMPING_SCHEDULES)
-        _check_option("curvature", self.curvature, CURVATURES)
-        _check_positive("damping", self.damping)
-        if not (_is_number(self.cg_tol) and 0.0 <= self.cg_tol < 1.0):
-            raise ValueError(
-                f"cg_tol must be a float in [0, 1) (CG's relative-residual tolerance: 1 or more "
-                f"stops CG before its first iteration, so no step is taken); got {self.cg_tol!r}."
-            )
-        if not (_is_number(self.cg_max_iter, Integral) and self.cg_max_iter >= 1):
-            raise ValueError(f"cg_max_iter must be an int >= 1; got {self.cg_max_iter!r}.")
-        if not (_is_number(self.alpha) and 0.0 <= self.alpha < math.inf):
-            raise ValueError(f"alpha must be a finite float >= 0; got {self.alpha!r}.")
+        check_step_options(
+            damping=self.damping, damping_schedule=self.damping_schedule, curvature=self.curvature,
+            cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, alpha=self.alpha,
+        )  # fmt: skip
 
 
 def _check_option(name: str, value: object, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}; got {value!r}.")
-
-
-def _is_number(value: object, kind: type = Real) -> bool:
-    # ``bool`` is an ``Integral`` (hence a ``Real``) in Python; a setting of True is a mistake.
-    return isinstance(value, kind) and not isinstance(value, bool)
-
-
-def _check_positive(name: str, value: object) -> None:
-    if not (_is_number(value) and 0.0 < value < math.inf):
-        raise ValueError(f"{name} must be a finite float > 0; got {value!r}.")
 
 
 def _check_criterion(criterion: object) -> None:
