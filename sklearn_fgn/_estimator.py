@@ -836,7 +836,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         if early_stopping:  # the training rows stay in X: a RowSubset gathers them batch by batch
             train, val = self._validation_split(y_enc, sample_weight)
             local_val = _held_here(val, offset, X_t.shape[0])
-            X_val = X_t[torch.from_numpy(local_val - offset).to(X_t.device)].to(device)
+            with random_access(X):  # scattered rows: no read-ahead around each on a memmap
+                X_val = X_t[torch.from_numpy(local_val - offset).to(X_t.device)].to(device)
             y_val = _to_tensor(y_enc[local_val].astype(np.int64), device)
             w_val = None if np.all(sample_weight[val] == 1) else _to_tensor(sample_weight[local_val], device)
         positions = np.flatnonzero((train >= offset) & (train < offset + X_t.shape[0]))

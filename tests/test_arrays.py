@@ -279,8 +279,10 @@ def test_mini_batch_fit_reads_a_memmap_page_by_page_and_gives_the_advice_back(ir
         warnings.simplefilter("ignore", ConvergenceWarning)
         FGNClassifier(batch_size=None, **params).fit(X_map, y)
         assert advice == []  # full batch reads X once, in order
-        FGNClassifier(batch_size=32, **params).fit(X_map, y)
-    assert advice == [mmap.MADV_RANDOM, mmap.MADV_NORMAL]
+        FGNClassifier(batch_size=32, early_stopping=False, **params).fit(X_map, y)
+        assert advice == [mmap.MADV_RANDOM, mmap.MADV_NORMAL]  # the epochs
+        FGNClassifier(batch_size=32, early_stopping=True, **params).fit(X_map, y)
+    assert advice == [mmap.MADV_RANDOM, mmap.MADV_NORMAL] * 3  # the validation rows' gather, the epochs
 
 
 def test_order_free_passes_read_a_row_subset_in_row_order():
