@@ -76,6 +76,8 @@ AUTO_VALIDATION_ROWS = 2048
 AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
 # Rows whose logits the predict methods compute at once.
 PREDICT_CHUNK_ROWS = 2**15
+# ... and at most about this many logits (16 MiB in float32): many classes, fewer rows.
+PREDICT_CHUNK_LOGITS = 2**22
 # On a GPU a linear head fits full batch wherever its arrays take at most
 # this share of the device's memory (see ``_full_batch_fits``).
 AUTO_GPU_FULL_BATCH_ARRAYS = 12
@@ -88,7 +90,8 @@ class _LogitsPredictionMixin:
     ``_logits_map(X)`` checks that the estimator is fitted, validates ``X``
     and returns it as a tensor (on its device when it was one) with the map
     from rows of it to their logits, shape (rows, n_logits) (one column for
-    a binary problem). The methods apply it ``PREDICT_CHUNK_ROWS`` rows at a
+    a binary problem). The methods apply it ``PREDICT_CHUNK_ROWS`` rows (fewer
+    with many classes: ``PREDICT_CHUNK_LOGITS`` logits) at a
     time, so that their temporaries (and ``predict``'s logits) take memory
     in proportion to a chunk, not to ``X``.
     """
@@ -161,11 +164,12 @@ class _LogitsPredictionMixin:
         return torch.cat([_log_softmax(z) for z in self._logit_chunks(X)])
 
     def _logit_chunks(self, X):
-        """Validate ``X`` once; yield the logits of ``PREDICT_CHUNK_ROWS`` rows at a time."""
+        """Validate ``X`` once; yield the logits of a chunk of rows at a time (see the class docstring)."""
         X, logits_of = self._logits_map(X)
+        rows = max(1, min(PREDICT_CHUNK_ROWS, PREDICT_CHUNK_LOGITS // max(len(self.classes_), 1)))
         with torch.no_grad(), _device_memory_hint("predict", None):
-            for start in range(0, X.shape[0], PREDICT_CHUNK_ROWS):
-                yield logits_of(X[start : start + PREDICT_CHUNK_ROWS])
+            for start in range(0, X.shape[0], rows):
+                yield logits_of(X[start : start + rows])
 
 
 def _log_softmax(logits):
