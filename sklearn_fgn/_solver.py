@@ -30,7 +30,6 @@ __all__ = [
     "Batch",
     "LoopConfig",
     "LoopState",
-    "StepOutcome",
     "StepRecord",
     "TrainingData",
     "check_step_options",
@@ -240,6 +239,8 @@ class StepRecord:
     the decrease the undamped model predicts at its minimiser along the step
     (far more than ``predicted_decrease`` when the damping held the step
     back, so that a small decrease says nothing about convergence).
+    ``damping`` is the damping the step was computed with, ``next_damping``
+    the one the next step takes.
     """
 
     loss: float
@@ -253,6 +254,7 @@ class StepRecord:
     cg_tol: float = 0.0
     step_size: float = 1.0
     reachable_decrease: float = 0.0
+    next_damping: float | None = None
 
 
 def _evaluate_step(
@@ -339,25 +341,6 @@ def _extend(
     return t, trial, logits, new_loss, predicted, ratio
 
 
-@dataclass(frozen=True)
-class StepOutcome:
-    """What :func:`take_step` did with a computed step.
-
-    ``params`` and ``logits`` are those after the update (unchanged when the
-    step was discarded); ``damping`` is the damping for the next step;
-    ``step_size``, ``predicted_decrease`` and ``ratio`` as in :class:`StepRecord`.
-    """
-
-    params: Params
-    damping: float
-    accepted: bool
-    new_loss: float
-    predicted_decrease: float
-    ratio: float
-    step_size: float
-    logits: Tensor
-
-
 def take_step(
     head: Head | LogitsFn,
     params: Params,
@@ -369,7 +352,7 @@ def take_step(
     min_damping: float = DAMPING_BOUNDS[0],
     extend: bool = False,
     comm: Communicator = SINGLE,
-) -> StepOutcome:
+) -> tuple[Params, Tensor, StepRecord]:
     """Accept, cut back, lengthen or discard the step ``result`` and adapt ``damping``.
 
     ``"constant"`` takes the step as computed. ``"adaptive"`` adapts the
@@ -392,14 +375,24 @@ def take_step(
 
     Returns
     -------
-    StepOutcome
+    params : dict of Tensor
+        After the update (unchanged when the step was discarded).
+    logits : Tensor
+        The logits at those parameters on ``batch``.
+    record : StepRecord
+        What was done (``next_damping`` the damping for the next step).
     """
     # From the logits, not X: a logits function may take integer ids or a dict of inputs.
     weights = normalized_weights(batch.sample_weight, batch.y.shape[0], result.logits, batch.weight_total)
     trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, alpha, comm)
     loss, predicted = float(result.loss), float(result.predicted_decrease)
+    record = functools.partial(
+        StepRecord, loss, damping=damping, curvature=result.curvature, cg_iter=result.cg.n_iter,
+        cg_tol=result.cg_tol, reachable_decrease=_reachable_decrease(result),
+    )  # fmt: skip
     if schedule == "constant":
-        return StepOutcome(trial, damping, True, new_loss, predicted, 1.0, 1.0, trial_logits)
+        return trial, trial_logits, record(new_loss, True, predicted_decrease=predicted, ratio=1.0,
+                                           next_damping=damping)  # fmt: skip
     accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, min_damping)
     step_size = 1.0
     if not accepted:
@@ -413,7 +406,9 @@ def take_step(
             _, _, next_damping = levenberg_marquardt(
                 loss, new_loss, predicted, damping / step_size, min_damping
             )
-    return StepOutcome(trial, next_damping, accepted, new_loss, predicted, ratio, step_size, trial_logits)
+    taken = record(new_loss, accepted, predicted_decrease=predicted, ratio=ratio, step_size=step_size,
+                   next_damping=next_damping)  # fmt: skip
+    return trial, trial_logits, taken
 
 
 def damped_update(
@@ -446,10 +441,10 @@ def damped_update(
     logits : Tensor
         The logits at the returned parameters on ``batch``.
     """
-    _, out, record = step_on_batch(
+    _, params, logits, record = step_on_batch(
         head, params, batch, damping, cfg, curvature, cg_tol, min_damping, logits, extend
     )
-    return out.params, out.damping, record, out.logits
+    return params, record.next_damping, record, logits
 
 
 def step_on_batch(
@@ -463,7 +458,7 @@ def step_on_batch(
     min_damping: float = DAMPING_BOUNDS[0],
     logits: Tensor | None = None,
     extend: bool = False,
-) -> tuple[StepResult, StepOutcome, StepRecord]:
+) -> tuple[StepResult, Params, Tensor, StepRecord]:
     """Compute a damped step (:func:`._step.compute_step`) and take it (:func:`take_step`).
 
     The one step path of both front ends: :func:`damped_update` (``FGNClassifier``)
@@ -475,8 +470,10 @@ def step_on_batch(
     -------
     result : StepResult
         The computed step.
-    outcome : StepOutcome
-        What was done with it.
+    params : dict of Tensor
+        The parameters after the update.
+    logits : Tensor
+        The logits at them on ``batch``.
     record : StepRecord
         The per-step record.
     """
@@ -486,23 +483,11 @@ def step_on_batch(
         logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend, comm=cfg.comm,
     )  # fmt: skip
     with torch.no_grad():  # a logits function's trial forward passes need no graph
-        out = take_step(
-            head,
-            params,
-            batch,
-            result,
-            damping,
-            cfg.alpha,
-            cfg.damping_schedule,
-            min_damping,
-            extend,
+        params, logits, record = take_step(
+            head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend,
             cfg.comm,
-        )
-    record = StepRecord(
-        float(result.loss), out.new_loss, out.accepted, damping, curvature, result.cg.n_iter,
-        out.predicted_decrease, out.ratio, cg_tol, out.step_size, _reachable_decrease(result),
-    )  # fmt: skip
-    return result, out, record
+        )  # fmt: skip
+    return result, params, logits, record
 
 
 def _cg_max_iter(cfg: LoopConfig, full_batch: bool) -> int:

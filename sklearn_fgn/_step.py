@@ -136,6 +136,10 @@ class StepResult:
         ``damping * delta' M delta`` (0-d), the damping's part of
         ``delta' (G + Lambda) delta`` (``M`` the metric): when it is most of
         ``-slope`` the damping, not the curvature, set the step's length.
+    curvature : str
+        ``"fgn"`` or ``"ggn"``, the curvature of the system solved.
+    cg_tol : float
+        The tolerance CG was given.
     """
 
     step: Params
@@ -149,6 +153,8 @@ class StepResult:
     slope: Tensor | None = None
     step_curvature: Tensor | None = None
     damping_term: Tensor | None = None
+    curvature: str = "fgn"
+    cg_tol: float = 0.0
 
 
 def normalized_weights(
@@ -593,5 +599,5 @@ def compute_step(
     model_change = slope + 0.5 * curvature_term
     return StepResult(
         step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step, slope, curvature_term,
-        step_damping - penalty_term,
+        step_damping - penalty_term, curvature, cg_tol,
     )  # fmt: skip

@@ -36,7 +36,6 @@ from ._solver import (
     Batch,
     LoopConfig,
     LoopState,
-    StepOutcome,
     StepRecord,
     _forcing_term,
     _resolve_curvature,
@@ -306,18 +305,18 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         curvature = _resolve_curvature(cfg, n_labels, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, next(iter(params.values())).dtype)
         with _no_running_stats(self.module_), _clear_buffer_errors():
-            result, out, record = step_on_batch(
+            result, new_params, _, record = step_on_batch(
                 logits_fn, params, Batch(X, y, sample_weight), damping, cfg, curvature, cg_tol, floor,
                 extend=full_batch,
             )  # fmt: skip
         if self.damping_schedule == "adaptive":
-            self.damping_ = out.damping
-        if out.accepted:
-            _write_params(self.module_, out.params)
+            self.damping_ = record.next_damping
+        if record.accepted:
+            _write_params(self.module_, new_params)
         if full_batch:
             track_full_batch_step(state, record)
         self._step_state = state
-        self._record_step(result, out, record)
+        self._record_step(result, record)
         return {"loss": result.loss, "y_pred": result.logits}
 
     def _loop_config(self, y: Tensor) -> LoopConfig:
@@ -337,14 +336,14 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         n_train = getattr(self, "_n_train", None) or y.shape[0]
         return float(self.alpha) / n_train
 
-    def _record_step(self, result: StepResult, out: StepOutcome, record: StepRecord) -> None:
-        step_norm = out.step_size * math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))
+    def _record_step(self, result: StepResult, record: StepRecord) -> None:
+        step_norm = record.step_size * math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))
         self.history.record_batch("loss", record.loss)
         self.history.record_batch("damping", record.damping)
         self.history.record_batch("cg_iter", record.cg_iter)
         self.history.record_batch("step_norm", step_norm)
-        self.history.record_batch("accepted", out.accepted)
-        self.history.record_batch("step_size", out.step_size)
+        self.history.record_batch("accepted", record.accepted)
+        self.history.record_batch("step_size", record.step_size)
 
     def _check_fgn_params(self) -> None:
         if self.solver == "cholesky":
