@@ -585,7 +585,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
         return self
 
-    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None):
+    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None, inits=None):
         """Fit at each of ``alphas`` in turn, each fit starting from the previous solution.
 
         What does not depend on ``alpha`` is done once: validation, the
@@ -596,6 +596,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         fits whose end game converges only linearly stop at that estimated
         relative gap (see ``LoopConfig``) instead of running to Newton's rate.
         ``init``: ``(coef_init, intercept_init)`` of the first fit (else drawn).
+        ``inits``: one such pair per ``alpha``, each fit's start instead of
+        the previous solution (another fold's solution at the same ``alpha``).
 
         Yields
         ------
@@ -608,7 +610,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X), None
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
-            state = LoopState(state.params, state.damping)
+            params = state.params
+            if inits is not None:
+                params = _apply_linear_init(head, {k: t.clone() for k, t in params.items()}, *inits[i])
+            state = LoopState(params, state.damping)
             state, prepared = self._train(
                 head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol, layout
             )
