@@ -411,24 +411,8 @@ def take_step(
     return trial, trial_logits, taken
 
 
-def damped_update(
-    head: Head,
-    params: Params,
-    batch: Batch,
-    damping: float,
-    cfg: LoopConfig,
-    curvature: str,
-    cg_tol: float,
-    min_damping: float = DAMPING_BOUNDS[0],
-    logits: Tensor | None = None,
-    extend: bool = False,
-) -> tuple[Params, float, StepRecord, Tensor]:
-    """Compute one ``curvature`` step on ``batch`` and take it (:func:`take_step`).
-
-    ``cg_tol`` is CG's tolerance for this step (see ``_forcing_term``); the
-    adapted damping stays at or above ``min_damping``. ``logits``, when
-    known, are the logits at ``params`` on ``batch`` (see ``compute_step``);
-    ``extend`` lets a trusted step be lengthened (full batch).
+def damped_update(*args, **kwargs) -> tuple[Params, float, StepRecord, Tensor]:
+    """Return :func:`step_on_batch` without the step: ``(params, damping, record, logits)``.
 
     Returns
     -------
@@ -441,9 +425,7 @@ def damped_update(
     logits : Tensor
         The logits at the returned parameters on ``batch``.
     """
-    _, params, logits, record = step_on_batch(
-        head, params, batch, damping, cfg, curvature, cg_tol, min_damping, logits, extend
-    )
+    _, params, logits, record = step_on_batch(*args, **kwargs)
     return params, record.next_damping, record, logits
 
 
@@ -459,12 +441,16 @@ def step_on_batch(
     logits: Tensor | None = None,
     extend: bool = False,
 ) -> tuple[StepResult, Params, Tensor, StepRecord]:
-    """Compute a damped step (:func:`._step.compute_step`) and take it (:func:`take_step`).
+    """Compute a damped ``curvature`` step (:func:`._step.compute_step`) and take it (:func:`take_step`).
 
     The one step path of both front ends: :func:`damped_update` (``FGNClassifier``)
     and the skorch net's ``train_step``, which also reads the step itself
-    and the logits before it. Arguments as :func:`damped_update`; ``head``
-    may be a logits function.
+    and the logits before it. ``head`` is a :class:`Head` or a logits
+    function. ``cg_tol`` is CG's tolerance for this step (see
+    ``_forcing_term``); the adapted damping stays at or above
+    ``min_damping``. ``logits``, when known, are the logits at ``params``
+    on ``batch`` (see ``compute_step``); ``extend`` lets a trusted step be
+    lengthened (full batch).
 
     Returns
     -------
