@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import warnings
 from dataclasses import replace
 from numbers import Integral, Real
@@ -306,8 +307,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         (loss, gradient, feature moments, each CG curvature product) are
         all-reduced, one ``n_params``-sized all-reduce per CG iteration;
         labels and weights are gathered once, so the classes, validation
-        split and batches are the single process's. The Gram-Cholesky
-        solver is not used. Use a backend for the device (NCCL on CUDA,
+        split and batches are the single process's; ``batch_size="auto"``
+        weighs the rows of the largest shard (what one device computes on).
+        The Gram-Cholesky solver is not used. Use a backend for the device (NCCL on CUDA,
         gloo on CPU); a rank whose data fail validation makes every rank
         raise, and a rank that fails later makes the others raise
         ``DistributedFitError`` (a ``RuntimeError``) when their next
@@ -512,7 +514,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 self._initial_params(head, numpy_dtype(X.dtype), coef_init, intercept_init),
                 float(self.damping),
             )
-            early_stopping = self._resolve_early_stopping(y_enc, head, X)
+            early_stopping = self._resolve_early_stopping(y_enc, head, X, layout)
             state, _ = self._train(
                 head, state, X, y_enc, sample_weight, early_stopping, None, drawn, layout=layout
             )
@@ -607,7 +609,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         X, y_enc, sample_weight, head, layout = self._setup_fit(X, y, sample_weight)
         init = (None, None) if init is None else init
         state = LoopState(self._initial_params(head, numpy_dtype(X.dtype), *init), float(self.damping))
-        early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X), None
+        early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X, layout), None
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
             params = state.params
@@ -747,7 +749,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         prepared : tuple
             What :meth:`_prepare` returned, for the next call on the same data.
         """
-        batch_size = self._resolve_batch_size(y_enc.shape[0], head, X)  # as decided before any split
+        batch_size = self._resolve_batch_size(y_enc.shape[0], head, X, layout)  # as decided before any split
         comm = SINGLE if layout is None else layout.comm
         with _device_memory_hint("fit", batch_size):
             prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head, layout)
@@ -860,7 +862,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         y_t = _to_tensor(y_enc[rows].astype(np.int64), X_t.device)
         comm = SINGLE if layout is None else layout.comm
         metric, transform = self._feature_metric(X_t, weights, head, device, comm), None
-        batch_size = self._resolve_batch_size(train.shape[0], head, X)
+        batch_size = self._resolve_batch_size(train.shape[0], head, X, layout)
         full_batch = batch_size is None or batch_size >= train.shape[0]  # every step sees all rows
         if full_batch and isinstance(X_t, RowSubset):
             X_t = X_t.materialize()
@@ -953,11 +955,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             n_val = min(n_val, max(AUTO_VALIDATION_ROWS, 2 * len(self.classes_)))
         return n_val
 
-    def _resolve_early_stopping(self, y_enc, head, X):
+    def _resolve_early_stopping(self, y_enc, head, X, layout=None):
         if self.early_stopping != "auto":
             return bool(self.early_stopping)
         n_samples = y_enc.shape[0]
-        batch_size = self._resolve_batch_size(n_samples, head, X)
+        batch_size = self._resolve_batch_size(n_samples, head, X, layout)
         if batch_size is None or batch_size >= n_samples:
             return False
         return self._can_stratify(y_enc, self._validation_rows(n_samples))
@@ -969,10 +971,22 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         counts = np.bincount(y_enc, minlength=n_classes)
         return bool(counts.min() >= 2 and min(n_validation, n_samples - n_validation) >= n_classes)
 
-    def _resolve_batch_size(self, n_samples, head, X):
-        """Return ``batch_size``, or what ``"auto"`` means for this data, head and device (None: full)."""
+    def _resolve_batch_size(self, n_samples, head, X, layout=None):
+        """Return ``batch_size``, or what ``"auto"`` means for this data, head and device (None: full).
+
+        In a data-parallel fit (``layout``) the rules weigh the rows of the
+        largest shard, what one device holds and computes on per step
+        (the same on every rank).
+
+        Returns
+        -------
+        int or None
+            The batch size; None for full batch.
+        """
         if self.batch_size != "auto":
             return self.batch_size
+        if layout is not None:
+            n_samples = math.ceil(n_samples * layout.largest_share)
         device = _resolve_device(self.device, X)
         if head.is_linear and device.type == "cuda":
             memory = torch.cuda.get_device_properties(device).total_memory
@@ -1150,10 +1164,14 @@ def _in_feature_coordinates(metric, params):
 
 @dataclasses.dataclass(frozen=True)
 class _RowLayout:
-    """A rank's rows in a data-parallel fit: ``X`` holds rows ``offset:offset + len(X)`` of all ranks'."""
+    """A rank's rows in a data-parallel fit: ``X`` holds rows ``offset:offset + len(X)`` of all ranks'.
+
+    ``largest_share``: the largest shard's share of all rows.
+    """
 
     comm: Communicator
     offset: int
+    largest_share: float = 1.0
 
 
 @contextlib.contextmanager
@@ -1214,10 +1232,10 @@ def _gathered_rows(comm, X, y, sample_weight):
     if len(shapes) > 1:
         described = ", ".join(f"rank {r}: {w} features, {t}" for r, (w, t, _, _) in enumerate(parts))
         raise ValueError(f"distributed fit: the ranks' X differ in width or dtype ({described}).")
-    offset = sum(part[2].shape[0] for part in parts[: comm.rank])
+    sizes = [part[2].shape[0] for part in parts]
     y = np.concatenate([part[2] for part in parts])
     sample_weight = np.concatenate([part[3] for part in parts])
-    return y, sample_weight, _RowLayout(comm, offset)
+    return y, sample_weight, _RowLayout(comm, sum(sizes[: comm.rank]), max(sizes) / sum(sizes))
 
 
 def _agreed_seed(comm, random_state):

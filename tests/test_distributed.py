@@ -188,3 +188,19 @@ def test_torchrun_example_fits_what_one_process_fits():
     )
     assert distributed_accuracy == single_accuracy
     assert float(line.split("differ by ")[1].split()[0]) < 1e-4  # float32 sums in another order
+
+
+def test_auto_batch_size_weighs_the_rows_one_device_holds():
+    """Full batch where the largest shard's logits fit the rule, though all ranks' do not."""
+    from sklearn_fgn._estimator import AUTO_BATCH_SIZE, AUTO_FULL_BATCH_MAX_ENTRIES, _RowLayout
+
+    est = FGNClassifier(device="cpu")
+    est.classes_ = np.arange(100)
+    head = est._make_head((), 8)
+    n = 2 * AUTO_FULL_BATCH_MAX_ENTRIES // 100  # twice the entries one process fits full batch
+    X = np.zeros((1, 8), dtype=np.float32)
+    assert est._resolve_batch_size(n, head, X) == AUTO_BATCH_SIZE
+    halves = _RowLayout(distributed.SINGLE, 0, largest_share=0.5)
+    assert est._resolve_batch_size(n, head, X, halves) is None
+    uneven = _RowLayout(distributed.SINGLE, 0, largest_share=0.6)
+    assert est._resolve_batch_size(n, head, X, uneven) == AUTO_BATCH_SIZE
