@@ -553,6 +553,97 @@ def compute_step(
         axpy per iteration), so evaluating the step needs no forward pass.
     """
     _check_solver(solver, head, comm)
+    system = build_system(
+        head, params, X, y, sample_weight, alpha, damping, curvature, logits, weight_total, comm
+    )
+    solver, preconditioner = _preconditioner(system, solver, cg_tol, kronecker)
+    step, cg_result = _solve(
+        system.operator, system.gradient, system.damping, preconditioner, cg_tol, cg_max_iter,
+        system.linear, comm,
+    )  # fmt: skip
+    _check_finite_step(cg_result, system.lin.logits.dtype, damping)
+    logits_step = None
+    if system.linear:
+        logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(system.lin.logits)
+    slope, curvature_term, damping_term = quadratic_model(system, step, _unflat(cg_result.residual, step))
+    return StepResult(
+        step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, cg_result,
+        system.lin.logits, logits_step, slope, curvature_term, damping_term, curvature, cg_tol,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DampedSystem:
+    """The damped system ``(G + Lambda) delta = -grad`` of one batch, before any solver sees it.
+
+    Attributes
+    ----------
+    head : Head or callable
+        The logits map.
+    params : dict of Tensor
+        Where it is linearised.
+    X, y : Tensor
+        The batch.
+    lin : LogitsLinearization
+        The logits map linearised at ``params``.
+    stats : MarginStats
+        Margin quantities of ``lin.logits``.
+    weights : Tensor of shape (n,)
+        Normalised example weights ``omega``.
+    coefficients : dict
+        Penalty coefficients (:func:`._curvature.penalty_coefficients`).
+    loss : Tensor
+        Objective at ``params`` (0-d; summed over the ranks).
+    gradient : dict of Tensor
+        Its gradient (summed over the ranks).
+    operator : RowSpaceOperator
+        ``B`` with ``G = B^T B`` (FGN or full GGN, per ``curvature``).
+    fgn_operator : RowSpaceOperator
+        FGN's ``B`` (the Gram-Cholesky preconditioner's, whatever ``curvature``).
+    damping : dict
+        ``Lambda`` per parameter (:func:`._curvature.damping_diagonal`).
+    curvature : str
+        ``"fgn"`` or ``"ggn"``.
+    comm : Communicator
+        Where the rows' sums go.
+    """
+
+    head: Head | LogitsFn
+    params: Params
+    X: Tensor
+    y: Tensor
+    lin: object
+    stats: MarginStats
+    weights: Tensor
+    coefficients: dict
+    loss: Tensor
+    gradient: Params
+    operator: RowSpaceOperator
+    fgn_operator: RowSpaceOperator
+    damping: dict
+    curvature: str
+    comm: Communicator
+
+    @property
+    def linear(self) -> bool:
+        """Whether the logits are linear in the parameters (``J delta`` is then exact)."""
+        return isinstance(self.head, Head) and self.head.is_linear
+
+
+def build_system(
+    head: Head | LogitsFn, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None, alpha: Alpha,
+    damping: float, curvature: str, logits: Tensor | None = None, weight_total: float | None = None,
+    comm: Communicator = SINGLE,
+) -> DampedSystem:  # fmt: skip
+    """Linearise, take the loss and gradient, and form the operator and the damping (phase 1 of a step).
+
+    Arguments as :func:`compute_step`. Cost: one forward pass (none for a
+    linear head given ``logits``) and one VJP.
+
+    Returns
+    -------
+    DampedSystem
+    """
     lin = linearize(head, params, X, logits)
     weights = normalized_weights(sample_weight, y.shape[0], lin.logits, weight_total)
     coefficients = penalty_coefficients(head, params, alpha)
@@ -561,43 +652,70 @@ def compute_step(
     fgn_op = make_fgn_operator(lin, y, weights, stats)
     op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights, stats)
     lam = damping_diagonal(params, damping, coefficients)
+    return DampedSystem(
+        head, params, X, y, lin, stats, weights, coefficients, loss, grad, op, fgn_op, lam, curvature, comm
+    )
+
+
+def _preconditioner(
+    system: DampedSystem, solver: str, cg_tol: float, kronecker: bool
+) -> tuple[str, Callable[[Tensor], Tensor] | None]:
+    """Choose the solver and build CG's preconditioner (phase 2 of a step; see :func:`compute_step`).
+
+    Returns
+    -------
+    solver : str
+        ``"cholesky"`` (Gram-preconditioned CG) or ``"cg"``.
+    preconditioner : callable or None
+        ``r -> M^{-1} r``; None for ``Lambda^{-1}``.
+    """
+    head, lam, grad = system.head, system.damping, system.gradient
     auto = solver == "auto"
     if auto:  # the Gram needs a Head's layers and O(n^2) memory
         pays_off = (
-            not comm.distributed
+            not system.comm.distributed
             and isinstance(head, Head)
-            and y.shape[0] <= CHOLESKY_MAX_ROWS
-            and _gram_pays_off(head, params, X, stats, weights, lam, cg_tol, curvature)
+            and system.y.shape[0] <= CHOLESKY_MAX_ROWS
+            and _gram_pays_off(
+                head, system.params, system.X, system.stats, system.weights, lam, cg_tol, system.curvature
+            )
         )
         solver = "cholesky" if pays_off else "cg"
-    preconditioner = None
     if solver == "cholesky":
-        preconditioner = make_fgn_preconditioner(
-            fgn_op, fgn_gram(head, params, X, y, weights, lam, lin, stats), lam, grad
+        gram = fgn_gram(
+            head, system.params, system.X, system.y, system.weights, lam, system.lin, system.stats
         )
+        preconditioner = make_fgn_preconditioner(system.fgn_operator, gram, lam, grad)
         if preconditioner is None and not auto:  # "auto" falls back to CG as documented
             warnings.warn("Cholesky factorisation of the FGN row-space system failed; using plain CG.",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
-        solver = "cholesky" if preconditioner is not None else "cg"
-    linear = isinstance(head, Head) and head.is_linear  # logits linear in params: J delta is exact
-    if kronecker and linear and preconditioner is None:
-        factor = comm.sum_(class_curvature(stats, weights, curvature))
-        preconditioner = make_kronecker_preconditioner(factor, lam, grad)
-    step, cg_result = _solve(op, grad, lam, preconditioner, cg_tol, cg_max_iter, linear, comm)
-    _check_finite_step(cg_result, lin.logits.dtype, damping)
-    logits_step = None
-    if linear:
-        logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(lin.logits)
-    # CG's residual r = -grad - (G + Lambda) step gives the curvature term for
-    # free: step' G step = -grad' step - r' step - step' Lambda step, so the
-    # model change grad' step + step' (G + alpha P) step / 2 needs no matvec.
-    residual = _unflat(cg_result.residual, grad)
-    step_damping = _weighted_sq(step, lam)
-    penalty_term = _weighted_sq(step, coefficients)
-    slope = _dot(grad, step)
-    curvature_term = -slope - _dot(residual, step) - step_damping + penalty_term
-    model_change = slope + 0.5 * curvature_term
-    return StepResult(
-        step, loss, grad, -model_change, solver, cg_result, lin.logits, logits_step, slope, curvature_term,
-        step_damping - penalty_term, curvature, cg_tol,
-    )  # fmt: skip
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+        if preconditioner is not None:
+            return "cholesky", preconditioner
+    if kronecker and system.linear:
+        factor = system.comm.sum_(class_curvature(system.stats, system.weights, system.curvature))
+        return "cg", make_kronecker_preconditioner(factor, lam, grad)
+    return "cg", None
+
+
+def quadratic_model(system: DampedSystem, step: Params, residual: Params) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Return the undamped quadratic model along ``step``, from the step and its residual (phase 4).
+
+    ``residual = -grad - (G + Lambda) step``, which any solver of the system
+    can return (CG updates it anyway; a direct solver pays one curvature
+    product), gives ``step' G step = -grad' step - residual' step - step'
+    Lambda step`` without a product of its own, whatever the solver.
+
+    Returns
+    -------
+    slope : Tensor
+        ``grad' step`` (0-d).
+    curvature : Tensor
+        ``step' (G + alpha P) step`` (0-d).
+    damping_term : Tensor
+        ``damping * step' M step``, the damping's part of ``step' (G + Lambda) step`` (0-d).
+    """
+    step_damping = _weighted_sq(step, system.damping)
+    penalty_term = _weighted_sq(step, system.coefficients)
+    slope = _dot(system.gradient, step)
+    curvature = -slope - _dot(residual, step) - step_damping + penalty_term
+    return slope, curvature, step_damping - penalty_term
