@@ -36,7 +36,7 @@ from functools import cache, partial
 import torch
 from torch import Tensor
 
-from ._heads import Head, activation_slope, forward, forward_with_cache, is_penalized
+from ._heads import Head, Params, activation_slope, forward, forward_with_cache, is_penalized
 from ._margin import MarginStats, curvature_weight, log_curvature_weight, margin
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "penalty_coefficients",
 ]
 
-Params = dict[str, Tensor]
 # ``logits_fn(params, X) -> logits`` of shape (n, n_logits), pure in ``params``.
 LogitsFn = Callable[[Params, Tensor], Tensor]
 # The L2 strength: one float for every penalised parameter, or a coefficient

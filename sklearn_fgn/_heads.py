@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "ACTIVATIONS",
     "Head",
+    "Params",
     "activation_slope",
     "forward",
     "forward_with_cache",
@@ -25,6 +26,8 @@ __all__ = [
     "is_penalized",
 ]
 
+# A parameter set: name -> tensor (``coef_0``, ``intercept_0``, ...; a module's names for a logits function).
+Params = dict[str, Tensor]
 ACTIVATIONS = {
     "identity": lambda t: t,
     "relu": torch.relu,
@@ -111,7 +114,7 @@ def is_penalized(name: str) -> bool:
 
 def init_params(
     head: Head, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str
-) -> dict[str, Tensor]:
+) -> Params:
     """Return initial parameters.
 
     The linear head starts at zero (the convex problem needs no symmetry
@@ -139,14 +142,14 @@ def init_params(
     return params
 
 
-def _affine(head: Head, params: dict[str, Tensor], layer: int, inputs: Tensor) -> Tensor:
+def _affine(head: Head, params: Params, layer: int, inputs: Tensor) -> Tensor:
     out = inputs @ params[f"coef_{layer}"].T
     if head.fit_intercept:
         out = out + params[f"intercept_{layer}"]
     return out
 
 
-def forward(head: Head, params: dict[str, Tensor], X: Tensor) -> Tensor:
+def forward(head: Head, params: Params, X: Tensor) -> Tensor:
     """Return the logits ``(n, n_logits)`` of ``X`` ``(n, n_features)``.
 
     Cost: one matmul per layer. Pure function of ``params`` (usable under
@@ -164,9 +167,7 @@ def forward(head: Head, params: dict[str, Tensor], X: Tensor) -> Tensor:
     return _affine(head, params, head.n_layers - 1, hidden)
 
 
-def forward_with_cache(
-    head: Head, params: dict[str, Tensor], X: Tensor
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def forward_with_cache(head: Head, params: Params, X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Forward pass keeping every layer's input and pre-activation.
 
     Returns

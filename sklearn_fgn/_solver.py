@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._curvature import Alpha, LogitsFn, logits_function
 from ._distributed import SINGLE, Communicator
-from ._heads import Head, forward
+from ._heads import Head, Params, forward
 from ._step import StepResult, compute_step, normalized_weights, objective_from_logits
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "validation_accuracy",
 ]
 
-Params = dict[str, Tensor]
 DAMPING_SCHEDULES = ("constant", "adaptive")
 CURVATURE_OPTIONS = ("fgn", "ggn", "auto")
 # Levenberg-Marquardt: lambda stays inside these bounds.

@@ -72,7 +72,7 @@ from ._curvature import (
     penalty_coefficients,
 )
 from ._distributed import SINGLE, Communicator
-from ._heads import Head
+from ._heads import Head, Params
 from ._margin import MarginStats, curvature_weight, loss_derivative, margin, per_example_loss
 
 __all__ = [
@@ -87,7 +87,6 @@ __all__ = [
     "objective_from_logits",
 ]
 
-Params = dict[str, Tensor]
 CURVATURES = ("fgn", "ggn")
 SOLVERS = ("auto", "cg", "cholesky")
 # solver="auto" forms the n x n Gram and factorises it up to this many rows

@@ -30,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without skorch
     ) from exc
 
 from ._curvature import LogitsFn
+from ._heads import Params
 from ._solver import (
     DAMPING_BOUNDS,
     DAMPING_SCHEDULES,
@@ -47,7 +48,6 @@ from ._step import StepResult
 
 __all__ = ["DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
 
-Params = dict[str, Tensor]
 # An arbitrary module has no per-layer structure for the exact Gram: CG only.
 SOLVERS = ("cg",)
 
