@@ -563,7 +563,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
                 hidden = self._check_params()
                 self._check_partial_fit_params(classes)
-            y, sample_weight, layout = _gathered_rows(comm, X, y, sample_weight)
+            settings = (_shared_settings(self), None if classes is None else np.unique(np.asarray(classes)))
+            y, sample_weight, layout = _gathered_rows(comm, X, y, sample_weight, settings)
             if first:
                 if classes is None:
                     raise ValueError("classes must be passed on the first call to partial_fit.")
@@ -638,7 +639,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         with _agreed(comm):  # every rank raises if one's data fail validation
             X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=True)
             hidden = self._check_params()
-        y, sample_weight, layout = _gathered_rows(comm, X, y, sample_weight)
+        y, sample_weight, layout = _gathered_rows(comm, X, y, sample_weight, _shared_settings(self))
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         self._check_classes()
         self._rng = np.random.RandomState(_agreed_seed(comm, self.random_state))
@@ -1208,12 +1209,14 @@ def _agreed(comm):
         raise ValueError(f"distributed fit: rank {rank} of {comm.world_size} rejected its data: {message}")
 
 
-def _gathered_rows(comm, X, y, sample_weight):
+def _gathered_rows(comm, X, y, sample_weight, settings=None):
     """Every rank's labels and weights, concatenated in rank order, and this rank's layout.
 
     Single process: ``(y, sample_weight, None)``. Otherwise one
-    ``all_gather_object`` of ``(n_features, dtype, y, sample_weight)``;
-    the ranks must agree on the number of features and the dtype.
+    ``all_gather_object`` of ``(n_features, dtype, settings, y, sample_weight)``;
+    the ranks must agree on the number of features, the dtype and the
+    ``settings`` (the estimator's parameters, ``partial_fit``'s classes):
+    ranks that fit differently would wait on each other's collectives.
 
     Returns
     -------
@@ -1223,19 +1226,31 @@ def _gathered_rows(comm, X, y, sample_weight):
     Raises
     ------
     ValueError
-        On every rank, when the ranks' features differ in width or dtype.
+        On every rank, when the ranks' features differ in width or dtype, or their settings differ.
     """
     if not comm.distributed:
         return y, sample_weight, None
-    parts = comm.gather_objects((X.shape[1], str(numpy_dtype(X.dtype)), np.asarray(y), sample_weight))
-    shapes = {(width, dtype) for width, dtype, _, _ in parts}
-    if len(shapes) > 1:
-        described = ", ".join(f"rank {r}: {w} features, {t}" for r, (w, t, _, _) in enumerate(parts))
+    shape = (X.shape[1], str(numpy_dtype(X.dtype)))
+    parts = comm.gather_objects((shape, repr(settings), np.asarray(y), sample_weight))
+    if len({part[0] for part in parts}) > 1:
+        described = ", ".join(f"rank {r}: {w} features, {t}" for r, ((w, t), *_) in enumerate(parts))
         raise ValueError(f"distributed fit: the ranks' X differ in width or dtype ({described}).")
+    differing = [rank for rank, part in enumerate(parts) if part[1] != parts[0][1]]
+    if differing:
+        raise ValueError(
+            f"distributed fit: rank {differing[0]}'s settings differ from rank 0's; every rank must fit "
+            f"with the same parameters (and classes): {parts[differing[0]][1]} against {parts[0][1]}."
+        )
     sizes = [part[2].shape[0] for part in parts]
     y = np.concatenate([part[2] for part in parts])
     sample_weight = np.concatenate([part[3] for part in parts])
     return y, sample_weight, _RowLayout(comm, sum(sizes[: comm.rank]), max(sizes) / sum(sizes))
+
+
+def _shared_settings(estimator):
+    """Return the parameters all ranks of a data-parallel fit share (not the device, verbosity or seed)."""
+    params = estimator.get_params()
+    return {k: params[k] for k in sorted(params) if k not in ("device", "verbose", "random_state")}
 
 
 def _agreed_seed(comm, random_state):

@@ -7,7 +7,8 @@ localhost and runs the fits of ``spec["fits"]`` in turn, each
 (``X``, ``y``, ``sample_weight``). Fit ``i`` writes ``{spec["out"]}.{i}.{rank}.npz``:
 the fitted parameters, or the error it raised. A fit may ask for
 ``"partial_fit": k`` calls instead of ``fit``, ``"weighted": true``,
-``"nan_rank": r`` (NaN in rank ``r``'s X) or ``"fail": {"rank": r, "call": k}``
+``"nan_rank": r`` (NaN in rank ``r``'s X), ``"rank_params": {"r": {...}}``
+(settings of rank ``r`` only) or ``"fail": {"rank": r, "call": k}``
 (rank ``r`` raises at its ``k``-th step; the others' next collective then fails).
 """
 
@@ -48,7 +49,7 @@ def _fit(fit, data, rank, bounds):
     fail = fit.get("fail")
     if fail is not None and fail["rank"] == rank:
         _inject_failure(fail["call"])
-    model = FGNClassifier(distributed=True, **fit["params"])
+    model = FGNClassifier(distributed=True, **fit["params"], **fit.get("rank_params", {}).get(str(rank), {}))
     if fit.get("partial_fit"):
         for _ in range(fit["partial_fit"]):
             model.partial_fit(X, y, classes=np.unique(data["y"]), sample_weight=sample_weight)

@@ -47,6 +47,9 @@ FITS = {
     },
     "partial_fit": {"params": {**LINEAR, "batch_size": 64}, "partial_fit": 2, "weighted": True},
     "nan_on_rank_1": {"params": {**LINEAR, "batch_size": None}, "nan_rank": 1},
+    "alpha_differs_on_rank_1": {
+        "params": {**LINEAR, "batch_size": None}, "rank_params": {"1": {"alpha": 2.0}},
+    },
     "rank_1_fails_midway": {"params": {**LINEAR, "batch_size": None}, "fail": {"rank": 1, "call": 2}},
 }  # fmt: skip
 NAMES = list(FITS)
@@ -114,7 +117,7 @@ def _single(name):
 
 
 @pytest.mark.parametrize("world", sorted(BOUNDS))
-@pytest.mark.parametrize("name", [n for n in NAMES if "nan" not in n and "fails" not in n])
+@pytest.mark.parametrize("name", [n for n in NAMES if not any(w in n for w in ("nan", "fails", "differs"))])
 def test_distributed_fit_equals_single_process_fit(runs, world, name):
     results = runs[world][0][name]
     assert all("error" not in r for r in results), [str(r.get("error")) for r in results]
@@ -144,6 +147,17 @@ def test_invalid_shard_raises_on_every_rank(runs, world):
         if rank != 1:
             assert error.startswith("ValueError: distributed fit: rank 1 of"), error
             assert "NaN" in error
+
+
+@pytest.mark.parametrize("world", sorted(BOUNDS))
+def test_ranks_with_different_settings_raise_on_every_rank(runs, world):
+    for rank, result in enumerate(runs[world][0]["alpha_differs_on_rank_1"]):
+        error = str(result["error"])
+        assert error.startswith("ValueError: distributed fit: rank 1's settings differ from rank 0's"), (
+            rank,
+            error,
+        )
+        assert "'alpha': 2.0" in error
 
 
 @pytest.mark.parametrize("world", sorted(BOUNDS))
