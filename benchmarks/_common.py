@@ -47,6 +47,8 @@ FIGURES_DIR = BENCH_DIR / "figures"  # committed: RESULTS.md links these
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from sklearn_fgn._step import flatten, unflatten  # noqa: E402, F401  (re-exported: the package's flat layout)
+
 torch.set_num_threads(THREADS)
 try:
     torch.set_num_interop_threads(THREADS)
@@ -168,20 +170,6 @@ def machine_description() -> str:
 def loglog_slope(xs, ys) -> float:
     """Least-squares slope of ``log y`` against ``log x`` (the growth exponent)."""
     return float(np.polyfit(np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float)), 1)[0])
-
-
-def flatten(params: dict) -> torch.Tensor:
-    """Concatenate a parameter dict into one vector (dict order)."""
-    return torch.cat([t.reshape(-1) for t in params.values()])
-
-
-def unflatten(vec: torch.Tensor, like: dict) -> dict:
-    """Inverse of :func:`flatten`, shaped like ``like``."""
-    out, start = {}, 0
-    for key, t in like.items():
-        out[key] = vec[start : start + t.numel()].reshape(t.shape)
-        start += t.numel()
-    return out
 
 
 def image_link(path: Path, alt: str) -> str:

@@ -82,9 +82,11 @@ __all__ = [
     "SOLVERS",
     "StepResult",
     "compute_step",
+    "flatten",
     "normalized_weights",
     "objective",
     "objective_from_logits",
+    "unflatten",
 ]
 
 CURVATURES = ("fgn", "ggn")
@@ -252,15 +254,30 @@ def _sq(t: Tensor) -> Tensor:
     return torch.dot(flat, flat)
 
 
-def _flat(params: Params) -> Tensor:
+def flatten(params: Params) -> Tensor:
+    """Concatenate a parameter dict (in its order) into one vector."""
     return torch.cat([t.reshape(-1) for t in params.values()])
 
 
-def _unflat(vector: Tensor, like: Params) -> Params:
+def unflatten(vector: Tensor, like: Params) -> Params:
+    """Return views of ``vector`` shaped and named as ``like``: the inverse of :func:`flatten`.
+
+    Returns
+    -------
+    dict of Tensor
+        Views into ``vector``.
+
+    Raises
+    ------
+    ValueError
+        If ``vector`` does not have as many entries as ``like``.
+    """
     out, start = {}, 0
     for k, t in like.items():
         out[k] = vector[start : start + t.numel()].view_as(t)
         start += t.numel()
+    if start != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} entries, params {start}")
     return out
 
 
@@ -285,10 +302,10 @@ def make_fgn_preconditioner(
         return None
 
     def apply(residual: Tensor) -> Tensor:
-        scaled = {k: t / lam[k] for k, t in _unflat(residual, like).items()}
+        scaled = {k: t / lam[k] for k, t in unflatten(residual, like).items()}
         z = torch.cholesky_solve(fgn_op.matvec(scaled)[:, None], factor)[:, 0]
         back = fgn_op.rmatvec(z)
-        return _flat({k: scaled[k] - back[k] / lam[k] for k in like})
+        return flatten({k: scaled[k] - back[k] / lam[k] for k in like})
 
     return apply
 
@@ -314,11 +331,11 @@ def make_kronecker_preconditioner(
 
     def apply(residual: Tensor) -> Tensor:
         out = {}
-        for k, block in _unflat(residual, like).items():
+        for k, block in unflatten(residual, like).items():
             matrix = block.reshape(block.shape[0], -1)  # (K, d) or (K, 1) for the intercept
             rotated = (Q.T @ matrix) / (s + lam[k])
             out[k] = (Q @ rotated).reshape(block.shape)
-        return _flat(out)
+        return flatten(out)
 
     return apply
 
@@ -356,21 +373,21 @@ def _solve(
     result : CGResult
         The CG record.
     """
-    lam_vec = _flat({k: torch.zeros_like(g).add_(lam[k]) for k, g in grad.items()})
+    lam_vec = flatten({k: torch.zeros_like(g).add_(lam[k]) for k, g in grad.items()})
 
     def image_matvec(v: Tensor) -> tuple[Tensor, Tensor]:
-        jv = op.jvp(_unflat(v, grad))
-        return torch.addcmul(comm.sum_(_flat(op.curvature_from_jvp(jv))), lam_vec, v), jv
+        jv = op.jvp(unflatten(v, grad))
+        return torch.addcmul(comm.sum_(flatten(op.curvature_from_jvp(jv))), lam_vec, v), jv
 
     def system_matvec(v: Tensor) -> Tensor:
         return image_matvec(v)[0]
 
     apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
     result = conjugate_gradient(
-        system_matvec, -_flat(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m,
+        system_matvec, -flatten(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m,
         image_matvec=image_matvec if track_logits else None,
     )  # fmt: skip
-    return _unflat(result.solution, grad), result
+    return unflatten(result.solution, grad), result
 
 
 def _check_finite_step(cg_result: CGResult, dtype: torch.dtype, damping: float) -> None:
@@ -564,7 +581,7 @@ def compute_step(
     logits_step = None
     if system.linear:
         logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(system.lin.logits)
-    slope, curvature_term, damping_term = quadratic_model(system, step, _unflat(cg_result.residual, step))
+    slope, curvature_term, damping_term = quadratic_model(system, step, unflatten(cg_result.residual, step))
     return StepResult(
         step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, cg_result,
         system.lin.logits, logits_step, slope, curvature_term, damping_term, curvature, cg_tol,

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from conftest import SEEDS
 from torch import Tensor
 
-from sklearn_fgn._heads import Head, forward
-
-Params = dict[str, Tensor]
+from sklearn_fgn._heads import Head, Params, forward
+from sklearn_fgn._step import flatten, unflatten  # noqa: F401  (re-exported: one flat layout)
 
 
 @dataclass(frozen=True)
@@ -136,22 +135,6 @@ def random_params_like(params: Params, seed: int) -> Params:
 
 
 # ---------------------------------------------------------------- flat vectors
-
-
-def flatten(params: Params) -> Tensor:
-    """Concatenate a params dict (insertion order) into one vector."""
-    return torch.cat([t.reshape(-1) for t in params.values()])
-
-
-def unflatten(vector: Tensor, like: Params) -> Params:
-    """Inverse of :func:`flatten` with the shapes and keys of ``like``."""
-    out, start = {}, 0
-    for k, t in like.items():
-        out[k] = vector[start : start + t.numel()].reshape(t.shape)
-        start += t.numel()
-    if start != vector.numel():
-        raise ValueError(f"vector has {vector.numel()} entries, params {start}")
-    return out
 
 
 # ---------------------------------------------------------------- references
