@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -40,9 +40,11 @@ from ._heads import Head, Params, activation_slope, forward, forward_with_cache,
 from ._margin import MarginStats, curvature_weight, log_curvature_weight, margin
 
 __all__ = [
+    "FunctionHead",
     "LogitsFn",
     "LogitsLinearization",
     "RowSpaceOperator",
+    "as_head",
     "class_curvature",
     "damping_diagonal",
     "fgn_gram",
@@ -106,6 +108,37 @@ def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | No
     return LogitsLinearization(logits, jvp, vjp, [X], lambda cotangent: [cotangent])
 
 
+@dataclass(frozen=True)
+class FunctionHead:
+    """A logits function ``(params, X) -> logits`` seen through the head protocol of :class:`Head`.
+
+    It has no per-layer structure: linearised by ``torch.func``, no Gram,
+    and ``alpha`` penalises its parameters with ``ndim >= 2``.
+    """
+
+    fn: LogitsFn
+    is_linear = False
+    has_layers = False
+
+    def logits_fn(self) -> LogitsFn:
+        """Return the function itself."""
+        return self.fn
+
+    def penalized(self, params: Params) -> frozenset[str]:
+        """Return the names of the parameters with ``ndim >= 2`` (weights, kernels; not biases or norms)."""
+        return frozenset(k for k, t in params.items() if t.ndim >= 2)
+
+
+def as_head(model: Head | FunctionHead | LogitsFn) -> Head | FunctionHead:
+    """Return ``model`` as a head: a :class:`Head` or :class:`FunctionHead` as it is, a function wrapped.
+
+    Returns
+    -------
+    Head or FunctionHead
+    """
+    return model if isinstance(model, (Head, FunctionHead)) else FunctionHead(model)
+
+
 def logits_function(model: Head | LogitsFn) -> LogitsFn:
     """Return the logits map of a :class:`Head` spec or of a logits function.
 
@@ -119,7 +152,7 @@ def logits_function(model: Head | LogitsFn) -> LogitsFn:
     callable
         ``(params, X) -> logits`` (``model`` itself when it is a function).
     """
-    return partial(forward, model) if isinstance(model, Head) else model
+    return as_head(model).logits_fn()
 
 
 def penalized_names(model: Head | LogitsFn, params: Params) -> frozenset[str]:
@@ -139,9 +172,7 @@ def penalized_names(model: Head | LogitsFn, params: Params) -> frozenset[str]:
         for a logits function every parameter with ``ndim >= 2`` (weight
         matrices and kernels), never biases or other 1-D parameters (norm scales).
     """
-    if isinstance(model, Head):
-        return frozenset(k for k in params if is_penalized(k))
-    return frozenset(k for k, t in params.items() if t.ndim >= 2)
+    return as_head(model).penalized(params)
 
 
 def penalty_coefficients(model: Head | LogitsFn, params: Params, alpha: Alpha) -> dict[str, float | Tensor]:
@@ -252,11 +283,10 @@ def linearize(
     LogitsLinearization
         The logits and the closures for ``J v`` and ``J^T C``.
     """
-    if isinstance(head, Head):
-        return (
-            _linearize_linear(head, params, X, logits) if head.is_linear else _linearize_mlp(head, params, X)
-        )
-    return _linearize_autograd(head, params, X)
+    head = as_head(head)
+    if not head.has_layers:
+        return _linearize_autograd(head.fn, params, X)
+    return _linearize_linear(head, params, X, logits) if head.is_linear else _linearize_mlp(head, params, X)
 
 
 @dataclass(frozen=True)

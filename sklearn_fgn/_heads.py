@@ -9,6 +9,7 @@ produces the logits: ``n_classes`` of them, or one for a binary problem.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -105,6 +106,17 @@ class Head:
     def is_linear(self) -> bool:
         """Whether the head is a single affine map."""
         return self.n_layers == 1
+
+    # The head protocol (shared with ``_curvature.FunctionHead``, a logits function's head).
+    has_layers = True  # per-layer structure: closed-form JVP/VJP and the exact row-space Gram
+
+    def logits_fn(self):
+        """Return ``(params, X) -> logits``, this head's forward pass."""
+        return functools.partial(forward, self)
+
+    def penalized(self, params: Params) -> frozenset[str]:
+        """Return the names ``alpha`` penalises: the weights ``coef_*``, never the biases."""
+        return frozenset(k for k in params if is_penalized(k))
 
 
 def is_penalized(name: str) -> bool:

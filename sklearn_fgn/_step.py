@@ -62,6 +62,7 @@ from ._curvature import (
     Alpha,
     LogitsFn,
     RowSpaceOperator,
+    as_head,
     class_curvature,
     damping_diagonal,
     fgn_gram,
@@ -410,7 +411,7 @@ def _check_solver(solver: str, head: Head | LogitsFn, comm: Communicator = SINGL
             "solver='cholesky' forms the Gram of the batch's rows, which a data-parallel fit spreads "
             "over the ranks; use solver='cg' (or 'auto')"
         )
-    if solver == "cholesky" and not isinstance(head, Head):
+    if solver == "cholesky" and not as_head(head).has_layers:
         raise ValueError(
             "solver='cholesky' needs the per-layer structure of a Head to form the Gram; "
             "use solver='cg' (or 'auto') with a logits function"
@@ -643,7 +644,7 @@ class DampedSystem:
     @property
     def linear(self) -> bool:
         """Whether the logits are linear in the parameters (``J delta`` is then exact)."""
-        return isinstance(self.head, Head) and self.head.is_linear
+        return as_head(self.head).is_linear
 
 
 def build_system(
@@ -690,7 +691,7 @@ def _preconditioner(
     if auto:  # the Gram needs a Head's layers and O(n^2) memory
         pays_off = (
             not system.comm.distributed
-            and isinstance(head, Head)
+            and as_head(head).has_layers
             and system.y.shape[0] <= CHOLESKY_MAX_ROWS
             and _gram_pays_off(
                 head, system.params, system.X, system.stats, system.weights, lam, cg_tol, system.curvature
