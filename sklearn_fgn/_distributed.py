@@ -94,22 +94,35 @@ SINGLE = Communicator()
 
 
 class ProcessGroupCommunicator(Communicator):
-    """Reductions over a ``torch.distributed`` process group (the default one when ``group`` is None).
+    """Reductions over the default ``torch.distributed`` process group.
 
     Tensors are reduced on their own device; a CUDA tensor under a backend
-    without CUDA support (gloo) is reduced through a host copy.
+    without CUDA support (gloo) is reduced through a host copy. It keeps no
+    reference to the group (rank, size and backend are asked each time): a
+    group kept alive past ``destroy_process_group`` is destroyed during
+    interpreter shutdown, where gloo's threads can abort the process.
     """
 
     distributed = True
+    group = None  # the default group, whichever it is when a collective runs
 
-    def __init__(self, group=None):
+    def __init__(self):
         import torch.distributed as dist
 
         super().__init__()
-        self.dist, self.group = dist, group
-        self.world_size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.backend = dist.get_backend(group)
+        self.dist = dist
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.get_world_size()
+
+    @property
+    def rank(self) -> int:
+        return self.dist.get_rank()
+
+    @property
+    def backend(self) -> str:
+        return self.dist.get_backend()
 
     def _run(self, what: str, size: int, fn):
         start = time.perf_counter()
@@ -163,13 +176,13 @@ class ProcessGroupCommunicator(Communicator):
         return out, [flat[start + i] for i in range(len(scalars))]
 
 
-_COMMUNICATORS: dict[int, ProcessGroupCommunicator] = {}
+_DEFAULT_GROUP: list[ProcessGroupCommunicator] = []  # made on first use; holds its stats only
 
 
 def communicator(distributed: bool) -> Communicator:
     """Return the single process, or a communicator over the default process group.
 
-    One communicator per process group, so that its :class:`CommStats`
+    One communicator for the default group, so that its :class:`CommStats`
     add up over fits (``benchmarks/distributed.py`` reads them).
 
     Returns
@@ -191,8 +204,6 @@ def communicator(distributed: bool) -> Communicator:
             "distributed=True needs an initialised default process group: call "
             "torch.distributed.init_process_group (torchrun sets its environment) before fit."
         )
-    group = dist.group.WORLD
-    key = id(group)
-    if key not in _COMMUNICATORS or _COMMUNICATORS[key].group is not group:
-        _COMMUNICATORS[key] = ProcessGroupCommunicator(group)
-    return _COMMUNICATORS[key]
+    if not _DEFAULT_GROUP:
+        _DEFAULT_GROUP.append(ProcessGroupCommunicator())
+    return _DEFAULT_GROUP[0]
