@@ -40,9 +40,10 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
     fold, the whole path of ``Cs`` is fitted from strong to weak
     regularisation, each ``C`` starting from the solution of the one before
     (with ``n_jobs=1``, the folds after the first from the first fold's
-    solution at that ``C``, closer at weak regularisation: 0.86x the time of
-    a raw embedding-like 20000 x 256 x 100 search), and the work that does
-    not depend on ``C`` is done once per fold (the
+    solution at that ``C``: folds share most of their rows, so at weak
+    regularisation, where the path spends its time, that start is the
+    closer one), and the work that does not depend on ``C`` is done once
+    per fold (the
     fold's rows on the device, the feature second moment and its
     eigendecomposition, the validation split of mini-batch fits). The ``C``
     with the best mean validation score is refitted on all the data.
