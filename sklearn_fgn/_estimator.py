@@ -751,7 +751,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             What :meth:`_prepare` returned, for the next call on the same data.
         """
         batch_size = self._resolve_batch_size(y_enc.shape[0], head, X, layout)  # as decided before any split
-        comm = SINGLE if layout is None else layout.comm
+        comm = _comm_of(layout)
         with _device_memory_hint("fit", batch_size):
             prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head, layout)
             sample_weight, data, metric = prepared
@@ -814,13 +814,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         float or dict
             See :func:`._curvature.penalty_coefficients`.
         """
-        if data.shard is not None:
-            total = data.shard.weight_total
-        elif data.sample_weight is None:
-            total = data.X.shape[0]
-        else:
-            total = float(data.sample_weight.double().sum())
-        alpha = float(self.alpha) / total
+        alpha = float(self.alpha) / data.weight_total
         if metric is None or alpha == 0.0:
             return alpha
         coefficients = dict.fromkeys((f"coef_{layer}" for layer in range(head.n_layers)), alpha)
@@ -861,7 +855,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             shard = Shard(torch.from_numpy(positions), train.shape[0], float(sample_weight[train].sum()))
         weights = None if np.all(sample_weight[train] == 1) else _to_tensor(sample_weight[rows], X_t.device)
         y_t = _to_tensor(y_enc[rows].astype(np.int64), X_t.device)
-        comm = SINGLE if layout is None else layout.comm
+        comm = _comm_of(layout)
         metric, transform = self._feature_metric(X_t, weights, head, device, comm), None
         batch_size = self._resolve_batch_size(train.shape[0], head, X, layout)
         full_batch = batch_size is None or batch_size >= train.shape[0]  # every step sees all rows
@@ -1173,6 +1167,11 @@ class _RowLayout:
     comm: Communicator
     offset: int
     largest_share: float = 1.0
+
+
+def _comm_of(layout):
+    """Return the communicator of a data-parallel fit's ``layout`` (the single process without one)."""
+    return SINGLE if layout is None else layout.comm
 
 
 @contextlib.contextmanager

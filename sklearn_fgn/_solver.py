@@ -711,6 +711,13 @@ class TrainingData:
         """Training rows over all ranks."""
         return self.X.shape[0] if self.shard is None else self.shard.n_total
 
+    @property
+    def weight_total(self) -> float:
+        """Total weight of the training rows over all ranks (their number without sample weights)."""
+        if self.shard is not None:
+            return self.shard.weight_total
+        return self.X.shape[0] if self.sample_weight is None else float(self.sample_weight.double().sum())
+
 
 def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: torch.dtype) -> float:
     """CG's relative tolerance for the next step.
