@@ -78,7 +78,8 @@ class LoopConfig:
     estimator's), a float or per-parameter coefficients (see
     :func:`._curvature.penalty_coefficients`). ``kronecker``: the features
     are whitened, and full-batch CG steps of a linear head are preconditioned
-    by the Kronecker model (:func:`._step.make_kronecker_preconditioner`).
+    by the exact FGN solve on the hardest rows or the Kronecker model (see
+    :func:`._step.compute_step`).
     ``gap_tol``: a full-batch linear fit whose decreases shrink only
     linearly also stops once their geometric tail is below it (see
     ``_full_batch_converged``); None asks Newton's rate. ``comm``: the rows

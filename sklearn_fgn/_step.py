@@ -98,6 +98,15 @@ SOLVERS = ("auto", "cg", "cholesky")
 # iterations on digits where Lambda-preconditioned CG needed 10-100.
 CHOLESKY_MAX_ROWS = 4096
 GRAM_WORTH_CG_ITERS = 20
+# Full-batch steps on whitened features precondition CG with the exact FGN
+# solve on the hardest rows (make_hard_row_preconditioner) when they carry
+# at least HARD_ROWS_SHARE of the curvature; their Gram costs at most
+# HARD_ROWS_BUILD_CG CG iterations, holds at most HARD_ROWS_MAX rows, and is
+# not worth building for fewer than HARD_ROWS_MIN.
+HARD_ROWS_SHARE = 0.25
+HARD_ROWS_BUILD_CG = 4
+HARD_ROWS_MAX = 4096
+HARD_ROWS_MIN = 256
 
 
 @dataclass(frozen=True)
@@ -548,10 +557,14 @@ def compute_step(
         Divide ``sample_weight`` by this instead of its sum: a mini-batch
         passes its size times the data set's mean weight.
     kronecker : bool, default=False
-        For a linear :class:`Head` on whitened features, precondition CG by
-        :func:`make_kronecker_preconditioner` instead of ``Lambda^-1`` (when
-        the solver is CG): it also captures the spread of the curvature
-        across classes. Cost per step: O(n K^2 + K^3) once, O(K^2 d) per iteration.
+        For a linear :class:`Head` on whitened features (full-batch steps),
+        precondition CG instead of by ``Lambda^-1`` (when the solver is CG):
+        by :func:`make_hard_row_preconditioner`, the exact FGN solve on the
+        rows of largest curvature, when they carry at least
+        ``HARD_ROWS_SHARE`` of it (weak regularisation); by
+        :func:`make_kronecker_preconditioner` otherwise, which captures the
+        spread of the curvature across classes (O(n K^2 + K^3) once, O(K^2 d)
+        per iteration).
     comm : Communicator, optional
         The batch is this rank's shard of a data-parallel batch
         (:mod:`._distributed`; ``weight_total`` is then the whole batch's):
@@ -709,9 +722,95 @@ def _preconditioner(
         if preconditioner is not None:
             return "cholesky", preconditioner
     if kronecker and system.linear:
+        preconditioner = make_hard_row_preconditioner(system)
+        if preconditioner is not None:
+            return "cg", preconditioner
         factor = system.comm.sum_(class_curvature(system.stats, system.weights, system.curvature))
         return "cg", make_kronecker_preconditioner(factor, lam, grad)
     return "cg", None
+
+
+def _curvature_trace(system: DampedSystem) -> Tensor:
+    """Return each row's share of ``tr S``: ``omega_i tr H_i`` in logit space, shape (n,)."""
+    stats, weights = system.stats, system.weights
+    if system.curvature == "fgn" or stats.logits.shape[1] == 1:
+        return weights * curvature_weight(stats.margin) * (stats.direction * stats.direction).sum(1)
+    return weights * (1.0 - (stats.proba * stats.proba).sum(1))
+
+
+def _hard_row_budget(n: int, n_logits: int, n_features: int) -> int:
+    """Return how many hard rows to take: their Gram and factor cost ``HARD_ROWS_BUILD_CG`` CG iterations."""
+    work = HARD_ROWS_BUILD_CG * 4.0 * n * n_logits * (n_features + 1)  # a curvature product: JVP + VJP
+    rows = min((3.0 * work) ** (1 / 3), (work / (n_features + 1)) ** 0.5)
+    return int(min(rows, HARD_ROWS_MAX, n))
+
+
+def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Return the rows that carry most of the curvature (from every rank), or None if they carry too little.
+
+    Picks the ``m`` (:func:`_hard_row_budget`) rows of largest
+    ``omega_i tr H_i`` over the whole batch (ties by position), in their
+    order in the batch, when they carry at least ``HARD_ROWS_SHARE`` of
+    the total. In a data-parallel fit every rank gets the same rows (one
+    all-gather of the ``n`` traces, one of the chosen rows).
+
+    Returns
+    -------
+    X, y, weights, logits : Tensor
+        The hard rows' features, labels, normalised weights and logits.
+    """
+    comm, X = system.comm, system.X
+    trace = _curvature_trace(system)
+    traces = [t.to(X.device) for t in comm.gather_objects(trace.cpu())] if comm.distributed else [trace]
+    every = torch.cat(traces)
+    m = _hard_row_budget(every.shape[0], system.stats.logits.shape[1], X.shape[1])
+    if m < HARD_ROWS_MIN:
+        return None
+    order = torch.argsort(every, descending=True, stable=True)[:m]
+    if float(every[order].sum()) < HARD_ROWS_SHARE * float(every.sum()):
+        return None
+    rows = order.sort().values
+    offset = sum(t.shape[0] for t in traces[: comm.rank])
+    mine = rows[(rows >= offset) & (rows < offset + X.shape[0])] - offset
+    picked = (X[mine], system.y[mine], system.weights[mine], system.lin.logits[mine])
+    if not comm.distributed:
+        return picked
+    shards = comm.gather_objects(tuple(t.cpu() for t in picked))
+    return tuple(torch.cat([shard[i] for shard in shards]).to(X.device) for i in range(4))
+
+
+def make_hard_row_preconditioner(system: DampedSystem) -> Callable[[Tensor], Tensor] | None:
+    r"""``(G_F,hard + Lambda)^{-1}``: the exact FGN solve on the batch's hardest rows, or None.
+
+    Near a weakly regularised optimum most rows are fitted (``p_i`` near
+    one-hot, ``H_i`` near 0) and the curvature sits on a few hundred or
+    thousand hard rows, along their own feature directions: a Kronecker
+    model ``S kron A`` spreads it over every row's features and CG needs
+    hundreds of iterations per step. This preconditioner keeps those rows'
+    FGN curvature exactly and nothing of the others:
+    :func:`make_fgn_preconditioner` (Woodbury with their ``m x m`` Gram) on
+    the rows :func:`_hard_rows` picks. Cost: the Gram and its Cholesky
+    factor, ``O(m^2 d + m^3 / 3)`` (at most ``HARD_ROWS_BUILD_CG`` CG
+    iterations), then per iteration a JVP and a VJP on ``m`` rows and two
+    triangular solves. None when the hard rows carry less than
+    ``HARD_ROWS_SHARE`` of the curvature (strong regularisation, where the
+    Kronecker model is the better one) or the factorisation fails.
+
+    Returns
+    -------
+    callable or None
+        ``r -> M^{-1} r`` on flat vectors.
+    """
+    hard = _hard_rows(system)
+    if hard is None:
+        return None
+    X, y, weights, logits = hard
+    lin = linearize(system.head, system.params, X, logits)
+    stats = MarginStats(lin.logits, y)
+    gram = fgn_gram(system.head, system.params, X, y, weights, system.damping, lin, stats)
+    return make_fgn_preconditioner(
+        make_fgn_operator(lin, y, weights, stats), gram, system.damping, system.gradient
+    )
 
 
 def quadratic_model(system: DampedSystem, step: Params, residual: Params) -> tuple[Tensor, Tensor, Tensor]:

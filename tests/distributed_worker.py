@@ -38,6 +38,19 @@ def _inject_failure(call):
 
 
 def _fit(fit, data, rank, bounds):
+    import sklearn_fgn._step as step
+
+    saved = {name: getattr(step, name) for name in fit.get("step_constants", {})}
+    for name, value in fit.get("step_constants", {}).items():
+        setattr(step, name, value)
+    try:
+        return _fit_shard(fit, data, rank, bounds)
+    finally:
+        for name, value in saved.items():
+            setattr(step, name, value)
+
+
+def _fit_shard(fit, data, rank, bounds):
     from sklearn_fgn import FGNClassifier
 
     rows = slice(bounds[rank], bounds[rank + 1])

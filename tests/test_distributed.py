@@ -19,6 +19,7 @@ import pytest
 from sklearn.datasets import make_classification
 
 import sklearn_fgn._distributed as distributed
+import sklearn_fgn._step as step
 from sklearn_fgn import FGNClassifier
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
@@ -30,6 +31,11 @@ FITS = {
     "full_batch": {"params": {**LINEAR, "batch_size": None}},
     "full_batch_weighted": {
         "params": {**LINEAR, "batch_size": None, "class_weight": "balanced"}, "weighted": True,
+    },
+    # weak regularisation, and hard rows from 8 on (this batch is far below HARD_ROWS_MIN):
+    # the hard-row preconditioner's rows are chosen and gathered across the ranks.
+    "full_batch_hard_rows": {
+        "params": {**LINEAR, "batch_size": None, "alpha": 1e-3}, "step_constants": {"HARD_ROWS_MIN": 8},
     },
     "full_batch_identity_metric": {"params": {**LINEAR, "batch_size": None, "damping_metric": "identity"}},
     "mini_batch_weighted": {
@@ -100,11 +106,18 @@ def runs(tmp_path_factory):
     return out
 
 
-def _single(name):
+def _single(name, monkeypatch):
     fit = FITS[name]
     X, y, sample_weight = _data()
     model = FGNClassifier(**fit["params"])
     weights = sample_weight if fit.get("weighted") else None
+    for constant, value in fit.get("step_constants", {}).items():
+        monkeypatch.setattr(step, constant, value)
+    built = []
+    original = step.make_hard_row_preconditioner
+    monkeypatch.setattr(
+        step, "make_hard_row_preconditioner", lambda system: built.append(original(system)) or built[-1]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fit.get("partial_fit"):
@@ -113,15 +126,17 @@ def _single(name):
         else:
             model.fit(X, y, sample_weight=weights)
     params = model.coefs_ + model.intercepts_ if hasattr(model, "coefs_") else [model.coef_, model.intercept_]
+    if "step_constants" in fit:  # the fit took hard-row steps, not only Kronecker ones
+        assert any(p is not None for p in built)
     return model, params
 
 
 @pytest.mark.parametrize("world", sorted(BOUNDS))
 @pytest.mark.parametrize("name", [n for n in NAMES if not any(w in n for w in ("nan", "fails", "differs"))])
-def test_distributed_fit_equals_single_process_fit(runs, world, name):
+def test_distributed_fit_equals_single_process_fit(runs, world, name, monkeypatch):
     results = runs[world][0][name]
     assert all("error" not in r for r in results), [str(r.get("error")) for r in results]
-    model, params = _single(name)
+    model, params = _single(name, monkeypatch)
     for rank, result in enumerate(results):
         for i, expected in enumerate(params):
             got = result[f"param_{i}"]

@@ -768,7 +768,9 @@ def test_a_huge_damping_does_not_pass_for_convergence():
     ref = FGNClassifier(device="cpu").fit(X, y)
     huge = FGNClassifier(damping=1e16, device="cpu").fit(X, y)
     assert huge.n_iter_ > 2
-    assert huge.loss_curve_[-1] == pytest.approx(ref.loss_curve_[-1], rel=1e-8)
+    # Both stop at Newton's rule for tol=1e-4, a few 1e-8 (relative) from the optimum; the
+    # initial model is 36x above it.
+    assert huge.loss_curve_[-1] == pytest.approx(ref.loss_curve_[-1], rel=1e-6)
 
 
 def test_overflow_from_a_tiny_damping_names_the_damping():

@@ -386,3 +386,88 @@ def test_kronecker_preconditioner_is_the_exact_inverse_of_its_model(seed, curvat
         ]
     )
     torch.testing.assert_close(apply(r), expected, rtol=1e-10, atol=1e-12)
+
+
+def _system(seed, curvature="ggn", n=300, K=5, d=6):
+    from sklearn_fgn._step import build_system
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (n,), generator=g)
+    head = Head(d, K)
+    # Coefficients that fit most rows: the curvature concentrates on the rest.
+    centers = torch.randn(K, d, generator=g, dtype=torch.float64) * 3.0
+    X = X + centers[y] * (torch.rand(n, 1, generator=g, dtype=torch.float64) < 0.85)
+    params = {"coef_0": centers.clone(), "intercept_0": torch.zeros(K, dtype=torch.float64)}
+    sample_weight = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    alpha = {"coef_0": 1e-3 * (1.0 + torch.rand(d, generator=g, dtype=torch.float64))}
+    return build_system(head, params, X, y, sample_weight, alpha, 1e-4, curvature)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("curvature", ["ggn", "fgn"])
+def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed, curvature, monkeypatch):
+    # M = sum over the m rows of largest omega_i tr H_i of omega_i w_i g_i g_i' + Lambda, inverted
+    # exactly: against a dense float64 solve, rows picked by their curvature trace.
+    import sklearn_fgn._step as step
+
+    monkeypatch.setattr(step, "HARD_ROWS_MIN", 8)
+    monkeypatch.setattr(step, "HARD_ROWS_SHARE", 0.0)
+    system = _system(seed, curvature)
+    n, K = system.stats.proba.shape
+    d = system.X.shape[1]
+    m = step._hard_row_budget(n, K, d)
+    assert 8 <= m < n
+    p = system.stats.proba
+    if curvature == "ggn":
+        trace = system.weights * (1 - (p * p).sum(1))
+    else:
+        a = system.stats.direction
+        trace = (
+            system.weights * p.gather(1, system.y[:, None])[:, 0] * (1 - p.gather(1, system.y[:, None])[:, 0])
+        )
+        trace = trace * (a * a).sum(1)
+    hard = torch.argsort(trace, descending=True)[:m]
+    assert float(trace[hard].sum()) > 2.0 * m / n * float(trace.sum())  # concentrated, as built
+    Xt = torch.cat([system.X, torch.ones(n, 1, dtype=torch.float64)], 1)[hard]
+    a = system.stats.direction[hard]
+    w = system.weights[hard] * curvature_weight_of(system, hard)
+    # g_i flattens as (coef row-major, then intercept): a_i kron x_i, then a_i
+    rows = torch.cat([(a[:, :, None] * Xt[:, None, :d]).reshape(m, -1), a], 1)
+    lam = torch.cat(
+        [
+            system.damping["coef_0"].expand(K, d).reshape(-1),
+            torch.full((K,), system.damping["intercept_0"], dtype=torch.float64),
+        ]
+    )
+    dense = (rows * w[:, None]).T @ rows + torch.diag(lam)
+    apply = step.make_hard_row_preconditioner(system)
+    r = torch.randn(K * d + K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    torch.testing.assert_close(apply(r), torch.linalg.solve(dense, r), rtol=1e-9, atol=1e-12)
+
+
+def curvature_weight_of(system, rows):
+    from sklearn_fgn._margin import curvature_weight
+
+    return curvature_weight(system.stats.margin[rows])
+
+
+def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(monkeypatch):
+    # Uniform probabilities: every row carries the same curvature, m rows carry m / n of it.
+    import sklearn_fgn._step as step
+    from sklearn_fgn._step import build_system
+
+    monkeypatch.setattr(step, "HARD_ROWS_MIN", 8)
+    n, K, d = 400, 4, 5
+    head = Head(d, K)
+    params = {
+        "coef_0": torch.zeros(K, d, dtype=torch.float64),
+        "intercept_0": torch.zeros(K, dtype=torch.float64),
+    }
+    X = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(n) % K
+    system = build_system(head, params, X, y, None, 1e-3, 1e-4, "ggn")
+    assert step._hard_row_budget(n, K, d) / n < step.HARD_ROWS_SHARE
+    assert step.make_hard_row_preconditioner(system) is None
+    monkeypatch.setattr(step, "HARD_ROWS_SHARE", 0.0)
+    assert step.make_hard_row_preconditioner(system) is not None
