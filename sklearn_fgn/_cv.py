@@ -38,12 +38,8 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
 
     The counterpart of ``LogisticRegressionCV`` for linear probes: for every
     fold, the whole path of ``Cs`` is fitted from strong to weak
-    regularisation, each ``C`` starting from the solution of the one before
-    (with ``n_jobs=1``, the folds after the first from the first fold's
-    solution at that ``C``: folds share most of their rows, so at weak
-    regularisation, where the path spends its time, that start is the
-    closer one), and the work that does not depend on ``C`` is done once
-    per fold (the
+    regularisation, each ``C`` starting from the solution of the one before,
+    and the work that does not depend on ``C`` is done once per fold (the
     fold's rows on the device, the feature second moment and its
     eigendecomposition, the validation split of mini-batch fits). The ``C``
     with the best mean validation score is refitted on all the data.
@@ -220,16 +216,10 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         scorer = check_scoring(self._base_estimator(1.0), scoring=self.scoring)
         n_jobs = effective_n_jobs(self.n_jobs)
         path = self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER)
-        results, inits = [], None
-        if n_jobs == 1:  # folds in turn: each C of the later folds starts at the first fold's solution
-            results.append(
-                _fit_fold_path(path, X, y, sample_weight, *folds[0], Cs, scorer, _worker_threads(1))
-            )
-            inits, folds = _path_inits(results[0][1], self.fit_intercept), folds[1:]
-        results += Parallel(n_jobs=n_jobs)(
+        results = Parallel(n_jobs=n_jobs)(
             delayed(_fit_fold_path)(
-                path, X, y, sample_weight, train, test, Cs, scorer, _worker_threads(n_jobs), inits
-            )  # fmt: skip
+                path, X, y, sample_weight, train, test, Cs, scorer, _worker_threads(n_jobs)
+            )
             for train, test in folds
         )
         self.classes_, self.Cs_ = classes, Cs
@@ -291,16 +281,8 @@ def _worker_threads(n_jobs):
     return max(1, (os.cpu_count() or 1) // max(1, n_jobs))
 
 
-def _path_inits(coefs, fit_intercept):
-    """``(coef_init, intercept_init)`` per ``C`` from a fold's ``coefs_paths_`` row."""
-    return [(c[:, :-1], c[:, -1]) if fit_intercept else (c, None) for c in coefs]
-
-
-def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, threads, inits=None):
+def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, threads):
     """Fit ``estimator`` along ``Cs`` on the fold's training rows; score each on its test rows.
-
-    ``inits``: each ``C``'s fit starts there (the first fold's solutions) instead of at the
-    previous ``C``'s solution.
 
     Returns
     -------
@@ -317,9 +299,7 @@ def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, thre
     # Numpy predictions whatever the dispatch: the scorer compares them with numpy labels.
     with threadpool_limits(threads), warnings.catch_warnings(), config_context(array_api_dispatch=False):
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
-        for state in estimator._fit_path(
-            X[train], y_train, w_train, 1.0 / Cs, gap_tol=estimator.tol, inits=inits
-        ):
+        for state in estimator._fit_path(X[train], y_train, w_train, 1.0 / Cs, gap_tol=estimator.tol):
             scores.append(float(scorer(estimator, X[test], y_test, sample_weight=w_test)))
             coef = estimator.coef_
             if estimator.fit_intercept:

@@ -588,7 +588,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
         return self
 
-    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None, inits=None):
+    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None):
         """Fit at each of ``alphas`` in turn, each fit starting from the previous solution.
 
         What does not depend on ``alpha`` is done once: validation, the
@@ -599,8 +599,6 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         fits whose end game converges only linearly stop at that estimated
         relative gap (see ``LoopConfig``) instead of running to Newton's rate.
         ``init``: ``(coef_init, intercept_init)`` of the first fit (else drawn).
-        ``inits``: one such pair per ``alpha``, each fit's start instead of
-        the previous solution (another fold's solution at the same ``alpha``).
 
         Yields
         ------
@@ -613,10 +611,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X, layout), None
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
-            params = state.params
-            if inits is not None:
-                params = _apply_linear_init(head, {k: t.clone() for k, t in params.items()}, *inits[i])
-            state = LoopState(params, state.damping)
+            state = LoopState(state.params, state.damping)
             state, prepared = self._train(
                 head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol, layout
             )
