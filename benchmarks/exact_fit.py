@@ -46,6 +46,7 @@ Run::
 
     python benchmarks/exact_fit.py            # full run (several minutes)
     python benchmarks/exact_fit.py --quick    # smoke run (under a minute)
+    python benchmarks/exact_fit.py --problems raw,synthetic   # only those problems
 
 Outputs: stdout, ``benchmarks/out/exact_fit{,_quick}.md``, ``.csv`` and ``.json``.
 """
@@ -199,12 +200,16 @@ def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--threads", type=int, default=2, help="threads for BLAS/OpenMP/torch (default 2)"),
         p.add_argument("--budget", type=float, default=None, help="seconds of fits per method sweep"),
-    ))
+        p.add_argument("--problems", default=None,
+                       help="comma-separated substrings of the problems to run (raw,synthetic)"),
+    ))  # fmt: skip
     budget = args.budget or (20.0 if args.quick else 150.0)
     print(_common.machine_description())
     rows = []
+    wanted = None if args.problems is None else args.problems.split(",")
     for name, (X, y, C_problem) in make_problems(args.quick).items():
-        rows += run_problem(name, X, y, C_problem, budget)
+        if wanted is None or any(w in name for w in wanted):
+            rows += run_problem(name, X, y, C_problem, budget)
     columns = ["problem", "method"] + [f"t@{g:g} (s)" for g in GAPS] + [f"ratio@{g:g}" for g in GAPS] \
         + ["final gap"]
     table = _common.markdown_table(rows, columns)
