@@ -240,7 +240,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         once the competitor mass is dispersed.
     solver : {"auto", "cg", "cholesky"}, default="auto"
         Inner solver. ``"cg"``: conjugate gradient preconditioned by the
-        damping. ``"cholesky"``: the exact FGN step from a Cholesky
+        damping; full-batch steps of the linear head in the feature metric
+        by the exact FGN solve on the rows of largest curvature when those
+        carry a quarter of it (weak regularisation), by a Kronecker model
+        of the curvature otherwise. ``"cholesky"``: the exact FGN step from a Cholesky
         factorisation of the ``n x n`` row-space Gram (cost independent of the
         number of parameters), used as the preconditioner of CG, so FGN steps
         take one CG iteration and full-GGN steps are FGN-preconditioned.
