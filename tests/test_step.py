@@ -418,20 +418,18 @@ def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed
     d = system.X.shape[1]
     m = step._hard_row_budget(n, K, d)
     assert 8 <= m < n
-    p = system.stats.proba
+    p, a = system.stats.proba, system.stats.direction
+    p_true = p.gather(1, system.y[:, None])[:, 0]
+    fgn_weight = p_true * (1 - p_true)  # w_i = sigma(m_i) sigma(-m_i)
     if curvature == "ggn":
         trace = system.weights * (1 - (p * p).sum(1))
     else:
-        a = system.stats.direction
-        trace = (
-            system.weights * p.gather(1, system.y[:, None])[:, 0] * (1 - p.gather(1, system.y[:, None])[:, 0])
-        )
-        trace = trace * (a * a).sum(1)
+        trace = system.weights * fgn_weight * (a * a).sum(1)
     hard = torch.argsort(trace, descending=True)[:m]
     assert float(trace[hard].sum()) > 2.0 * m / n * float(trace.sum())  # concentrated, as built
     Xt = torch.cat([system.X, torch.ones(n, 1, dtype=torch.float64)], 1)[hard]
-    a = system.stats.direction[hard]
-    w = system.weights[hard] * curvature_weight_of(system, hard)
+    a = a[hard]
+    w = system.weights[hard] * fgn_weight[hard]
     # g_i flattens as (coef row-major, then intercept): a_i kron x_i, then a_i
     rows = torch.cat([(a[:, :, None] * Xt[:, None, :d]).reshape(m, -1), a], 1)
     lam = torch.cat(
@@ -444,12 +442,6 @@ def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed
     apply = step.make_hard_row_preconditioner(system)
     r = torch.randn(K * d + K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     torch.testing.assert_close(apply(r), torch.linalg.solve(dense, r), rtol=1e-9, atol=1e-12)
-
-
-def curvature_weight_of(system, rows):
-    from sklearn_fgn._margin import curvature_weight
-
-    return curvature_weight(system.stats.margin[rows])
 
 
 def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(monkeypatch):
