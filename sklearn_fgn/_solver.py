@@ -466,7 +466,8 @@ def step_on_batch(
     result: StepResult = compute_step(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=_cg_max_iter(cfg, extend),
-        logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend, comm=cfg.comm,
+        logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
+        mixed_precision=extend, comm=cfg.comm,
     )  # fmt: skip
     with torch.no_grad():  # a logits function's trial forward passes need no graph
         params, logits, record = take_step(

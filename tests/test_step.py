@@ -463,3 +463,113 @@ def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(
     assert step.make_hard_row_preconditioner(system) is None
     monkeypatch.setattr(step, "HARD_ROWS_SHARE", 0.0)
     assert step.make_hard_row_preconditioner(system) is not None
+
+
+LINEAR_CASES = [case for case in CASES if case.is_linear]
+
+
+def _true_residual(case, damping, curvature, result):
+    """``-grad - (G + Lambda) delta`` from the dense float64 pieces, and ``||grad||``."""
+    _, _, _, grad, G, lam, _ = _dense(case, damping, curvature)
+    delta = flatten(result.step)
+    return -grad - G @ delta - lam * delta, torch.linalg.vector_norm(grad)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=case_id)
+@pytest.mark.parametrize("curvature", ["fgn", "ggn"])
+def test_mixed_precision_step_solves_the_float64_system_to_its_tolerance(case, curvature, monkeypatch):
+    # CG's products in float32, the residual it returns measured in float64: the step
+    # meets cg_tol on the float64 system, and the residual, J delta and the quadratic
+    # model are those of the dense float64 reference.
+    import sklearn_fgn._step as step
+
+    calls = []
+    low = step.low_precision_operator
+    monkeypatch.setattr(step, "low_precision_operator", lambda system: calls.append(1) or low(system))
+    damping = _damping(case)
+    problem, _, _, grad, G, _, _ = _dense(case, damping, curvature)
+    result = _step(
+        problem, case, damping, curvature=curvature, solver="cg", cg_tol=1e-3, mixed_precision=True
+    )
+    assert calls == [1] and result.cg.reason == "converged"
+    residual, grad_norm = _true_residual(case, damping, curvature, result)
+    assert torch.linalg.vector_norm(residual) <= 1e-3 * grad_norm
+    torch.testing.assert_close(result.cg.residual, residual, rtol=1e-8, atol=1e-14 * float(grad_norm))
+    relative = float(torch.linalg.vector_norm(residual) / grad_norm)
+    assert result.cg.residual_norm == pytest.approx(relative, rel=1e-6)
+    head, params, X = problem.head, problem.params, problem.X
+    trial = forward(head, {k: params[k] + result.step[k] for k in params}, X)
+    torch.testing.assert_close(result.logits + result.logits_step, trial, rtol=1e-10, atol=1e-12)
+    delta = flatten(result.step)
+    model = G + case.alpha * torch.diag(penalty_mask(params))
+    predicted = -(grad @ delta + 0.5 * delta @ model @ delta)
+    torch.testing.assert_close(result.predicted_decrease, predicted, rtol=1e-8, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("curvature", ["fgn", "ggn"])
+def test_mixed_precision_keeps_the_intercepts_shift_at_float64_accuracy(seed, curvature):
+    # Softmax logits are shift invariant: G v has zero class sums, so the step's intercept
+    # shift is -grad's / damping. Float32 products would add their round-off there, amplified
+    # by 1 / damping (a drift of every intercept that no loss sees); they are projected back.
+    case = replace(BASE_CASES[0], n_classes=6, n_samples=200, n_features=8, fit_intercept=True, seed=seed)
+    assert case.n_logits == 6
+    problem, damping = make_problem(case), 1e-7
+    kwargs = dict(curvature=curvature, solver="cg", cg_tol=1e-3)
+    mixed = _step(problem, case, damping, mixed_precision=True, **kwargs)
+    plain = _step(problem, case, damping, **kwargs)
+    shift, expected = mixed.step["intercept_0"].sum(), plain.step["intercept_0"].sum()
+    scale = float(flatten(plain.step).abs().max())
+    assert abs(float(shift - expected)) <= 1e-9 * scale
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES[:4], ids=case_id)
+def test_mixed_precision_finishes_in_float64_below_float32_resolution(case, monkeypatch):
+    # A tolerance that float32 products cannot reach: CG goes on in float64 from the
+    # float32 pass's step and meets it on the float64 system.
+    import sklearn_fgn._step as step
+
+    monkeypatch.setattr(step, "MIXED_MIN_TOL", 0.0)
+    damping = _damping(case)
+    problem = _dense(case, damping, "ggn")[0]
+    result = _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=1e-11, cg_max_iter=500,
+                   mixed_precision=True)  # fmt: skip
+    plain = _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=1e-11, cg_max_iter=500)
+    assert result.cg.reason == "converged" and result.cg.n_iter > plain.cg.n_iter
+    residual, grad_norm = _true_residual(case, damping, "ggn", result)
+    assert torch.linalg.vector_norm(residual) <= 1.01e-11 * grad_norm
+    assert rel_err(flatten(result.step), flatten(plain.step)) <= 1e-9
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mixed_precision_overflowing_float32_solves_in_float64(seed, monkeypatch):
+    # Features beyond float32's range: the float32 products overflow, and the step is
+    # the plain float64 solve, bit for bit.
+    import sklearn_fgn._step as step
+
+    head, params, X, y = _hazard_problem(seed, torch.float64, param_scale=1e-36)
+    X = X * 1e36
+    assert not torch.isfinite(X.float()).all()
+    calls = []
+    low = step.low_precision_operator
+    monkeypatch.setattr(step, "low_precision_operator", lambda system: calls.append(1) or low(system))
+    mixed = _hazard_step(head, params, X, y, "cg", cg_tol=1e-3, mixed_precision=True)
+    plain = _hazard_step(head, params, X, y, "cg", cg_tol=1e-3)
+    assert calls == [1]
+    assert all(torch.isfinite(t).all() for t in mixed.step.values())
+    torch.testing.assert_close(flatten(mixed.step), flatten(plain.step), rtol=0, atol=0)
+    torch.testing.assert_close(mixed.logits_step, plain.logits_step, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES[:2], ids=case_id)
+def test_mixed_precision_leaves_float32_features_and_tight_tolerances_alone(case, monkeypatch):
+    import sklearn_fgn._step as step
+
+    monkeypatch.setattr(step, "low_precision_operator", lambda system: pytest.fail("float32 products used"))
+    damping = _damping(case)
+    problem = make_problem(case)
+    tight = 0.5 * step.MIXED_MIN_TOL
+    _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=tight, mixed_precision=True)
+    head, params, X, y, sample_weight = make_problem(case, torch.float32)
+    compute_step(head, params, X, y, sample_weight, alpha=case.alpha, damping=damping, curvature="ggn",
+                 solver="cg", cg_tol=1e-2, mixed_precision=True)  # fmt: skip
