@@ -108,8 +108,8 @@ HARD_ROWS_BUILD_CG = 4
 HARD_ROWS_MAX = 4096
 HARD_ROWS_MIN = 256
 # Mixed precision (full-batch steps of a linear head on float64 features):
-# CG's curvature products run in float32 (half the memory traffic, 2.3x the
-# GEMM rate of float64 on a 2-core CPU, far more on consumer GPUs) while its
+# CG's curvature products run in float32 (half the memory traffic and a
+# faster GEMM on CPUs, far faster on consumer GPUs) while its
 # vectors, the gradient, the damping and the preconditioner stay in float64,
 # whenever the step's tolerance is at least MIXED_MIN_TOL; one float64
 # product then measures the true residual, and CG goes on in float64 if it
@@ -392,10 +392,7 @@ def _solve(
         The CG record.
     """
     lam_vec = _damping_vector(grad, lam)
-
-    def image_matvec(v: Tensor) -> tuple[Tensor, Tensor]:
-        jv = op.jvp(unflatten(v, grad))
-        return torch.addcmul(comm.sum_(flatten(op.curvature_from_jvp(jv))), lam_vec, v), jv
+    image_matvec = _damped_product(op, grad, lam_vec, comm)
 
     def system_matvec(v: Tensor) -> Tensor:
         return image_matvec(v)[0]
@@ -406,6 +403,18 @@ def _solve(
         image_matvec=image_matvec if track_logits else None,
     )  # fmt: skip
     return unflatten(result.solution, grad), result
+
+
+def _damped_product(
+    op: RowSpaceOperator, like: Params, lam_vec: Tensor, comm: Communicator
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """Return ``v -> ((G + Lambda) v, J v)`` on flat vectors (``G v`` summed over the ranks)."""
+
+    def product(v: Tensor) -> tuple[Tensor, Tensor]:
+        jv = op.jvp(unflatten(v, like))
+        return torch.addcmul(comm.sum_(flatten(op.curvature_from_jvp(jv))), lam_vec, v), jv
+
+    return product
 
 
 def _damping_vector(grad: Params, lam: dict[str, float | Tensor]) -> Tensor:
@@ -464,7 +473,13 @@ def _solve_mixed(
     """
     grad, comm, op = system.gradient, system.comm, system.operator
     lam_vec = _damping_vector(grad, system.damping)
-    low = low_precision_operator(system)
+    image_matvec = _damped_product(op, grad, lam_vec, comm)
+    low, low_dtype = low_precision_operator(system), torch.float32
+    # Softmax logits are shift invariant, so G's range has zero sums over the
+    # classes; float32 round-off breaks that, and along the unpenalised
+    # intercepts' shift CG would amplify it by 1 / lambda (a drift of every
+    # intercept that no loss sees). The products are projected back.
+    shift_invariant = system.stats.logits.shape[1] > 1
 
     def low_matvec(v: Tensor) -> Tensor:
         low_product = low.curvature_from_jvp(low.jvp(unflatten(v.to(low_dtype), grad)))
@@ -473,30 +488,21 @@ def _solve_mixed(
             product = {k: t - t.mean(0, keepdim=True) for k, t in product.items()}
         return torch.addcmul(comm.sum_(flatten(product)), lam_vec, v)
 
-    def matvec(v: Tensor) -> Tensor:
-        return torch.addcmul(comm.sum_(flatten(op.curvature_matvec(unflatten(v, grad)))), lam_vec, v)
-
-    low_dtype = torch.float32
-    # Softmax logits are shift invariant, so G's range has zero sums over the
-    # classes; float32 round-off breaks that, and along the unpenalised
-    # intercepts' shift CG would amplify it by 1 / lambda (a drift of every
-    # intercept that no loss sees). The products are projected back.
-    shift_invariant = system.stats.logits.shape[1] > 1
     apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
     rhs = -flatten(grad)
     result = conjugate_gradient(low_matvec, rhs, tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m)
     if result.reason not in ("converged", "stagnated", "max_iter"):
         return _solve(op, grad, system.damping, preconditioner, cg_tol, cg_max_iter, True, comm)
     n_iter = result.n_iter + 1
-    jv = op.jvp(unflatten(result.solution, grad))
-    curvature = comm.sum_(flatten(op.curvature_from_jvp(jv)))
-    residual = rhs - torch.addcmul(curvature, lam_vec, result.solution)
+    product, jv = image_matvec(result.solution)
+    residual = rhs - product
     rhs_norm = float(torch.linalg.vector_norm(rhs))
     residual_norm = float(torch.linalg.vector_norm(residual)) / rhs_norm
     reason = result.reason if residual_norm <= cg_tol else "max_iter"
     if reason == "max_iter" and result.reason != "max_iter" and n_iter < cg_max_iter:
         result = conjugate_gradient(
-            matvec, rhs, tol=cg_tol, max_iter=cg_max_iter - n_iter, x0=result.solution, preconditioner=apply_m
+            lambda v: image_matvec(v)[0], rhs, tol=cg_tol, max_iter=cg_max_iter - n_iter, x0=result.solution,
+            preconditioner=apply_m,
         )  # fmt: skip
         n_iter += result.n_iter + 1  # and the product of x0 inside
         jv = op.jvp(unflatten(result.solution, grad))
