@@ -95,3 +95,54 @@ def test_bad_Cs_raise():
     X, y = load_iris(return_X_y=True)
     with pytest.raises(ValueError, match="Cs must be positive"):
         FGNClassifierCV(Cs=[1.0, -1.0], device="cpu").fit(X, y)
+
+
+def test_large_folds_fit_their_paths_in_float32_and_refit_in_float64(monkeypatch):
+    # Path fits only score their solutions: on large folds float64 features are fitted in
+    # float32 there; the scores, the chosen C and the refit (in float64) stay those of
+    # float64 paths. PATH_FLOAT32_MIN_WORK is lowered so that digits counts as large.
+    import sklearn_fgn._cv as cv_module
+
+    X, y = _standardized("digits")
+    Cs, folds = [1e-2, 1e-1, 1.0], list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    reference = FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
+    seen = []
+    original = FGNClassifier._fit_path
+    monkeypatch.setattr(
+        FGNClassifier,
+        "_fit_path",
+        lambda self, X, *a, **k: seen.append(X.dtype) or original(self, X, *a, **k),
+    )
+    monkeypatch.setattr(cv_module, "PATH_FLOAT32_MIN_WORK", 0)
+    fgn = FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
+    assert seen == [np.float32] * len(folds) + [np.float64]  # the folds' paths, then the refit
+    assert fgn.coefs_paths_.dtype == np.float64 and fgn.coef_.dtype == np.float64
+    np.testing.assert_allclose(fgn.scores_, reference.scores_, atol=0.01)
+    assert fgn.C_ == reference.C_
+    # Softmax logits are shift invariant: float32 fits pin the intercepts' common shift only to
+    # their rounding, so the intercepts are compared up to it.
+    centered = [p - p[..., -1:].mean(-2, keepdims=True) * (np.arange(p.shape[-1]) == p.shape[-1] - 1)
+                for p in (fgn.coefs_paths_, reference.coefs_paths_)]  # fmt: skip
+    # Both paths stop at a gap of tol = 1e-4, not at the optimum.
+    np.testing.assert_allclose(*centered, rtol=0, atol=1e-2 * np.abs(centered[1]).max())
+    scale = np.abs(reference.coef_).max()
+    np.testing.assert_allclose(fgn.coef_, reference.coef_, rtol=0, atol=1e-6 * scale)
+    seen.clear()
+    FGNClassifierCV(Cs=Cs, cv=folds, tol=1e-7, device="cpu").fit(X, y)  # tighter than float32 resolves
+    assert seen == [np.float64] * (len(folds) + 1)
+
+
+def test_path_features_keep_float64_beyond_float32_range():
+    import torch
+
+    from sklearn_fgn._cv import _path_features
+
+    X = np.random.RandomState(0).standard_normal((50, 4))
+    assert _path_features(X, 1e-4, 3).dtype == np.float64  # small: float64 kept
+    low = _path_features(X, 1e-4, 10**8)
+    assert low.dtype == np.float32 and np.array_equal(low, X.astype(np.float32))
+    assert _path_features(X * 1e39, 1e-4, 10**8).dtype == np.float64  # would overflow float32
+    assert _path_features(X.astype(np.float32), 1e-4, 10**8).dtype == np.float32
+    tensor = torch.as_tensor(X)
+    assert _path_features(tensor, 1e-4, 10**8).dtype == torch.float32
+    assert _path_features(tensor * 1e39, 1e-4, 10**8).dtype == torch.float64
