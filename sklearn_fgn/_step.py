@@ -423,8 +423,22 @@ def _damping_vector(grad: Params, lam: dict[str, float | Tensor]) -> Tensor:
 
 
 def _mixed_pays_off(system: DampedSystem, cg_tol: float) -> bool:
-    """Whether a step may run CG's curvature products in float32 (see ``MIXED_MIN_TOL``)."""
-    return system.linear and system.X.dtype == torch.float64 and cg_tol >= MIXED_MIN_TOL
+    """Return whether a step may run CG's curvature products in float32 (see ``MIXED_MIN_TOL``).
+
+    Not where the user let float32 matmuls use TF32 or bfloat16
+    (``torch.set_float32_matmul_precision`` below ``"highest"``): their
+    products would rarely pass the float64 check.
+
+    Returns
+    -------
+    bool
+    """
+    return (
+        system.linear
+        and system.X.dtype == torch.float64
+        and cg_tol >= MIXED_MIN_TOL
+        and torch.get_float32_matmul_precision() == "highest"
+    )
 
 
 def low_precision_operator(system: DampedSystem, dtype: torch.dtype = torch.float32) -> RowSpaceOperator:

@@ -570,6 +570,12 @@ def test_mixed_precision_leaves_float32_features_and_tight_tolerances_alone(case
     problem = make_problem(case)
     tight = 0.5 * step.MIXED_MIN_TOL
     _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=tight, mixed_precision=True)
+    precision = torch.get_float32_matmul_precision()
+    try:  # float32 matmuls in TF32 / bfloat16: their products would rarely pass the float64 check
+        torch.set_float32_matmul_precision("high")
+        _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=1e-2, mixed_precision=True)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     head, params, X, y, sample_weight = make_problem(case, torch.float32)
     compute_step(head, params, X, y, sample_weight, alpha=case.alpha, damping=damping, curvature="ggn",
                  solver="cg", cg_tol=1e-2, mixed_precision=True)  # fmt: skip
