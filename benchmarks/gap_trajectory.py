@@ -28,13 +28,12 @@ while a step's tolerance is loose, checked in float64).
 
 Problems
 --------
-* ``synthetic``: ``make_classification(20000, 256, n_informative=64, n_redundant=2,
-  n_classes=100, n_clusters_per_class=2, class_sep=1.0, flip_y=0.01, random_state=0)``,
-  standardised, C = 1.
-* ``emb``: ``_data.make_embeddings(50000, 768, 200, exponent=2)`` (power-law covariance
-  spectrum, rows L2-normalised), C = 3, raw and after ``StandardScaler``.
-``--quick``: 3000 x 64 x 20 and 5000 x 64 x 20. ``--problems raw,synthetic``: only the
-problems whose name contains one of those substrings.
+Those of ``exact_fit.py`` (``make_problems``): the standardised ``make_classification``
+problem (20000 x 256 x 100, C = 1), digits (C = 1), and the embedding-like
+``_data.make_embeddings(50000, 768, 200, exponent=2)`` (power-law covariance spectrum,
+rows L2-normalised, C = 3), raw and after ``StandardScaler``; ``--quick`` makes them
+small. ``--problems raw,synthetic``: only the problems whose name contains one of those
+substrings.
 
 Run::
 
@@ -58,41 +57,15 @@ import warnings  # noqa: E402
 
 import _common  # noqa: E402
 import numpy as np  # noqa: E402
-from _data import make_embeddings  # noqa: E402
-from scipy.special import logsumexp  # noqa: E402
-from sklearn.datasets import make_classification  # noqa: E402
+from exact_fit import make_problems, objective  # noqa: E402  (the same problems and objective)
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression, _linear_loss  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 import sklearn_fgn._solver as fgn_solver  # noqa: E402
 from sklearn_fgn import FGNClassifier  # noqa: E402
 
 GAPS = (1e-3, 1e-4, 1e-6, 1e-8)
 METHODS = ('LogisticRegression(solver="lbfgs")', 'LogisticRegression(solver="newton-cg")', "FGNClassifier()")
-
-
-def make_problems(quick: bool) -> dict:
-    """``(X, y, C)`` per problem name."""
-    spec = (3000, 64, 32, 20) if quick else (20000, 256, 64, 100)
-    X, y = make_classification(n_samples=spec[0], n_features=spec[1], n_informative=spec[2], n_redundant=2,
-                               n_classes=spec[3], n_clusters_per_class=2, class_sep=1.0, flip_y=0.01,
-                               random_state=0)  # fmt: skip
-    shape = (5000, 64, 20) if quick else (50000, 768, 200)
-    Xe, ye = make_embeddings(*shape, exponent=2.0)
-    emb = "emb " + "x".join(map(str, shape))
-    return {
-        f"synthetic {spec[0]}x{spec[1]}x{spec[3]}": (StandardScaler().fit_transform(X), y, 1.0),
-        emb + " raw": (Xe, ye, 3.0),
-        emb + " standardised": (StandardScaler().fit_transform(Xe), ye, 3.0),
-    }
-
-
-def objective(coef: np.ndarray, intercept: np.ndarray, X, y_enc, alpha: float) -> float:
-    """Mean cross-entropy + alpha/2 ||W||^2 (multinomial, K >= 3), in numpy float64."""
-    logits = X @ coef.T + intercept
-    ce = logsumexp(logits, axis=1) - logits[np.arange(len(y_enc)), y_enc]
-    return float(ce.mean() + 0.5 * alpha * np.sum(coef * coef))
 
 
 class Recorder:
