@@ -186,14 +186,18 @@ def run_problem(name: str, X, y, C: float, budget_s: float) -> list[dict]:
         row["final gap"] = (points[-1][2] - f_star) / abs(f_star)
         row["fits in sweep"] = len(points)
         rows.append(row)
-    for gap in GAPS:
-        sk = [r[f"t@{gap:g} (s)"] for r in rows if r["method"].startswith("Logistic")]
-        sk = [t for t in sk if t is not None]
-        best = min(sk) if sk else None
+    add_ratios(rows, GAPS)
+    return rows
+
+
+def add_ratios(rows: list[dict], gaps) -> None:
+    """Set each row's ``ratio@gap``: its ``t@gap (s)`` over the fastest scikit-learn solver's, or None."""
+    for gap in gaps:
+        times = [r[f"t@{gap:g} (s)"] for r in rows if r["method"].startswith("Logistic")]
+        best = min((t for t in times if t is not None), default=None)
         for r in rows:
             t = r[f"t@{gap:g} (s)"]
             r[f"ratio@{gap:g}"] = None if t is None or best is None else t / best
-    return rows
 
 
 def main() -> None:

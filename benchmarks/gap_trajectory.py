@@ -57,7 +57,7 @@ import warnings  # noqa: E402
 
 import _common  # noqa: E402
 import numpy as np  # noqa: E402
-from exact_fit import make_problems, objective  # noqa: E402  (the same problems and objective)
+from exact_fit import add_ratios, make_problems, objective  # noqa: E402  (the same problems, objective, ratios)
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression, _linear_loss  # noqa: E402
 
@@ -158,12 +158,7 @@ def run_problem(name: str, X, y, C: float) -> list[dict]:
             row[f"t@{gap:g} (s)"] = time_to_gap(log, f_star, gap)
         row["final gap"] = (min(f for _, f in log) - f_star) / abs(f_star)
         rows.append(row)
-    for gap in GAPS:
-        times = [r[f"t@{gap:g} (s)"] for r in rows if r["method"].startswith("Logistic")]
-        best = min((t for t in times if t is not None), default=None)
-        for r in rows:
-            t = r[f"t@{gap:g} (s)"]
-            r[f"ratio@{gap:g}"] = None if t is None or best is None else t / best
+    add_ratios(rows, GAPS)
     return rows
 
 
