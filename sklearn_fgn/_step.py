@@ -525,6 +525,33 @@ def _solve_mixed(
     return unflatten(result.solution, grad), checked
 
 
+def _without_intercept_shift(
+    head: Head | LogitsFn, step: Params, logits_step: Tensor | None
+) -> tuple[Params, Tensor | None]:
+    """Remove a step's common shift of the output intercepts (softmax heads) and its image in the logits.
+
+    Softmax logits are shift invariant and the output intercepts are not
+    penalised, so ``u = (0, ..., 0, 1_K)`` has ``G u = 0``, ``Lambda u =
+    lambda u`` and ``grad . u = 0``: the exact step has no component along
+    it. Round-off gives it one, amplified by ``1 / lambda`` (in float32 fits
+    it moved the intercepts far from ``LogisticRegression``'s while the
+    coefficients matched); removing it keeps the intercepts' class mean
+    where the fit started.
+
+    Returns
+    -------
+    step : dict of Tensor
+    logits_step : Tensor or None
+    """
+    head = as_head(head)
+    name = f"intercept_{head.n_layers - 1}" if head.has_layers else None
+    if name not in step or step[name].shape[0] < 2:
+        return step, logits_step
+    shift = step[name].mean()
+    step = step | {name: step[name] - shift}
+    return step, (None if logits_step is None else logits_step - shift)
+
+
 def _check_finite_step(cg_result: CGResult, dtype: torch.dtype, damping: float) -> None:
     # A gradient or first curvature product beyond the dtype's range leaves
     # a zero step, which the loop would take for convergence.
@@ -730,6 +757,7 @@ def compute_step(
     logits_step = None
     if system.linear:
         logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(system.lin.logits)
+    step, logits_step = _without_intercept_shift(head, step, logits_step)
     slope, curvature_term, damping_term = quadratic_model(system, step, unflatten(cg_result.residual, step))
     return StepResult(
         step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, cg_result,
