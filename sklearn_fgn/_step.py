@@ -531,12 +531,14 @@ def _without_intercept_shift(
     """Remove a step's common shift of the output intercepts (softmax heads) and its image in the logits.
 
     Softmax logits are shift invariant and the output intercepts are not
-    penalised, so ``u = (0, ..., 0, 1_K)`` has ``G u = 0``, ``Lambda u =
-    lambda u`` and ``grad . u = 0``: the exact step has no component along
-    it. Round-off gives it one, amplified by ``1 / lambda`` (in float32 fits
-    it moved the intercepts far from ``LogisticRegression``'s while the
-    coefficients matched); removing it keeps the intercepts' class mean
-    where the fit started.
+    penalised: their common shift ``u = (0, ..., 0, 1_K)`` changes neither
+    the loss nor any prediction. Where the damping maps ``u`` to a multiple
+    of itself (the identity metric; the linear head's centred feature
+    metric), ``G u = 0`` and ``grad . u = 0`` give the exact step no
+    component along it; round-off gives one, amplified by ``1 / lambda``
+    (in float32 fits it moved the intercepts far from
+    ``LogisticRegression``'s while the coefficients matched). Removing it
+    keeps the intercepts' class mean where the fit started.
 
     Returns
     -------
