@@ -47,7 +47,7 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
 
     The counterpart of ``LogisticRegressionCV`` for linear probes: for every
     fold, the whole path of ``Cs`` is fitted from strong to weak
-    regularisation, each ``C`` starting from the solution of the one before,
+    regularisation, each ``C`` starting from the previous ``C``'s solution,
     and the work that does not depend on ``C`` is done once per fold (the
     fold's rows on the device, the feature second moment and its
     eigendecomposition, the validation split of mini-batch fits). The ``C``
@@ -338,8 +338,10 @@ def _path_features(X, tol, n_classes):
     if tol < PATH_FLOAT32_MIN_TOL or X.shape[0] * X.shape[1] * n_classes < PATH_FLOAT32_MIN_WORK:
         return X
     if is_tensor(X):
-        low = X.float() if X.dtype == torch.float64 else None
-        return low if low is not None and bool(torch.isfinite(low).all()) else X
+        if X.dtype != torch.float64:
+            return X
+        low = X.float()
+        return low if bool(torch.isfinite(low).all()) else X
     if X.dtype != np.float64:
         return X
     with np.errstate(over="ignore"):  # values beyond float32's range keep float64

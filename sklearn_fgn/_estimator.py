@@ -247,8 +247,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         steps run CG's curvature products in float32 while their tolerance
         is loose (1e-4 or more), measure the residual in float64 and finish
         in float64 if float32 fell short, so the fit reaches the float64
-        optimum at a fraction of the cost per product. ``"cholesky"``: the exact FGN step from a Cholesky
-        factorisation of the ``n x n`` row-space Gram (cost independent of the
+        optimum at a fraction of the cost per product. ``"cholesky"``: the
+        exact FGN step from a Cholesky factorisation of the ``n x n`` row-space Gram (cost independent of the
         number of parameters), used as the preconditioner of CG, so FGN steps
         take one CG iteration and full-GGN steps are FGN-preconditioned.
         ``"auto"``: ``"cholesky"`` up to 4096 rows when forming the Gram costs
