@@ -490,6 +490,23 @@ def test_early_stopping_records_validation_scores_and_keeps_best():
     assert max(est.validation_scores_) > 0.9
 
 
+@pytest.mark.parametrize("patience", [None, 1, 5])
+def test_early_stopping_stops_n_iter_no_change_epochs_after_the_last_improvement(patience):
+    # MLPClassifier's rule, with our default patience of 2 epochs (None).
+    X, y = _standardized("digits")
+    kw = {} if patience is None else {"n_iter_no_change": patience}
+    est = FGNClassifier(batch_size=64, early_stopping=True, max_iter=60, random_state=0, device="cpu", **kw)
+    est.fit(X, y)
+    scores, best, last_improvement = est.validation_scores_, -np.inf, 0
+    for epoch, score in enumerate(scores, start=1):
+        if score > best + est.tol:
+            last_improvement = epoch
+        best = max(best, score)
+    assert est.n_iter_no_change == (2 if patience is None else patience)
+    assert est.n_iter_ == len(scores) == last_improvement + est.n_iter_no_change < 60
+    assert est.best_validation_score_ == max(scores)
+
+
 def test_early_stopping_auto_is_on_for_mini_batches_only():
     X, y = _standardized("digits")
     kw = dict(max_iter=30, random_state=0, device="cpu")
