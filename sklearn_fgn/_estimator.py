@@ -40,6 +40,7 @@ from ._arrays import (
 from ._distributed import SINGLE, Communicator, communicator
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._metric import (
+    FULL_METRIC_MAX_FEATURES,
     feature_moments,
     feature_standardization,
     make_feature_metric,
@@ -895,7 +896,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         if self.damping_metric == "identity" or (self.damping_metric == "auto" and not head.is_linear):
             return None
-        moments = feature_moments(*_in_row_order(X, sample_weight), comm)
+        diagonal = X.shape[1] > FULL_METRIC_MAX_FEATURES  # the diagonal metric needs the variances only
+        moments = feature_moments(*_in_row_order(X, sample_weight), comm, diagonal=diagonal)
         if not bool(torch.isfinite(moments.outer).all()):
             largest = float((X.X if isinstance(X, RowSubset) else X).abs().max())
             raise ValueError(

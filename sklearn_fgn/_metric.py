@@ -34,7 +34,9 @@ per-feature rescaling; ``T0 = S Q D^{-1/2}`` whitens, and the eigenvectors
 Beyond ``FULL_METRIC_MAX_FEATURES`` features the two ``O(d^3)``
 eigendecompositions are replaced by the diagonal metric ``T = S`` (per-feature
 scaling, ``e = diag(S)^2``): exact for its own model, invariant to
-per-feature scales but not to rotations.
+per-feature scales but not to rotations. It needs only the per-feature
+variances, so its moments, its whitening and its maps of the weights cost
+``O(n d)`` and ``O(d)`` memory instead of ``O(n d^2)`` and ``d x d``.
 
 Nothing here depends on the classes: one metric serves a whole
 regularisation path, and the first layer of an MLP head.
@@ -84,8 +86,9 @@ class FeatureMoments:
         Total weight ``sum_i s_i`` seen.
     total : Tensor of shape (d,)
         ``sum_i s_i x_i``.
-    outer : Tensor of shape (d, d)
-        ``sum_i s_i (x_i - c)(x_i - c)^T`` about the shift ``c``.
+    outer : Tensor of shape (d, d) or (d,)
+        ``sum_i s_i (x_i - c)(x_i - c)^T`` about the shift ``c``; its
+        diagonal alone for the diagonal metric (:attr:`diagonal`).
     shift : Tensor of shape (d,)
         The point ``c`` the outer products are taken about (the first
         chunk's mean: it keeps the sums free of cancellation).
@@ -96,14 +99,24 @@ class FeatureMoments:
     outer: Tensor
     shift: Tensor
 
+    @property
+    def diagonal(self) -> bool:
+        """Whether only the diagonal of the second moment was accumulated."""
+        return self.outer.ndim == 1
+
+    def _outer(self, u: Tensor, v: Tensor) -> Tensor:
+        return u * v if self.diagonal else torch.outer(u, v)
+
     def merged(self, other: FeatureMoments) -> FeatureMoments:
         """Moments of the union of both samples (``other`` re-centred on this shift)."""
+        if other.diagonal != self.diagonal:
+            raise ValueError("Cannot merge full and diagonal feature moments.")
         offset = other.shift - self.shift
         # sum s (x - c1)(x - c1)^T = sum s (x - c2)(x - c2)^T + u d^T + d u^T + W d d^T,
         # with d = c2 - c1 and u = sum s (x - c2).
         u = other.total - other.weight * other.shift
-        outer = other.outer + torch.outer(u, offset) + torch.outer(offset, u)
-        outer += other.weight * torch.outer(offset, offset)
+        outer = other.outer + self._outer(u, offset) + self._outer(offset, u)
+        outer += other.weight * self._outer(offset, offset)
         return FeatureMoments(
             self.weight + other.weight, self.total + other.total, self.outer + outer, self.shift
         )
@@ -115,14 +128,14 @@ class FeatureMoments:
         -------
         mean : Tensor of shape (d,)
             Zeros when not ``centered``.
-        covariance : Tensor of shape (d, d)
+        covariance : Tensor of shape (d, d), or (d,) (the variances) when :attr:`diagonal`
         """
         mean = self.total / self.weight
         offset = mean - self.shift
-        outer = self.outer / self.weight - torch.outer(offset, offset)  # about the mean
+        outer = self.outer / self.weight - self._outer(offset, offset)  # about the mean
         if centered:
             return mean, outer
-        return torch.zeros_like(mean), outer + torch.outer(mean, mean)
+        return torch.zeros_like(mean), outer + self._outer(mean, mean)
 
 
 def _shift(X: Tensor, comm: Communicator = SINGLE) -> Tensor:
@@ -159,7 +172,7 @@ def _weighted_chunks(X: Tensor, sample_weight: Tensor | None):
 
 
 def feature_moments(
-    X: Tensor, sample_weight: Tensor | None = None, comm: Communicator = SINGLE
+    X: Tensor, sample_weight: Tensor | None = None, comm: Communicator = SINGLE, diagonal: bool = False
 ) -> FeatureMoments:
     """Accumulate :class:`FeatureMoments` of ``X`` in row chunks, in float64.
 
@@ -171,26 +184,34 @@ def feature_moments(
         Non-negative weights (ones when None).
     comm : Communicator, optional
         ``X`` is a rank's shard: the moments of all ranks' rows, summed
-        about a common shift in one all-reduce of ``d^2 + d + 1`` values.
+        about a common shift in one all-reduce of ``d^2 + d + 1`` values
+        (``2 d + 1`` with ``diagonal``).
+    diagonal : bool, default=False
+        Accumulate only the diagonal of the second moment (what the
+        diagonal metric needs).
 
     Returns
     -------
     FeatureMoments
-        Cost O(n d^2) flops; memory one float64 chunk of ``_CHUNK_ROWS`` rows
-        plus ``d x d``.
+        Cost O(n d^2) flops (O(n d) with ``diagonal``); memory one float64
+        chunk of ``_CHUNK_ROWS`` rows plus ``d x d`` (``d``).
     """
     d = X.shape[1]
     shift = _shift(X, comm)
-    total, outer = shift.new_zeros(d), shift.new_zeros(d, d)
+    total, outer = shift.new_zeros(d), shift.new_zeros(d) if diagonal else shift.new_zeros(d, d)
     weight = shift.new_zeros(())
     for chunk, w in _weighted_chunks(X, sample_weight):
         centred = chunk - shift
         total += w @ chunk
-        outer.addmm_((centred * w[:, None]).T, centred)
+        if diagonal:
+            outer += w @ (centred * centred)
+        else:
+            outer.addmm_((centred * w[:, None]).T, centred)
         weight += w.sum()
     if comm.distributed:
+        m = outer.numel()
         sums = comm.sum_(torch.cat([outer.reshape(-1), total, weight.reshape(1)]))
-        outer, total, weight = sums[: d * d].view(d, d), sums[d * d : -1], sums[-1]
+        outer, total, weight = sums[:m].view(outer.shape), sums[m:-1], sums[-1]
     return FeatureMoments(float(weight), total, outer, shift)
 
 
@@ -230,9 +251,10 @@ class FeatureMetric:
     ----------
     mean : Tensor of shape (d,)
         ``mu`` (zeros for a layer without intercept).
-    transform : Tensor of shape (d, d)
-        ``T``: ``T^T Sigma_eps T = I`` and ``T^T T = diag(penalty)``.
-    inverse : Tensor of shape (d, d)
+    transform : Tensor of shape (d, d), or (d,)
+        ``T``: ``T^T Sigma_eps T = I`` and ``T^T T = diag(penalty)``; the
+        diagonal metric keeps only ``T``'s diagonal (:attr:`diagonal`).
+    inverse : Tensor of shape (d, d), or (d,)
         ``T^{-1}``, to map weights into the whitened coordinates.
     penalty : Tensor of shape (d,)
         ``e``: the L2 penalty ``||W||^2`` is ``sum_j e_j ||W^_{:, j}||^2``.
@@ -260,9 +282,14 @@ class FeatureMetric:
         """``(mean, transform, inverse, penalty, scale)``."""
         return self.mean, self.transform, self.inverse, self.penalty, self.scale
 
+    @property
+    def diagonal(self) -> bool:
+        """Whether ``T`` is diagonal (stored as its diagonal)."""
+        return self.transform.ndim == 1
+
     def whiten(self, X: Tensor) -> Tensor:
-        """``(X - mean) @ T``, shape (n, d), in ``X``'s dtype. Cost O(n d^2)."""
-        return (X - self.mean.to(X.dtype)) @ self.transform.to(X.dtype)
+        """``(X - mean) @ T``, shape (n, d), in ``X``'s dtype. Cost O(n d^2) (O(n d) when diagonal)."""
+        return _times(X - self.mean.to(X.dtype), self.transform.to(X.dtype))
 
     def weights_to_whitened(self, coef: Tensor, intercept: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(W, b) -> (W T^{-T}, b + W mu)``: the same affine map on whitened inputs.
@@ -272,7 +299,7 @@ class FeatureMetric:
         coef : Tensor of shape (h, d)
         intercept : Tensor of shape (h,) or None
         """
-        hat = coef @ self.inverse.T.to(coef.dtype)
+        hat = _times(coef, self.inverse.to(coef.dtype), transpose=True)
         return hat, None if intercept is None else intercept + coef @ self.mean.to(coef.dtype)
 
     def weights_from_whitened(self, coef: Tensor, intercept: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -283,8 +310,15 @@ class FeatureMetric:
         coef : Tensor of shape (h, d)
         intercept : Tensor of shape (h,) or None
         """
-        coef = coef @ self.transform.T.to(coef.dtype)
+        coef = _times(coef, self.transform.to(coef.dtype), transpose=True)
         return coef, None if intercept is None else intercept - coef @ self.mean.to(coef.dtype)
+
+
+def _times(A: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
+    """Return ``A @ B`` (``A @ B^T`` with ``transpose``), a 1-D ``B`` standing for ``diag(B)``."""
+    if B.ndim == 1:
+        return A * B
+    return A @ B.T if transpose else A @ B
 
 
 def _scales(covariance: Tensor) -> Tensor:
@@ -298,7 +332,7 @@ def _scales(covariance: Tensor) -> Tensor:
     Tensor of shape (d,)
         The scales ``S``.
     """
-    variance = covariance.diagonal().clamp_min(0.0)
+    variance = (covariance if covariance.ndim == 1 else covariance.diagonal()).clamp_min(0.0)
     informative = variance > _CONSTANT_VARIANCE * float(variance.max())
     if not bool(informative.any()):
         return torch.ones_like(variance)
@@ -322,19 +356,27 @@ def make_feature_metric(
         Ridge on the correlation form.
     full : bool, optional
         Full whitening or the diagonal metric; by default full up to
-        ``FULL_METRIC_MAX_FEATURES`` features.
+        ``FULL_METRIC_MAX_FEATURES`` features. Diagonal moments (see
+        :func:`feature_moments`) give the diagonal metric.
 
     Returns
     -------
     FeatureMetric
         In float64 on the moments' device. Cost O(d^3) (two ``eigh``) for
         the full metric, O(d) for the diagonal one.
+
+    Raises
+    ------
+    ValueError
+        When ``full`` asks the full metric of diagonal moments.
     """
     mean, covariance = moments.covariance(centered)
     scale = _scales(covariance)
     d = scale.shape[0]
-    if not (d <= FULL_METRIC_MAX_FEATURES if full is None else full):
-        return FeatureMetric(mean, torch.diag(scale), torch.diag(1.0 / scale), scale**2, scale)
+    if full and moments.diagonal:
+        raise ValueError("The full metric needs the full second moment, not its diagonal.")
+    if moments.diagonal or not (d <= FULL_METRIC_MAX_FEATURES if full is None else full):
+        return FeatureMetric(mean, scale, 1.0 / scale, scale**2, scale)
     correlation = scale[:, None] * covariance * scale[None, :]
     correlation.diagonal().add_(ridge)
     eigenvalues, Q = torch.linalg.eigh(correlation)

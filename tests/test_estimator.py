@@ -74,6 +74,39 @@ def test_float32_intercepts_match_logistic_regression(name, C):
     np.testing.assert_allclose(fgn.intercept_, lr.intercept_, rtol=0, atol=1e-3 * scale)
 
 
+@pytest.mark.parametrize("batch_size", [None, 32])
+def test_wide_features_take_the_diagonal_metric_from_the_variances_alone(monkeypatch, batch_size):
+    # Beyond FULL_METRIC_MAX_FEATURES (lowered here to 8) the metric is diagonal: the
+    # fit accumulates only the per-feature variances (O(n d), no d x d moment) and
+    # whitens by a per-feature scaling; the objective and its optimum are unchanged.
+    import sklearn_fgn._estimator as estimator_module
+    import sklearn_fgn._metric as metric_module
+
+    X, y = load_wine(return_X_y=True)  # raw: feature scales over three decades, d = 13 > 8
+    kw = dict(batch_size=batch_size, max_iter=300, tol=1e-8, random_state=0, device="cpu")
+    full = _quiet_fit(FGNClassifier(**kw), X, y)
+    monkeypatch.setattr(estimator_module, "FULL_METRIC_MAX_FEATURES", 8)
+    monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", 8)
+    seen = []
+    moments = metric_module.feature_moments
+
+    def spy(*args, **kwargs):
+        seen.append(moments(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(estimator_module, "feature_moments", spy)
+    fgn = _quiet_fit(FGNClassifier(**kw), X, y)
+    assert len(seen) == 1 and seen[0].diagonal and seen[0].outer.shape == (13,)
+    if batch_size is None:  # the optimum of LogisticRegression(C=1), as the full metric finds it
+        lr = LogisticRegression(tol=1e-12, max_iter=100_000).fit(X, y)
+        f = {m: _objective(m.coef_, m.intercept_, X, y, m.classes_, 1.0) for m in (lr, full, fgn)}
+        assert f[fgn] <= f[lr] * (1 + 1e-9) and f[fgn] == pytest.approx(f[full], rel=1e-12)
+        scale = np.abs(full.coef_).max()
+        np.testing.assert_allclose(fgn.coef_, full.coef_, rtol=0, atol=1e-6 * scale)
+    else:
+        assert fgn.score(X, y) > 0.9
+
+
 @pytest.mark.parametrize("name", ["iris", "wine", "digits"])
 def test_float32_full_batch_stops_at_float32_roundoff(name):
     # tol=0 runs to round-off. Raw features at C=1: float32 fits took 28-55

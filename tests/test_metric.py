@@ -61,10 +61,17 @@ def test_metric_whitens_and_diagonalises_the_penalty(seed, centered):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_diagonal_metric_is_per_feature_standardisation(seed):
     X, w = _features(seed), _weights(seed)
-    metric = make_feature_metric(feature_moments(X, w), full=False)
     _, cov = _dense_moments(X, w, True)
-    torch.testing.assert_close(metric.transform, torch.diag(torch.diag(cov).rsqrt()), rtol=1e-10, atol=0)
-    torch.testing.assert_close(metric.penalty, 1.0 / torch.diag(cov), rtol=1e-10, atol=0)
+    # From the full moments, or from their diagonal alone (O(n d), what wide features get).
+    for moments in (feature_moments(X, w), feature_moments(X, w, diagonal=True)):
+        metric = make_feature_metric(moments, full=False)
+        assert metric.diagonal and metric.transform.shape == metric.inverse.shape == (8,)
+        torch.testing.assert_close(metric.transform, torch.diag(cov).rsqrt(), rtol=1e-10, atol=0)
+        torch.testing.assert_close(metric.inverse * metric.transform, torch.ones(8, dtype=torch.float64))
+        torch.testing.assert_close(metric.penalty, 1.0 / torch.diag(cov), rtol=1e-10, atol=0)
+        torch.testing.assert_close(metric.whiten(X), (X - metric.mean) @ torch.diag(metric.transform))
+    with pytest.raises(ValueError, match="full second moment"):
+        make_feature_metric(feature_moments(X, w, diagonal=True), full=True)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -104,6 +111,20 @@ def test_moments_are_independent_of_chunking_and_merge_exactly():
         torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got_cov, cov, rtol=1e-9, atol=1e-9 * cov.abs().max())
     assert parts.weight == pytest.approx(float(w.sum()), rel=1e-12)
+    # The diagonal moments (wide features): the same variances, merged as exactly.
+    diag = feature_moments(X, w, diagonal=True)
+    diag_parts = feature_moments(X[:2500], w[:2500], diagonal=True).merged(
+        feature_moments(X[2500:], w[2500:], diagonal=True)
+    )
+    for m in (diag, diag_parts):
+        got_mean, got_var = m.covariance(centered=True)
+        assert m.diagonal and got_var.shape == (X.shape[1],)
+        torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_var, torch.diag(cov), rtol=1e-9, atol=0)
+        second = torch.diag(cov) + mean * mean  # about 0, for a layer without intercept
+        torch.testing.assert_close(m.covariance(centered=False)[1], second, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="full and diagonal"):
+        whole.merged(diag)
 
 
 def test_standardisation_matches_the_moments():
