@@ -65,6 +65,14 @@ EXTEND_MIN = 1.25
 # Full batch: a step converges the fit only if its decrease is at most this
 # share of the previous step's (``_full_batch_converged``).
 SUPERLINEAR = 0.1
+# Full batch: a step whose estimated gap is below this many times tol may
+# be the last one, and is solved accurately enough to end the fit
+# (``_forcing_term``).
+LAST_STEP_GAP = 10.0
+# ... from this tol up: below it tol^2 is near float64's round-off, and the
+# step after the one that meets the stop's bounds is what makes the
+# coefficients exact where the objective is flat (the refits of FGNClassifierCV).
+LAST_STEP_MIN_TOL = 1e-6
 # ... and a step whose damping term is this share of its slope (the damping a
 # thousand times the curvature along it) cannot end the fit.
 DAMPING_DOMINATED = 0.999
@@ -728,7 +736,9 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
     ``AUTO_CG_TOL``; full batch is inexact Newton with the forcing term
     ``min(0.5, sqrt(last predicted relative decrease))`` (Eisenstat-Walker;
     ``sqrt`` of the decrease is O(||grad||), which keeps the end game
-    quadratic), floored where the dtype can still resolve it.
+    quadratic), floored where the dtype can still resolve it. A step that
+    can be the last (estimated gap within ``LAST_STEP_GAP * tol``) is
+    solved to what the stopping rule asks of it instead.
 
     Returns
     -------
@@ -740,14 +750,19 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
     if not full_batch:
         return AUTO_CG_TOL
     floor = max(1e-10, 10 * torch.finfo(dtype).eps)
-    eta = max(min(0.5, state.last_relative_decrease**0.5), floor)
-    if cfg.tol > 0 and state.gap_estimate <= cfg.tol:
+    eta = min(0.5, state.last_relative_decrease**0.5)
+    if cfg.tol > 0 and state.gap_estimate <= LAST_STEP_GAP * cfg.tol:
         # This step can be the last: _full_batch_converged then asks
-        # eta^2 p <= tol^2 with p about the present gap, and no more (a
-        # tighter solve over-solves the last step). Half of that bound: the
-        # gap estimate is not a bound.
-        eta = max(eta, min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5))
-    return eta
+        # eta^2 p <= tol^2 with p about the present gap. Solve to that, no
+        # looser (a step solved too loosely to end the fit costs a whole
+        # step more) and no tighter (that over-solves the last step). Half
+        # of that bound: the gap estimate is not a bound.
+        last = min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5)
+        if cfg.tol >= LAST_STEP_MIN_TOL:
+            eta = last
+        elif state.gap_estimate <= cfg.tol:
+            eta = max(eta, last)
+    return max(eta, floor)
 
 
 def track_full_batch_step(state: LoopState, record: StepRecord) -> None:

@@ -175,9 +175,17 @@ def test_full_batch_stop_at_the_objectives_roundoff(relative, ratio, dtype, expe
     assert _full_batch_converged(record, LoopConfig(alpha=0.0, tol=1e-4), dtype) is expected
 
 
-@pytest.mark.parametrize("tol, gap, expected", [(1e-4, 1e-6, 0.05), (0.0, 1e-6, 0.01), (1e-4, math.inf, 0.01),
-                                                (1e-4, 1e-12, 0.5)])  # fmt: skip
-def test_forcing_term_asks_no_more_than_the_stop_rule_needs(tol, gap, expected):
+@pytest.mark.parametrize("tol, gap, expected", [
+    (1e-4, 1e-6, 0.05), (0.0, 1e-6, 0.01), (1e-4, math.inf, 0.01),
+    (1e-4, 1e-12, 0.5),  # not tighter than that
+    (1e-4, 1e-4, 0.5e-4 / 1e-4**0.5),  # ... nor looser
+    (1e-4, 5e-4, 0.5e-4 / 5e-4**0.5),  # tol < gap <= 10 tol: the step may be the last, solved to end the fit
+    (1e-4, 2e-3, 0.01),  # too far for the last step
+    (1e-7, 5e-7, 0.01),  # tol^2 near round-off: the step after makes the coefficients exact
+    (1e-7, 5e-8, 0.01),  # ... and is not loosened below Eisenstat-Walker's term
+    (1e-7, 1e-12, 0.5e-7 / 1e-12**0.5),  # ... unless the gap is far below tol
+])  # fmt: skip
+def test_forcing_term_asks_what_the_stop_rule_needs(tol, gap, expected):
     cfg = LoopConfig(alpha=0.0, tol=tol)
     state = LoopState(params={}, damping=1.0, last_relative_decrease=1e-4, gap_estimate=gap)
     eta = _forcing_term(cfg, state, full_batch=True, dtype=torch.float64)
