@@ -757,8 +757,10 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
         # looser (a step solved too loosely to end the fit costs a whole
         # step more) and no tighter (that over-solves the last step). Half
         # of that bound: the gap estimate is not a bound.
+        # Path fits (gap_tol) end on the linear rule, which asks nothing of
+        # the last solve: there the tighter solves only cost CG iterations.
         last = min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5)
-        if cfg.tol >= LAST_STEP_MIN_TOL:
+        if cfg.tol >= LAST_STEP_MIN_TOL and cfg.gap_tol is None:
             eta = last
         elif state.gap_estimate <= cfg.tol:
             eta = max(eta, last)

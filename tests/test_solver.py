@@ -195,6 +195,16 @@ def test_forcing_term_asks_what_the_stop_rule_needs(tol, gap, expected):
     assert _forcing_term(cfg, state, False, torch.float64) == 1e-2
 
 
+def test_forcing_term_of_path_fits_is_not_tightened_for_the_last_step():
+    # FGNClassifierCV's path fits (gap_tol) end on the linear rule, which asks nothing of the last solve.
+    state = LoopState(params={}, damping=1.0, last_relative_decrease=1e-4, gap_estimate=5e-4)
+    assert _forcing_term(LoopConfig(alpha=0.0, tol=1e-4), state, True, torch.float64) < 0.01
+    path = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4)
+    assert _forcing_term(path, state, True, torch.float64) == pytest.approx(0.01)  # Eisenstat-Walker
+    state.gap_estimate = 1e-12  # far below tol: still loosened, as before
+    assert _forcing_term(path, state, True, torch.float64) == pytest.approx(0.5)
+
+
 _FAULTS_PER_STEP = """
 import resource, sys, torch
 from sklearn_fgn._heads import Head, init_params
