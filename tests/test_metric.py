@@ -127,6 +127,21 @@ def test_moments_are_independent_of_chunking_and_merge_exactly():
         whole.merged(diag)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float32_moments_are_float32_products_summed_in_float64(seed):
+    # Float32 features: each chunk's outer product in float32, summed in float64. Against the
+    # float64 moments of the same (float32) values: within float32's rounding of the chunk sums.
+    X = _features(seed, n=9000, spread=0.0).to(torch.float32)  # three chunks
+    w = _weights(seed, n=9000)
+    exact = feature_moments(X.double(), w)
+    low = feature_moments(X, w)
+    assert low.outer.dtype == torch.float64 and not torch.equal(low.outer, exact.outer)
+    cov, cov_exact = low.covariance(True)[1], exact.covariance(True)[1]
+    scale = float(torch.diagonal(cov_exact).max())
+    torch.testing.assert_close(cov, cov_exact, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(low.total, exact.total, rtol=1e-12, atol=0)  # first moments stay float64
+
+
 def test_standardisation_matches_the_moments():
     X, w = _features(1, n=5000), _weights(1, n=5000)
     mean, scale = feature_standardization(X, w)
