@@ -181,8 +181,9 @@ def feature_moments(
     the time of float64's, and is summed in float64: its rounding, about
     ``1e-5`` of the largest variance, is of the order of the metric's
     ridge, below which the metric treats directions alike anyway (the fits'
-    CG iterations were unchanged on anisotropic embeddings). Float64
-    features keep float64 throughout.
+    CG iterations were unchanged on anisotropic embeddings); not while
+    float32 matmuls may run in TF32 or bfloat16. Float64 features keep
+    float64 throughout.
 
     Parameters
     ----------
@@ -208,7 +209,10 @@ def feature_moments(
     shift = _shift(X, comm)
     total, outer = shift.new_zeros(d), shift.new_zeros(d) if diagonal else shift.new_zeros(d, d)
     weight = shift.new_zeros(())
-    low = X.dtype == torch.float32  # each chunk's product in float32, see above
+    # Each chunk's product in float32 (see above), unless float32 matmuls may
+    # use TF32 or bfloat16 (set_float32_matmul_precision): their rounding
+    # would be far above the metric's ridge.
+    low = X.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     for chunk, w in _weighted_chunks(X, sample_weight):
         centred = chunk - shift
         total += w @ chunk

@@ -140,6 +140,12 @@ def test_float32_moments_are_float32_products_summed_in_float64(seed):
     scale = float(torch.diagonal(cov_exact).max())
     torch.testing.assert_close(cov, cov_exact, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(low.total, exact.total, rtol=1e-12, atol=0)  # first moments stay float64
+    previous = torch.get_float32_matmul_precision()
+    try:  # TF32 or bfloat16 matmuls allowed: float64 products
+        torch.set_float32_matmul_precision("high")
+        torch.testing.assert_close(feature_moments(X, w).outer, exact.outer, rtol=0, atol=0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_standardisation_matches_the_moments():
