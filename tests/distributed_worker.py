@@ -9,7 +9,9 @@ the fitted parameters, or the error it raised. A fit may ask for
 ``"partial_fit": k`` calls instead of ``fit``, ``"weighted": true``,
 ``"nan_rank": r`` (NaN in rank ``r``'s X), ``"rank_params": {"r": {...}}``
 (settings of rank ``r`` only) or ``"fail": {"rank": r, "call": k}``
-(rank ``r`` raises at its ``k``-th step; the others' next collective then fails).
+(rank ``r`` raises at its ``k``-th step; the others' next collective then fails),
+``"step_constants": {...}`` (of ``sklearn_fgn._step``) or ``"metric_max_features": m``
+(the diagonal metric beyond ``m`` features).
 """
 
 import datetime
@@ -38,16 +40,22 @@ def _inject_failure(call):
 
 
 def _fit(fit, data, rank, bounds):
+    import sklearn_fgn._estimator as estimator
+    import sklearn_fgn._metric as metric
     import sklearn_fgn._step as step
 
-    saved = {name: getattr(step, name) for name in fit.get("step_constants", {})}
-    for name, value in fit.get("step_constants", {}).items():
-        setattr(step, name, value)
+    constants = [(step, name, value) for name, value in fit.get("step_constants", {}).items()]
+    if "metric_max_features" in fit:
+        value = fit["metric_max_features"]
+        constants += [(module, "FULL_METRIC_MAX_FEATURES", value) for module in (estimator, metric)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in constants]
+    for module, name, value in constants:
+        setattr(module, name, value)
     try:
         return _fit_shard(fit, data, rank, bounds)
     finally:
-        for name, value in saved.items():
-            setattr(step, name, value)
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _fit_shard(fit, data, rank, bounds):

@@ -21,6 +21,8 @@ import pytest
 from sklearn.datasets import make_classification
 
 import sklearn_fgn._distributed as distributed
+import sklearn_fgn._estimator as estimator_module
+import sklearn_fgn._metric as metric_module
 import sklearn_fgn._step as step
 from sklearn_fgn import FGNClassifier
 
@@ -38,6 +40,10 @@ FITS = {
     # the hard-row preconditioner's rows are chosen and gathered across the ranks.
     "full_batch_hard_rows": {
         "params": {**LINEAR, "batch_size": None, "alpha": 1e-3}, "step_constants": {"HARD_ROWS_MIN": 8},
+    },
+    # the diagonal metric (wide features): the ranks' per-feature variances, summed
+    "full_batch_diagonal_metric": {
+        "params": {**LINEAR, "batch_size": None, "tol": 1e-8}, "metric_max_features": 4,
     },
     "full_batch_identity_metric": {
         "params": {**LINEAR, "batch_size": None, "damping_metric": "identity", "tol": 1e-8},
@@ -117,6 +123,16 @@ def _single(name, monkeypatch):
     weights = sample_weight if fit.get("weighted") else None
     for constant, value in fit.get("step_constants", {}).items():
         monkeypatch.setattr(step, constant, value)
+    moments = []
+    if "metric_max_features" in fit:
+        for module in (estimator_module, metric_module):
+            monkeypatch.setattr(module, "FULL_METRIC_MAX_FEATURES", fit["metric_max_features"])
+        original_moments = estimator_module.feature_moments
+        monkeypatch.setattr(
+            estimator_module,
+            "feature_moments",
+            lambda *a, **k: moments.append(original_moments(*a, **k)) or moments[-1],
+        )
     built = []
     original = step.make_hard_row_preconditioner
     monkeypatch.setattr(
@@ -132,6 +148,8 @@ def _single(name, monkeypatch):
     params = model.coefs_ + model.intercepts_ if hasattr(model, "coefs_") else [model.coef_, model.intercept_]
     if "step_constants" in fit:  # the fit took hard-row steps, not only Kronecker ones
         assert any(p is not None for p in built)
+    if "metric_max_features" in fit:  # the diagonal metric, from the variances alone
+        assert len(moments) == 1 and moments[0].diagonal
     return model, params
 
 
