@@ -40,9 +40,9 @@ from ._arrays import (
 from ._distributed import SINGLE, Communicator, communicator
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._metric import (
-    FULL_METRIC_MAX_FEATURES,
     feature_moments,
     feature_standardization,
+    is_diagonal_metric,
     make_feature_metric,
     standardized_first_layer,
     unwhitened_params,
@@ -275,9 +275,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
     n_iter_no_change : int, default=2
         See ``tol``. An FGN epoch makes the progress of many first-order
         epochs, so two epochs without a better validation score say the
-        held-out accuracy has peaked: on the benchmark probes a patience of
-        two kept the same best epoch as five and ran up to three epochs
-        fewer (``MLPClassifier``'s Adam and SGD epochs use 10).
+        held-out accuracy has peaked (``MLPClassifier``'s Adam and SGD
+        epochs use 10; benchmarks/RESULTS.md compares the two patiences on
+        several probe shapes).
     early_stopping : bool or "auto", default="auto"
         Hold out ``validation_fraction`` of the training data (stratified
         when every class can give it a sample, at random otherwise) and stop
@@ -896,7 +896,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         if self.damping_metric == "identity" or (self.damping_metric == "auto" and not head.is_linear):
             return None
-        diagonal = X.shape[1] > FULL_METRIC_MAX_FEATURES  # the diagonal metric needs the variances only
+        diagonal = is_diagonal_metric(X.shape[1])  # it needs the variances only
         moments = feature_moments(*_in_row_order(X, sample_weight), comm, diagonal=diagonal)
         if not bool(torch.isfinite(moments.outer).all()):
             largest = float((X.X if isinstance(X, RowSubset) else X).abs().max())

@@ -58,6 +58,7 @@ __all__ = [
     "FeatureMoments",
     "feature_moments",
     "feature_standardization",
+    "is_diagonal_metric",
     "make_feature_metric",
     "standardized_first_layer",
     "unwhitened_params",
@@ -180,10 +181,9 @@ def feature_moments(
     outer product (the ``O(chunk d^2)`` part) runs in float32, about half
     the time of float64's, and is summed in float64: its rounding, about
     ``1e-5`` of the largest variance, is of the order of the metric's
-    ridge, below which the metric treats directions alike anyway (the fits'
-    CG iterations were unchanged on anisotropic embeddings); not while
-    float32 matmuls may run in TF32 or bfloat16. Float64 features keep
-    float64 throughout.
+    ridge, below which the metric treats directions alike anyway; not
+    while float32 matmuls may run in TF32 or bfloat16. Float64 features
+    keep float64 throughout.
 
     Parameters
     ----------
@@ -330,6 +330,11 @@ class FeatureMetric:
         return coef, None if intercept is None else intercept - coef @ self.mean.to(coef.dtype)
 
 
+def is_diagonal_metric(n_features: int) -> bool:
+    """Whether features this wide get the diagonal metric (beyond ``FULL_METRIC_MAX_FEATURES``)."""
+    return n_features > FULL_METRIC_MAX_FEATURES
+
+
 def _times(A: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
     """Return ``A @ B`` (``A @ B^T`` with ``transpose``), a 1-D ``B`` standing for ``diag(B)``."""
     if B.ndim == 1:
@@ -391,7 +396,7 @@ def make_feature_metric(
     d = scale.shape[0]
     if full and moments.diagonal:
         raise ValueError("The full metric needs the full second moment, not its diagonal.")
-    if moments.diagonal or not (d <= FULL_METRIC_MAX_FEATURES if full is None else full):
+    if moments.diagonal or (is_diagonal_metric(d) if full is None else not full):
         return FeatureMetric(mean, scale, 1.0 / scale, scale**2, scale)
     correlation = scale[:, None] * covariance * scale[None, :]
     correlation.diagonal().add_(ridge)

@@ -40,14 +40,13 @@ def _inject_failure(call):
 
 
 def _fit(fit, data, rank, bounds):
-    import sklearn_fgn._estimator as estimator
     import sklearn_fgn._metric as metric
     import sklearn_fgn._step as step
 
     constants = [(step, name, value) for name, value in fit.get("step_constants", {}).items()]
     if "metric_max_features" in fit:
         value = fit["metric_max_features"]
-        constants += [(module, "FULL_METRIC_MAX_FEATURES", value) for module in (estimator, metric)]
+        constants.append((metric, "FULL_METRIC_MAX_FEATURES", value))
     saved = [(module, name, getattr(module, name)) for module, name, _ in constants]
     for module, name, value in constants:
         setattr(module, name, value)

@@ -125,8 +125,7 @@ def _single(name, monkeypatch):
         monkeypatch.setattr(step, constant, value)
     moments = []
     if "metric_max_features" in fit:
-        for module in (estimator_module, metric_module):
-            monkeypatch.setattr(module, "FULL_METRIC_MAX_FEATURES", fit["metric_max_features"])
+        monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", fit["metric_max_features"])
         original_moments = estimator_module.feature_moments
         monkeypatch.setattr(
             estimator_module,

@@ -85,7 +85,6 @@ def test_wide_features_take_the_diagonal_metric_from_the_variances_alone(monkeyp
     X, y = load_wine(return_X_y=True)  # raw: feature scales over three decades, d = 13 > 8
     kw = dict(batch_size=batch_size, max_iter=300, tol=1e-8, random_state=0, device="cpu")
     full = _quiet_fit(FGNClassifier(**kw), X, y)
-    monkeypatch.setattr(estimator_module, "FULL_METRIC_MAX_FEATURES", 8)
     monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", 8)
     seen = []
     moments = metric_module.feature_moments
