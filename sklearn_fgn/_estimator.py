@@ -272,12 +272,12 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         ``tol`` times the loss. Otherwise stop when the training loss (or the
         validation score with ``early_stopping``) has not improved by ``tol``
         for ``n_iter_no_change`` consecutive epochs.
-    n_iter_no_change : int, default=2
-        See ``tol``. An FGN epoch makes the progress of many first-order
-        epochs, so two epochs without a better validation score say the
-        held-out accuracy has peaked (``MLPClassifier``'s Adam and SGD
-        epochs use 10; benchmarks/RESULTS.md compares the two patiences on
-        several probe shapes).
+    n_iter_no_change : int, default=5
+        See ``tol``. Fewer epochs of patience end most fits sooner with the
+        same best epoch, but cut short the fits whose held-out accuracy
+        dips after the first epochs and then climbs slowly for dozens of
+        epochs (many classes, few samples each); benchmarks/RESULTS.md
+        compares patiences on several probe shapes.
     early_stopping : bool or "auto", default="auto"
         Hold out ``validation_fraction`` of the training data (stratified
         when every class can give it a sample, at random otherwise) and stop
@@ -449,7 +449,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         batch_size="auto",
         max_iter=100,
         tol=1e-4,
-        n_iter_no_change=2,
+        n_iter_no_change=5,
         early_stopping="auto",
         validation_fraction=0.1,
         cg_max_iter="auto",

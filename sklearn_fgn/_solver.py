@@ -102,7 +102,7 @@ class LoopConfig:
     batch_size: int | None = None
     max_iter: int = 100
     tol: float = 1e-4
-    n_iter_no_change: int = 2
+    n_iter_no_change: int = 5
     cg_tol: float | str = "auto"
     cg_max_iter: int | str = 100
     verbose: int = 0
