@@ -20,7 +20,7 @@ for more than ten epochs, so both patiences run the same epochs there.)
 
 Each fit reports test accuracy, wall seconds, epochs, and the epoch whose
 parameters were kept. ``LogisticRegression(C)`` (lbfgs) is timed beside them
-where ``--lr`` names a problem's best C (found by the C sweep of
+where ``PROBLEMS`` gives a problem's best C (found by the C sweep of
 ``linear_probe.py``; the sweep itself is not timed here), and the ratio of
 each FGN fit's time to it is reported.
 
