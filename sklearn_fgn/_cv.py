@@ -31,15 +31,18 @@ REFIT_GAP_TOL = 1e-6
 # CG iterations per step of a path fit: path fits stop at a gap of tol, which
 # truncated Newton steps reach sooner than solves run to the forcing term.
 PATH_CG_MAX_ITER = 100
-# Path fits only score their solutions, to a gap of tol: from this tol up,
-# and on folds where a logits product (rows x features x classes) is at
-# least PATH_FLOAT32_MIN_WORK, float64 features are fitted in float32 there
-# (half the memory traffic, a faster GEMM), far above float32's resolution
-# of the objective; the refit runs in the data's dtype. Smaller folds keep
-# float64: their fits are cheap, and float32's rounding could break the ties
-# of their validation scores differently for equivalent data.
+# Path fits only score their solutions, to a gap of tol. On folds where a
+# logits product (rows x features x classes) is at least PATH_LARGE_WORK,
+# their steps are solved only as accurately as that gap asks (the scored
+# fits of FGNClassifier._fit_path), and from PATH_FLOAT32_MIN_TOL up
+# float64 features are fitted in float32 there (half the memory traffic, a
+# faster GEMM), far above float32's resolution of the objective; the refit
+# runs in the data's dtype. Smaller folds keep float64 and Newton's rule:
+# their fits are cheap, and a loose fit or float32's rounding could break
+# the ties of their validation scores differently (a sample of iris flips
+# at C = 1000 at a gap of 1e-4).
 PATH_FLOAT32_MIN_TOL = 1e-6
-PATH_FLOAT32_MIN_WORK = 1e8
+PATH_LARGE_WORK = 1e8
 
 
 class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
@@ -52,9 +55,10 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
     fold's rows on the device, the feature second moment and its
     eigendecomposition, the validation split of mini-batch fits). The ``C``
     with the best mean validation score is refitted on all the data. On
-    folds of at least ``1e8`` rows x features x classes, float64 features
-    are fitted in float32 along the path (which only scores its solutions,
-    to a gap of ``tol``; from ``tol >= 1e-6``), and the refit in float64.
+    folds of at least ``1e8`` rows x features x classes the path, which only
+    scores its solutions, is fitted to a gap of ``tol`` and no closer
+    (float64 features in float32 from ``tol >= 1e-6``), and the refit in the
+    data's dtype to ``min(tol, 1e-8)``.
 
     Parameters
     ----------
@@ -311,8 +315,9 @@ def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, thre
     # Numpy predictions whatever the dispatch: the scorer compares them with numpy labels.
     with threadpool_limits(threads), warnings.catch_warnings(), config_context(array_api_dispatch=False):
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
-        X_train = _path_features(X[train], estimator.tol, len(np.unique(y_train)))
-        for state in estimator._fit_path(X_train, y_train, w_train, 1.0 / Cs, gap_tol=estimator.tol):
+        large = _work(X, train, y_train) >= PATH_LARGE_WORK
+        X_train = _path_features(X[train], estimator.tol) if large else X[train]
+        for state in estimator._fit_path(X_train, y_train, w_train, 1.0 / Cs, estimator.tol, scored=large):
             scores.append(float(scorer(estimator, X[test], y_test, sample_weight=w_test)))
             coef = estimator.coef_
             if estimator.fit_intercept:
@@ -322,20 +327,23 @@ def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, thre
     return scores, coefs, n_iter
 
 
-def _path_features(X, tol, n_classes):
-    """Return a fold's training rows for its path fits: float64 rows in float32 where that pays.
+def _work(X, train, y_train):
+    """Return a fold's rows x features x classes: the size of one logits product."""
+    return len(train) * X.shape[1] * len(np.unique(y_train))
 
-    From ``tol >= PATH_FLOAT32_MIN_TOL`` on, on folds of at least
-    ``PATH_FLOAT32_MIN_WORK`` (rows x features x classes), and when every
-    value is finite in float32; otherwise ``X`` itself. Cost: one cast of the
-    fold's rows.
+
+def _path_features(X, tol):
+    """Return a large fold's training rows for its path fits: float64 rows in float32 where that pays.
+
+    From ``tol >= PATH_FLOAT32_MIN_TOL`` on, and when every value is finite
+    in float32; otherwise ``X`` itself. Cost: one cast of the fold's rows.
 
     Returns
     -------
     ndarray or Tensor
         ``X`` or its float32 copy.
     """
-    if tol < PATH_FLOAT32_MIN_TOL or X.shape[0] * X.shape[1] * n_classes < PATH_FLOAT32_MIN_WORK:
+    if tol < PATH_FLOAT32_MIN_TOL:
         return X
     if is_tensor(X):
         if X.dtype != torch.float64:

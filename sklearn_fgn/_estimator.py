@@ -600,7 +600,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
         return self
 
-    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None):
+    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None, scored=False):
         """Fit at each of ``alphas`` in turn, each fit starting from the previous solution.
 
         What does not depend on ``alpha`` is done once: validation, the
@@ -611,6 +611,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         fits whose end game converges only linearly stop at that estimated
         relative gap (see ``LoopConfig``) instead of running to Newton's rate.
         ``init``: ``(coef_init, intercept_init)`` of the first fit (else drawn).
+        ``scored``: the fits are only scored (a fold of FGNClassifierCV) and
+        need a gap of ``gap_tol`` and no more (``LoopConfig.null_loss``).
 
         Yields
         ------
@@ -625,8 +627,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             self.alpha = float(alpha)
             state = LoopState(state.params, state.damping)
             state, prepared = self._train(
-                head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol, layout
-            )
+                head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol, layout,
+                scored,
+            )  # fmt: skip
             yield state
 
     # -------------------------------------------------------------- helpers
@@ -737,7 +740,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
     def _train(
         self, head, state, X, y_enc, sample_weight, early_stopping, n_epochs, drawn=False, prepared=None,
-        gap_tol=None, layout=None,
+        gap_tol=None, layout=None, scored=False,
     ):  # fmt: skip
         """Run the loop on ``state`` and store the fitted attributes.
 
@@ -748,7 +751,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         back. ``prepared``: the :meth:`_prepare` of an earlier call on the same
         data (a regularisation path), or None to prepare here. ``layout``:
         ``X`` is one rank's shard of a data-parallel fit (``y_enc`` and
-        ``sample_weight`` are all ranks'), see :meth:`_setup_fit`.
+        ``sample_weight`` are all ranks'), see :meth:`_setup_fit`. ``scored``
+        (with ``gap_tol``): see :meth:`_fit_path`.
 
         Returns
         -------
@@ -762,12 +766,14 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         with _device_memory_hint("fit", batch_size):
             prepared = prepared or self._prepare(X, y_enc, sample_weight, early_stopping, head, layout)
             sample_weight, data, metric = prepared
+            null_loss = _null_loss(head, y_enc, sample_weight) if scored and gap_tol is not None else None
             cfg = LoopConfig(
                 alpha=self._penalty_coefficients(head, metric, data), damping=float(self.damping),
                 curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
                 batch_size=batch_size, max_iter=self.max_iter, tol=float(self.tol),
                 n_iter_no_change=self.n_iter_no_change, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
-                verbose=self.verbose, kronecker=metric is not None, gap_tol=gap_tol, comm=comm,
+                verbose=self.verbose, kronecker=metric is not None, gap_tol=gap_tol,
+                null_loss=null_loss, comm=comm,
             )  # fmt: skip
             state.params = _to_fit_coordinates(head, state.params, data, metric, drawn, comm)
             generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
@@ -1158,6 +1164,22 @@ def _in_row_order(X, sample_weight):
         return X, sample_weight
     X, order = X.in_row_order()
     return X, None if sample_weight is None else sample_weight[order.to(sample_weight.device)]
+
+
+def _null_loss(head, y_enc, sample_weight):
+    """Return the objective of the intercept-only model: the weighted class entropy, or ``log K``.
+
+    Returns
+    -------
+    float
+        ``-sum_k pi_k log pi_k`` with ``pi_k`` the classes' shares of the
+        weight; without intercept the loss of zero logits, ``log K``.
+    """
+    if not head.fit_intercept:
+        return math.log(max(head.n_logits, 2))
+    shares = np.bincount(y_enc, weights=sample_weight) / sample_weight.sum()
+    shares = shares[shares > 0]
+    return float(-(shares * np.log(shares)).sum())
 
 
 def _in_feature_coordinates(metric, params):

@@ -76,6 +76,13 @@ LAST_STEP_MIN_TOL = 1e-6
 # ... and a step whose damping term is this share of its slope (the damping a
 # thousand times the curvature along it) cannot end the fit.
 DAMPING_DOMINATED = 0.999
+# Scored path fits (``LoopConfig.null_loss``): a step may leave this share of
+# the gap tolerance undone by its inexact solve (``eta^2 p``), and steps are
+# solved no tighter than that asks (``_forcing_term``).
+PATH_MISS = 0.25
+# ... their gap is measured against the decrease from the intercept-only
+# model where that is smaller than the objective, down to this share of it.
+PATH_SCALE_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,14 @@ class LoopConfig:
     :func:`._step.compute_step`).
     ``gap_tol``: a full-batch linear fit whose decreases shrink only
     linearly also stops once their geometric tail is below it (see
-    ``_full_batch_converged``); None asks Newton's rate. ``comm``: the rows
+    ``_full_batch_converged``); None asks Newton's rate. ``null_loss``, with
+    ``gap_tol``: the fit is only scored (the path fits of FGNClassifierCV)
+    and needs no more than a gap of ``gap_tol``, measured against the
+    smaller of the objective and its decrease from the intercept-only
+    model, whose objective ``null_loss`` is (strong regularisation: there
+    the coefficients' whole effect on the objective is small, and a gap
+    relative to the objective would leave them far from their optimum); its
+    steps are solved only as accurately as that gap asks. ``comm``: the rows
     are this rank's shard of a data-parallel fit (:mod:`._distributed`).
     """
 
@@ -108,6 +122,7 @@ class LoopConfig:
     verbose: int = 0
     kronecker: bool = False
     gap_tol: float | None = None
+    null_loss: float | None = None
     comm: Communicator = SINGLE
 
 
@@ -758,13 +773,37 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
         # step more) and no tighter (that over-solves the last step). Half
         # of that bound: the gap estimate is not a bound.
         # Path fits (gap_tol) end on the linear rule, which asks nothing of
-        # the last solve: there the tighter solves only cost CG iterations.
+        # the last solve: there the tighter solves only cost CG iterations;
+        # scored path fits (null_loss) ask only their gap tolerance (below).
         last = min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5)
-        if cfg.tol >= LAST_STEP_MIN_TOL and cfg.gap_tol is None:
+        if cfg.null_loss is not None:
+            pass  # scored path fits: below
+        elif cfg.tol >= LAST_STEP_MIN_TOL and cfg.gap_tol is None:
             eta = last
         elif state.gap_estimate <= cfg.tol:
             eta = max(eta, last)
+    if cfg.null_loss is not None and state.loss_curve and math.isfinite(state.gap_estimate):
+        # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present gap.
+        gap_tol = _path_gap_tol(cfg, state.loss_curve[-1])
+        eta = max(eta, min(0.5, (PATH_MISS * gap_tol / max(state.gap_estimate, 1e-300)) ** 0.5))
     return max(eta, floor)
+
+
+def _path_gap_tol(cfg: LoopConfig, loss: float) -> float:
+    """Return a path fit's gap tolerance relative to the objective ``loss``.
+
+    ``cfg.gap_tol`` relative to the smaller of the objective and its
+    decrease from the intercept-only model (``cfg.null_loss``), that
+    decrease floored at ``PATH_SCALE_FLOOR`` of the objective.
+
+    Returns
+    -------
+    float
+        The tolerance on gaps relative to ``|loss|``.
+    """
+    size = max(abs(loss), 1e-300)
+    decrease = max(cfg.null_loss - loss, PATH_SCALE_FLOOR * size)
+    return cfg.gap_tol * min(1.0, decrease / size)
 
 
 def track_full_batch_step(state: LoopState, record: StepRecord) -> None:
@@ -898,16 +937,20 @@ def _full_batch_converged(
     # heads converge linearly anyway: tol alone.
     relative = _relative_decrease(record)
     trusted = record.accepted and record.ratio > 0.5
-    accurate = record.cg_tol**2 * relative <= cfg.tol**2
-    newton = accurate and (not convex or relative <= SUPERLINEAR * previous or relative <= cfg.tol**2)
-    linear = convex and cfg.gap_tol is not None and _geometric_tail(relative, previous) <= cfg.gap_tol
+    tol, missed, gap_tol = cfg.tol, cfg.tol**2, cfg.gap_tol
+    if cfg.null_loss is not None:  # a scored path fit: eta^2 p <= PATH_MISS gap_tol is enough
+        gap_tol = _path_gap_tol(cfg, record.loss)
+        tol, missed = min(tol, gap_tol), PATH_MISS * gap_tol
+    accurate = record.cg_tol**2 * relative <= missed
+    newton = accurate and (not convex or relative <= SUPERLINEAR * previous or relative <= tol**2)
+    linear = convex and gap_tol is not None and _geometric_tail(relative, previous) <= gap_tol
     roundoff = max(1e3 * _EPS, float(torch.finfo(dtype).eps))
     # A tiny step held back by a huge damping is no optimum: the undamped
     # model along it must promise no more than the stop allows either.
     reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
-    small = relative <= cfg.tol and reachable <= cfg.tol
+    small = relative <= tol and reachable <= tol
     return (trusted and small and (newton or linear)) or (
-        relative <= roundoff and reachable <= max(cfg.tol, roundoff)
+        relative <= roundoff and reachable <= max(tol, roundoff)
     )
 
 

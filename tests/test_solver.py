@@ -4,6 +4,7 @@ import math
 import platform
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from sklearn_fgn._heads import forward
 from sklearn_fgn._solver import (
     ARMIJO,
     EXTEND_MIN,
+    PATH_MISS,
+    PATH_SCALE_FLOOR,
     Batch,
     LoopConfig,
     LoopState,
@@ -28,6 +31,7 @@ from sklearn_fgn._solver import (
     _forcing_term,
     _full_batch_converged,
     _geometric_tail,
+    _path_gap_tol,
     _remaining_gap,
     damped_update,
     levenberg_marquardt,
@@ -288,3 +292,38 @@ def test_gap_tol_stops_a_linear_end_game_at_its_estimated_tail(gap_tol, previous
     tail = _geometric_tail(3e-6, previous)
     assert (tail <= (gap_tol or 0.0)) is expected
     assert _full_batch_converged(record, cfg, torch.float64, previous) is expected
+
+
+def test_scored_path_gap_is_measured_against_the_decrease_from_the_null_model():
+    # loss 3.0; null_loss 3.3: the coefficients lower the objective by 0.3, a tenth of it.
+    cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4, null_loss=3.3)
+    assert _path_gap_tol(cfg, 3.0) == pytest.approx(1e-4 * 0.3 / 3.0)
+    assert _path_gap_tol(replace(cfg, null_loss=9.0), 3.0) == pytest.approx(1e-4)  # the objective is smaller
+    # Not yet below the null model (a drawn start): the floor.
+    assert _path_gap_tol(replace(cfg, null_loss=2.0), 3.0) == pytest.approx(1e-4 * PATH_SCALE_FLOOR)
+
+
+@pytest.mark.parametrize("null_loss, cg_tol, relative, expected", [
+    (None, 0.5, 3e-6, False),  # Newton's rule: a loose last solve cannot end the fit
+    (30.0, 0.5, 3e-6, True),  # scored: eta^2 p = 7.5e-7 <= PATH_MISS * 1e-4
+    (30.0, 0.5, 3e-4, False),  # ... but p is above tol
+    (3.03, 0.5, 3e-6, False),  # the decrease from the null model is 1 % of the loss: gap_tol 1e-6
+    (3.03, 0.2, 8e-7, True),  # ... met by a small, accurate enough step: 0.04 * 8e-7 <= PATH_MISS * 1e-6
+])  # fmt: skip
+def test_scored_path_fits_stop_at_their_gap_tolerance(null_loss, cg_tol, relative, expected):
+    record = _record(ratio=1.0, cg_tol=cg_tol, predicted=3.0 * relative)  # loss 3.0
+    cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4, null_loss=null_loss)
+    assert _full_batch_converged(record, cfg, torch.float64, previous=math.inf) is expected
+
+
+def test_forcing_term_of_scored_path_fits_asks_their_gap_only():
+    # eta^2 p <= PATH_MISS gap_tol with p the present gap estimate, not the Eisenstat-Walker sqrt(p).
+    state = LoopState(
+        params={}, damping=1.0, last_relative_decrease=1e-3, gap_estimate=1e-3, loss_curve=[3.0]
+    )
+    cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4, null_loss=30.0)
+    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx((PATH_MISS * 1e-4 / 1e-3) ** 0.5)
+    state.gap_estimate = 1e-5
+    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
+    state.gap_estimate = 1e-1  # far: Eisenstat-Walker's sqrt(1e-3) is looser
+    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(1e-3**0.5)
