@@ -904,10 +904,31 @@ def _curvature_trace(system: DampedSystem) -> Tensor:
 
 
 def _hard_row_budget(n: int, n_logits: int, n_features: int) -> int:
-    """Return how many hard rows to take: their Gram and factor cost ``HARD_ROWS_BUILD_CG`` CG iterations."""
-    work = HARD_ROWS_BUILD_CG * 4.0 * n * n_logits * (n_features + 1)  # a curvature product: JVP + VJP
-    rows = min((3.0 * work) ** (1 / 3), (work / (n_features + 1)) ** 0.5)
-    return int(min(rows, HARD_ROWS_MAX, n))
+    """Return how many hard rows to take: their Gram and factor together cost ``HARD_ROWS_BUILD_CG`` products.
+
+    A curvature product is a JVP and a VJP, ``4 n K (d + 1)`` flops; the
+    Gram of ``m`` rows ``2 m^2 (d + 1)``, and its Cholesky factor ``m^3 / 3``
+    flops counted twice (a factorisation runs at about half a GEMM's rate).
+
+    Returns
+    -------
+    int
+        ``m``, at most ``HARD_ROWS_MAX`` and ``n``.
+    """
+    work = HARD_ROWS_BUILD_CG * 4.0 * n * n_logits * (n_features + 1)
+    limit = int(min(HARD_ROWS_MAX, n))
+    if _hard_row_build_cost(limit, n_features) <= work:
+        return limit
+    low, high = 0, limit  # cost(low) <= work < cost(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _hard_row_build_cost(middle, n_features) <= work else (low, middle)
+    return low
+
+
+def _hard_row_build_cost(m: int, n_features: int) -> float:
+    """Flops of the Gram of ``m`` hard rows and its Cholesky factor (the latter counted twice)."""
+    return 2.0 * m * m * (n_features + 1) + 2.0 * m**3 / 3.0
 
 
 def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:

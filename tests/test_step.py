@@ -579,3 +579,17 @@ def test_mixed_precision_leaves_float32_features_and_tight_tolerances_alone(case
     head, params, X, y, sample_weight = make_problem(case, torch.float32)
     compute_step(head, params, X, y, sample_weight, alpha=case.alpha, damping=damping, curvature="ggn",
                  solver="cg", cg_tol=1e-2, mixed_precision=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("n, K, d", [(16000, 100, 256), (400, 4, 5), (3000, 10, 2000), (50000, 200, 768)])
+def test_hard_row_budget_is_the_most_rows_whose_gram_and_factor_cost_the_budget(n, K, d):
+    # Gram 2 m^2 (d + 1) plus the Cholesky factor's m^3 / 3 counted twice, against
+    # HARD_ROWS_BUILD_CG curvature products of 4 n K (d + 1) flops each.
+    import sklearn_fgn._step as step
+
+    m = step._hard_row_budget(n, K, d)
+    work = step.HARD_ROWS_BUILD_CG * 4.0 * n * K * (d + 1)
+    cost = lambda rows: 2.0 * rows**2 * (d + 1) + 2.0 * rows**3 / 3.0  # noqa: E731
+    assert 0 < m <= min(step.HARD_ROWS_MAX, n)
+    assert cost(m) <= work
+    assert m == min(step.HARD_ROWS_MAX, n) or cost(m + 1) > work
