@@ -782,10 +782,12 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
             eta = last
         elif state.gap_estimate <= cfg.tol:
             eta = max(eta, last)
-    if cfg.null_loss is not None and state.loss_curve and math.isfinite(state.gap_estimate):
-        # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present gap.
+    # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present gap:
+    # the last step's estimate, or its decrease after an untrusted step (near round-off, say).
+    present = state.gap_estimate if math.isfinite(state.gap_estimate) else state.last_relative_decrease
+    if cfg.null_loss is not None and state.loss_curve and math.isfinite(present):
         gap_tol = _path_gap_tol(cfg, state.loss_curve[-1])
-        eta = max(eta, min(0.5, (PATH_MISS * gap_tol / max(state.gap_estimate, 1e-300)) ** 0.5))
+        eta = max(eta, min(0.5, (PATH_MISS * gap_tol / max(present, 1e-300)) ** 0.5))
     return max(eta, floor)
 
 

@@ -327,3 +327,10 @@ def test_forcing_term_of_scored_path_fits_asks_their_gap_only():
     assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
     state.gap_estimate = 1e-1  # far: Eisenstat-Walker's sqrt(1e-3) is looser
     assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(1e-3**0.5)
+    # After an untrusted step (no gap estimate) its decrease stands for the gap: a decrease of
+    # 2.5e-7 asks no tight solve of the next step (Eisenstat-Walker's term would be 5e-4).
+    state.gap_estimate, state.last_relative_decrease = math.inf, 2.5e-7
+    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
+    assert _forcing_term(LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4), state, True, torch.float64) == (
+        pytest.approx(2.5e-7**0.5)
+    )
