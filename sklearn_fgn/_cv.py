@@ -97,13 +97,13 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         decreases leave is estimated below ``tol``, as ``LogisticRegressionCV``
         stops short of the optimum. On folds of at least ``1e8`` rows x
         features x classes the path fits ask no more than that gap of every
-        step's solve either, the gap measured against the smaller of the
+        step's solve either, the gap relative to the smaller of the
         objective and its decrease from the intercept-only model (so that
         strongly regularised coefficients, which lower the objective little,
-        are still fitted to ``tol`` of their own effect). The refit of the chosen ``C`` runs to
-        ``min(tol, 1e-8)`` with Newton's stopping rule: it is one fit, and its
-        coefficients are then exact where a weak ``C`` leaves the objective
-        flat.
+        are still fitted to ``tol`` of their own effect). The refit of the
+        chosen ``C`` runs to ``min(tol, 1e-8)`` with Newton's stopping rule:
+        it is one fit, and its coefficients are then exact where a weak ``C``
+        leaves the objective flat.
     fit_intercept : bool, default=True
         Whether to fit intercepts (not penalised).
     class_weight : dict, "balanced" or None, default=None

@@ -80,8 +80,8 @@ DAMPING_DOMINATED = 0.999
 # the gap tolerance undone by its inexact solve (``eta^2 p``), and steps are
 # solved no tighter than that asks (``_forcing_term``).
 PATH_MISS = 0.25
-# ... their gap is measured against the decrease from the intercept-only
-# model where that is smaller than the objective, down to this share of it.
+# ... their gap is relative to the decrease from the intercept-only model
+# where that is smaller than the objective, down to this share of it.
 PATH_SCALE_FLOOR = 1e-3
 
 
@@ -99,9 +99,9 @@ class LoopConfig:
     linearly also stops once their geometric tail is below it (see
     ``_full_batch_converged``); None asks Newton's rate. ``null_loss``, with
     ``gap_tol``: the fit is only scored (the path fits of FGNClassifierCV)
-    and needs no more than a gap of ``gap_tol``, measured against the
-    smaller of the objective and its decrease from the intercept-only
-    model, whose objective ``null_loss`` is (strong regularisation: there
+    and needs no more than a gap of ``gap_tol``, relative to the smaller
+    of the objective and its decrease from the intercept-only model,
+    whose objective ``null_loss`` is (strong regularisation: there
     the coefficients' whole effect on the objective is small, and a gap
     relative to the objective would leave them far from their optimum); its
     steps are solved only as accurately as that gap asks. ``comm``: the rows
@@ -766,28 +766,26 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
         return AUTO_CG_TOL
     floor = max(1e-10, 10 * torch.finfo(dtype).eps)
     eta = min(0.5, state.last_relative_decrease**0.5)
-    if cfg.tol > 0 and state.gap_estimate <= LAST_STEP_GAP * cfg.tol:
+    if cfg.null_loss is not None:
+        # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present
+        # gap: the last step's estimate, or its decrease after an untrusted step (near round-off).
+        present = state.gap_estimate if math.isfinite(state.gap_estimate) else state.last_relative_decrease
+        if state.loss_curve and math.isfinite(present):
+            gap_tol = _path_gap_tol(cfg, state.loss_curve[-1])
+            eta = max(eta, min(0.5, (PATH_MISS * gap_tol / max(present, 1e-300)) ** 0.5))
+    elif cfg.tol > 0 and state.gap_estimate <= LAST_STEP_GAP * cfg.tol:
         # This step can be the last: _full_batch_converged then asks
         # eta^2 p <= tol^2 with p about the present gap. Solve to that, no
         # looser (a step solved too loosely to end the fit costs a whole
         # step more) and no tighter (that over-solves the last step). Half
         # of that bound: the gap estimate is not a bound.
         # Path fits (gap_tol) end on the linear rule, which asks nothing of
-        # the last solve: there the tighter solves only cost CG iterations;
-        # scored path fits (null_loss) ask only their gap tolerance (below).
+        # the last solve: there the tighter solves only cost CG iterations.
         last = min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5)
-        if cfg.null_loss is not None:
-            pass  # scored path fits: below
-        elif cfg.tol >= LAST_STEP_MIN_TOL and cfg.gap_tol is None:
+        if cfg.tol >= LAST_STEP_MIN_TOL and cfg.gap_tol is None:
             eta = last
         elif state.gap_estimate <= cfg.tol:
             eta = max(eta, last)
-    # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present gap:
-    # the last step's estimate, or its decrease after an untrusted step (near round-off, say).
-    present = state.gap_estimate if math.isfinite(state.gap_estimate) else state.last_relative_decrease
-    if cfg.null_loss is not None and state.loss_curve and math.isfinite(present):
-        gap_tol = _path_gap_tol(cfg, state.loss_curve[-1])
-        eta = max(eta, min(0.5, (PATH_MISS * gap_tol / max(present, 1e-300)) ** 0.5))
     return max(eta, floor)
 
 
