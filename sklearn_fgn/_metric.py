@@ -212,7 +212,7 @@ def feature_moments(
     # Each chunk's product in float32 (see above), unless float32 matmuls may
     # use TF32 or bfloat16 (set_float32_matmul_precision): their rounding
     # would be far above the metric's ridge.
-    low = X.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    low = X.dtype == torch.float32 and float32_matmuls_exact()
     for chunk, w in _weighted_chunks(X, sample_weight):
         centred = chunk - shift
         total += w @ chunk
@@ -328,6 +328,18 @@ class FeatureMetric:
         """
         coef = _times(coef, self.transform.to(coef.dtype), transpose=True)
         return coef, None if intercept is None else intercept - coef @ self.mean.to(coef.dtype)
+
+
+def float32_matmuls_exact() -> bool:
+    """Return whether float32 matmuls run in float32, not in TF32 or bfloat16.
+
+    As ``torch.set_float32_matmul_precision("highest")`` leaves them.
+
+    Returns
+    -------
+    bool
+    """
+    return torch.get_float32_matmul_precision() == "highest"
 
 
 def is_diagonal_metric(n_features: int) -> bool:

@@ -75,6 +75,7 @@ from ._curvature import (
 from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params
 from ._margin import MarginStats, curvature_weight, loss_derivative, margin, per_example_loss
+from ._metric import float32_matmuls_exact
 
 __all__ = [
     "CHOLESKY_MAX_ROWS",
@@ -437,7 +438,7 @@ def _mixed_pays_off(system: DampedSystem, cg_tol: float) -> bool:
         system.linear
         and system.X.dtype == torch.float64
         and cg_tol >= MIXED_MIN_TOL
-        and torch.get_float32_matmul_precision() == "highest"
+        and float32_matmuls_exact()
     )
 
 
