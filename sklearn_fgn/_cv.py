@@ -322,7 +322,10 @@ def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, thre
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
         large = _work(X, train, y_train) >= PATH_LARGE_WORK
         X_train = _path_features(X[train], estimator.tol) if large else X[train]
-        for state in estimator._fit_path(X_train, y_train, w_train, 1.0 / Cs, estimator.tol, scored=large):
+        classes = np.unique(y)  # all of them, though a fold may lack some
+        for state in estimator._fit_path(
+            X_train, y_train, w_train, 1.0 / Cs, estimator.tol, scored=large, classes=classes
+        ):
             scores.append(float(scorer(estimator, X[test], y_test, sample_weight=w_test)))
             coef = estimator.coef_
             if estimator.fit_intercept:

@@ -600,7 +600,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
         return self
 
-    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None, scored=False):
+    def _fit_path(self, X, y, sample_weight, alphas, gap_tol=None, init=None, scored=False, classes=None):
         """Fit at each of ``alphas`` in turn, each fit starting from the previous solution.
 
         What does not depend on ``alpha`` is done once: validation, the
@@ -613,13 +613,16 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         ``init``: ``(coef_init, intercept_init)`` of the first fit (else drawn).
         ``scored``: the fits are only scored (a fold of FGNClassifierCV) and
         need a gap of ``gap_tol`` and no more (``LoopConfig.null_loss``).
+        ``classes``: every class of the search, a superset of ``y``'s (a
+        fold may lack a rare class: its logits are fitted with no rows, as
+        ``LogisticRegressionCV`` does, so every fold has the same classes).
 
         Yields
         ------
         LoopState
             The state of the fit at that ``alpha``.
         """
-        X, y_enc, sample_weight, head, layout = self._setup_fit(X, y, sample_weight)
+        X, y_enc, sample_weight, head, layout = self._setup_fit(X, y, sample_weight, classes)
         init = (None, None) if init is None else init
         state = LoopState(self._initial_params(head, numpy_dtype(X.dtype), *init), float(self.damping))
         early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X, layout), None
@@ -633,7 +636,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             yield state
 
     # -------------------------------------------------------------- helpers
-    def _setup_fit(self, X, y, sample_weight):
+    def _setup_fit(self, X, y, sample_weight, classes=None):
         """Validate the data and settings; set ``classes_``; return what a fit needs.
 
         With ``distributed``, ``X`` is this rank's shard and ``y_enc`` and
@@ -650,7 +653,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=True)
             hidden = self._check_params()
         y, sample_weight, layout = _gathered_rows(comm, X, y, sample_weight, _shared_settings(self))
-        self.classes_, y_enc = np.unique(y, return_inverse=True)
+        if classes is None:
+            self.classes_, y_enc = np.unique(y, return_inverse=True)
+        else:  # a superset of y's labels, sorted (FGNClassifierCV's folds)
+            self.classes_, y_enc = classes, np.searchsorted(classes, y)
         self._check_classes()
         self._rng = np.random.RandomState(_agreed_seed(comm, self.random_state))
         return X, y_enc, sample_weight, self._make_head(hidden, X.shape[1]), layout

@@ -5,9 +5,9 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_breast_cancer, load_digits, load_iris
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris, make_classification
 from sklearn.linear_model import LogisticRegressionCV
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -89,6 +89,25 @@ def test_pipeline_pickle_and_weights():
     sw = np.random.RandomState(0).uniform(0.5, 2.0, len(y))
     weighted = FGNClassifierCV(Cs=3, cv=3, device="cpu").fit(X, y, sample_weight=sw)
     assert weighted.scores_.shape == (3, 3)
+
+
+def test_a_fold_without_a_class_fits_and_scores_it_as_logistic_regression_cv():
+    # KFold leaves the rare class 3 out of fold 0's training rows: that fold
+    # still fits (and returns coefficients for) every class, as LogisticRegressionCV does.
+    X, y = make_classification(300, 8, n_informative=5, n_classes=3, random_state=0)
+    y[:3] = 3
+    folds, Cs = KFold(5), np.logspace(-2, 3, 4)
+    fgn = FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        lr = LogisticRegressionCV(Cs=Cs, cv=folds, max_iter=10_000, tol=1e-8, l1_ratios=(0,),
+                                  use_legacy_attributes=False).fit(X, y)  # fmt: skip
+    assert fgn.coefs_paths_.shape == (5, 4, 4, 9) and np.isfinite(fgn.coefs_paths_).all()
+    np.testing.assert_allclose(fgn.scores_, lr.scores_.reshape(5, -1), atol=1e-12)
+    # the absent class is never predicted on fold 0: its intercept sinks below the others
+    intercepts = fgn.coefs_paths_[0, :, :, -1]
+    assert np.all(intercepts[:, 3] < intercepts[:, :3].min(1) - 5)
+    assert fgn.C_ == lr.C_
 
 
 def test_bad_Cs_raise():
