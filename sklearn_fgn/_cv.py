@@ -143,6 +143,16 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
     FGNClassifier : One fit at a given ``alpha = 1 / C``.
     sklearn.linear_model.LogisticRegressionCV : The same search with scikit-learn's solvers.
 
+    Notes
+    -----
+    ``tol`` here bounds the relative objective gap, which does not depend on
+    the features' scale. ``LogisticRegressionCV``'s ``tol`` bounds the
+    gradient's largest entry: on raw embeddings (rows of norm 1, so small
+    gradients) its default stops the weakly regularised fits short of their
+    optima, and it can choose a smaller ``C`` than the optima's validation
+    scores do. Compare the two with a tighter ``tol`` for scikit-learn there
+    (``benchmarks/linear_probe.py --cv-peer-tols``).
+
     Examples
     --------
     >>> from sklearn.datasets import load_iris
