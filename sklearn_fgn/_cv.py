@@ -253,13 +253,19 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             )
             for train, test in folds
         )
-        self.classes_, self.Cs_ = classes, Cs
-        self.scores_ = np.array([r[0] for r in results])
-        self.coefs_paths_ = np.array([r[1] for r in results])
+        scores = np.array([r[0] for r in results])
+        coefs_paths = np.array([r[1] for r in results])
+        best = int(np.argmax(scores.mean(axis=0)))  # the first (smallest C) among ties
+        # Every fitted attribute is set at the end: a refit that fails or is
+        # stopped leaves the estimator as it was.
+        coef, intercept, best_estimator = self._best_fit(X, y, sample_weight, coefs_paths[:, best], Cs[best])
+        self.__dict__.pop("best_estimator_", None)
+        if best_estimator is not None:
+            self.best_estimator_ = best_estimator
+        self.classes_, self.Cs_, self.C_ = classes, Cs, float(Cs[best])
+        self.scores_, self.coefs_paths_ = scores, coefs_paths
         self.n_iter_ = np.array([r[2] for r in results])
-        best = int(np.argmax(self.scores_.mean(axis=0)))  # the first (smallest C) among ties
-        self.C_ = float(Cs[best])
-        self._store_best(X, y, sample_weight, best)
+        self.coef_, self.intercept_ = coef, intercept
         return self
 
     def _grid(self):
@@ -278,24 +284,31 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             device=self.device, random_state=self.random_state, verbose=self.verbose,
         )  # fmt: skip
 
-    def _store_best(self, X, y, sample_weight, best):
-        mean = self.coefs_paths_[:, best].mean(axis=0)
+    def _best_fit(self, X, y, sample_weight, fold_coefs, C):
+        """Return ``(coef, intercept, best_estimator)`` at the chosen ``C``.
+
+        The folds' mean solution; with ``refit``, the fit on all rows started
+        from it (to ``min(tol, REFIT_TOL)``, or ``REFIT_GAP_TOL`` where the end
+        game is linear), else ``best_estimator`` is None.
+
+        Returns
+        -------
+        tuple
+        """
+        mean = fold_coefs.mean(axis=0)
         if self.fit_intercept:
-            self.coef_, self.intercept_ = mean[:, :-1], mean[:, -1]
+            coef, intercept = mean[:, :-1], mean[:, -1]
         else:
-            self.coef_, self.intercept_ = mean, np.zeros(mean.shape[0], dtype=mean.dtype)
+            coef, intercept = mean, np.zeros(mean.shape[0], dtype=mean.dtype)
         if not self.refit:
-            return
-        # From the folds' mean solution, to REFIT_GAP_TOL where the end game is linear.
-        self.best_estimator_ = self._base_estimator(self.C_, tol=min(self.tol, REFIT_TOL))
-        init = (self.coef_, self.intercept_ if self.fit_intercept else None)
+            return coef, intercept, None
+        best_estimator = self._base_estimator(C, tol=min(self.tol, REFIT_TOL))
+        init = (coef, intercept if self.fit_intercept else None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # the fold fits already warned
-            for _ in self.best_estimator_._fit_path(
-                X, y, sample_weight, [1.0 / self.C_], REFIT_GAP_TOL, init
-            ):
+            for _ in best_estimator._fit_path(X, y, sample_weight, [1.0 / C], REFIT_GAP_TOL, init):
                 pass
-        self.coef_, self.intercept_ = self.best_estimator_.coef_, self.best_estimator_.intercept_
+        return best_estimator.coef_, best_estimator.intercept_, best_estimator
 
     def _logits_map(self, X):
         check_is_fitted(self)

@@ -110,6 +110,23 @@ def test_a_fold_without_a_class_fits_and_scores_it_as_logistic_regression_cv():
     assert fgn.C_ == lr.C_
 
 
+def test_a_failed_refit_leaves_the_fitted_estimator_as_it_was(monkeypatch):
+    X, y = _standardized("iris")
+    cv = FGNClassifierCV(Cs=3, cv=3, device="cpu").fit(X, y)
+    before = {k: v for k, v in vars(cv).items() if k.endswith("_")}
+
+    def fail(*args, **kwargs):
+        raise ValueError("refit failed")
+
+    monkeypatch.setattr(FGNClassifierCV, "_best_fit", fail)
+    with pytest.raises(ValueError, match="refit failed"):
+        cv.set_params(Cs=[0.5, 5.0]).fit(X[::2], y[::2])
+    after = {k: v for k, v in vars(cv).items() if k.endswith("_")}
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert after[name] is value, name
+
+
 def test_bad_Cs_raise():
     X, y = load_iris(return_X_y=True)
     with pytest.raises(ValueError, match="Cs must be positive"):
