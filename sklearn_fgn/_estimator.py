@@ -605,7 +605,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
 
         What does not depend on ``alpha`` is done once: validation, the
         tensors on the device, the validation split, the feature metric and
-        its eigendecomposition. Yields after each fit, with the fitted
+        its eigendecomposition; in full batch each fit starts from the last
+        one's parameters in the fit's coordinates and their logits (no
+        forward pass, no change of coordinates). Yields after each fit, with the fitted
         attributes of that ``alpha`` set (a generator: the caller scores
         them). Used by :class:`FGNClassifierCV`. ``gap_tol``: full-batch
         fits whose end game converges only linearly stop at that estimated
@@ -628,7 +630,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         early_stopping, prepared = self._resolve_early_stopping(y_enc, head, X, layout), None
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
-            state = LoopState(state.params, state.damping)
+            # the same rows: the last fit's parameters in its coordinates and their logits
+            state = LoopState(state.params, state.damping, logits=state.logits, fit_params=state.fit_params)
             state, prepared = self._train(
                 head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol, layout,
                 scored,
@@ -781,7 +784,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 verbose=self.verbose, kronecker=metric is not None, gap_tol=gap_tol,
                 null_loss=null_loss, comm=comm,
             )  # fmt: skip
-            state.params = _to_fit_coordinates(head, state.params, data, metric, drawn, comm)
+            if state.fit_params is None:
+                state.params = _to_fit_coordinates(head, state.params, data, metric, drawn, comm)
+            else:  # a path's previous fit on these rows, in these coordinates
+                state.params, state.fit_params = state.fit_params, None
             generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
             mine = slice(None) if layout is None else slice(layout.offset, layout.offset + X.shape[0])
             y_labels, max_subtasks = self.classes_[y_enc[mine]], n_epochs or self.max_iter
@@ -795,7 +801,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                     warnings.warn("Training interrupted by user.", stacklevel=4)
                     state.stopped = True
         if early_stopping and state.best_params is not None:
-            state.params = state.best_params
+            state.params, state.logits = state.best_params, None
+        state.fit_params = state.params if state.logits is not None else None
         state.params = to_features(state.params)
         self._store(head, state)
         events.close()

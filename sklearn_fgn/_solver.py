@@ -145,6 +145,12 @@ class LoopState:
     last_relative_decrease: float = math.inf
     previous_relative_decrease: float = math.inf
     gap_estimate: float = math.inf
+    # Full batch without hold-out: the logits at ``params`` on the training
+    # rows, set by run_epochs (None otherwise), and, after a fit, the
+    # parameters in the fit's coordinates (``fit_params``): a path's next
+    # alpha on the same rows starts from both, without a forward pass.
+    logits: Tensor | None = None
+    fit_params: Params | None = None
 
 
 @dataclass(frozen=True)
@@ -1003,7 +1009,8 @@ def run_epochs(
         ``state``, updated in place.
     """
     full_batch = cfg.batch_size is None or cfg.batch_size >= data.n_total
-    logits = None  # full batch: the logits at state.params, reused by the next step
+    # full batch: the logits at state.params, reused by the next step
+    logits, state.logits = (state.logits if full_batch else None), None
     for _ in range(cfg.max_iter if n_epochs is None else n_epochs):
         if on_epoch_begin is not None:
             on_epoch_begin(state)
@@ -1030,4 +1037,5 @@ def run_epochs(
             state.stopped = True
         if state.converged or state.stopped:
             break
+    state.logits = logits if data.X_val is None else None
     return state

@@ -202,3 +202,31 @@ def test_null_loss_is_the_objective_of_the_intercept_only_model(fit_intercept):
     proba = np.tile(shares if fit_intercept else np.full(4, 0.25), (200, 1))
     head = Head(n_features=3, n_logits=4, fit_intercept=fit_intercept)
     assert _null_loss(head, y, w) == pytest.approx(log_loss(y, proba, sample_weight=w))
+
+
+def test_a_path_starts_each_C_from_the_last_fits_logits_and_coordinates(monkeypatch):
+    # What does not depend on C is done once per fold: after the first C no
+    # forward pass and no change of coordinates; the fits are the same.
+    import sklearn_fgn._curvature as curvature
+    import sklearn_fgn._estimator as estimator
+
+    X, y = _standardized("breast_cancer")
+    calls = {"forward": 0, "to_fit": 0}
+    forward, to_fit = curvature.forward, estimator._to_fit_coordinates
+
+    def counted_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return forward(*args, **kwargs)
+
+    def counted_to_fit(*args, **kwargs):
+        calls["to_fit"] += 1
+        return to_fit(*args, **kwargs)
+
+    monkeypatch.setattr(curvature, "forward", counted_forward)
+    monkeypatch.setattr(estimator, "_to_fit_coordinates", counted_to_fit)
+    path = FGNClassifier(batch_size=None, tol=1e-10, device="cpu")
+    coefs = [path.coef_.copy() for _ in path._fit_path(X, y, np.ones(len(y)), [10.0, 1.0, 0.1])]
+    assert calls == {"forward": 1, "to_fit": 1}
+    for coef, alpha in zip(coefs, [10.0, 1.0, 0.1], strict=True):
+        single = FGNClassifier(alpha=alpha, batch_size=None, tol=1e-10, device="cpu").fit(X, y)
+        np.testing.assert_allclose(coef, single.coef_, rtol=1e-6, atol=1e-8)
