@@ -607,9 +607,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         tensors on the device, the validation split, the feature metric and
         its eigendecomposition; in full batch each fit starts from the last
         one's parameters in the fit's coordinates and their logits (no
-        forward pass, no change of coordinates). Yields after each fit, with the fitted
-        attributes of that ``alpha`` set (a generator: the caller scores
-        them). Used by :class:`FGNClassifierCV`. ``gap_tol``: full-batch
+        forward pass, no change of coordinates). Yields after each fit, with
+        the fitted attributes of that ``alpha`` set (a generator: the caller
+        scores them). Used by :class:`FGNClassifierCV`. ``gap_tol``: full-batch
         fits whose end game converges only linearly stop at that estimated
         relative gap (see ``LoopConfig``) instead of running to Newton's rate.
         ``init``: ``(coef_init, intercept_init)`` of the first fit (else drawn).
