@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from numbers import Integral, Real
@@ -12,7 +13,7 @@ from joblib import effective_n_jobs
 from sklearn import config_context
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import check_scoring
+from sklearn.metrics import check_scoring, make_scorer
 from sklearn.model_selection import check_cv
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.parallel import Parallel, delayed
@@ -244,7 +245,7 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         classes = np.unique(y)
         Cs = self._grid()
         folds = list(check_cv(self.cv, y, classifier=True).split(np.empty((len(y), 0)), y))
-        scorer = check_scoring(self._base_estimator(1.0), scoring=self.scoring)
+        scorer = _told_every_class(check_scoring(self._base_estimator(1.0), scoring=self.scoring), classes)
         n_jobs = effective_n_jobs(self.n_jobs)
         path = self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER)
         results = Parallel(n_jobs=n_jobs)(
@@ -318,6 +319,32 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             torch.as_tensor(a, dtype=X.dtype, device=X.device) for a in (self.coef_, self.intercept_)
         )
         return X, lambda rows: rows @ coef.T + intercept
+
+
+def _told_every_class(scorer, classes):
+    """Return ``scorer`` with ``labels=classes`` where its metric takes them, as LogisticRegressionCV does.
+
+    A fold's validation rows may lack a class; a metric of probabilities
+    (log loss, Brier score) then cannot tell which of ``predict_proba``'s
+    columns its labels are, and one that averages over classes would leave
+    the absent one out. Binary metrics also get ``pos_label`` (the second
+    class). The scorer's own arguments take precedence.
+
+    Returns
+    -------
+    callable
+        The scorer, or a copy that passes ``labels`` (and ``pos_label``).
+    """
+    metric = getattr(scorer, "_score_func", None)
+    if metric is None or "labels" not in inspect.signature(metric).parameters:
+        return scorer
+    told = {"labels": classes}
+    if len(classes) <= 2 and "pos_label" in inspect.signature(metric).parameters:
+        told["pos_label"] = classes[-1]
+    return make_scorer(
+        metric, greater_is_better=scorer._sign == 1, response_method=scorer._response_method,
+        **(told | getattr(scorer, "_kwargs", {})),
+    )  # fmt: skip
 
 
 def _worker_threads(n_jobs):

@@ -110,6 +110,22 @@ def test_a_fold_without_a_class_fits_and_scores_it_as_logistic_regression_cv():
     assert fgn.C_ == lr.C_
 
 
+@pytest.mark.parametrize("scoring", ["neg_log_loss", "neg_brier_score", "f1_macro"])
+def test_scorers_of_a_fold_without_a_class_are_told_every_class(scoring):
+    # Two rows of class 3: one fold's validation rows lack it, and the metrics of probabilities
+    # are told the classes (labels=...) to match predict_proba's columns, as in LogisticRegressionCV.
+    X, y = make_classification(300, 8, n_informative=5, n_classes=3, random_state=0)
+    y[:2] = 3
+    Cs = [0.1, 10.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rare class's warning from StratifiedKFold
+        fgn = FGNClassifierCV(Cs=Cs, cv=3, scoring=scoring, tol=1e-8, device="cpu").fit(X, y)
+        lr = LogisticRegressionCV(Cs=Cs, cv=3, scoring=scoring, max_iter=10_000, tol=1e-8, l1_ratios=(0,),
+                                  use_legacy_attributes=False).fit(X, y)  # fmt: skip
+    assert np.isfinite(fgn.scores_).all()
+    np.testing.assert_allclose(fgn.scores_, lr.scores_.reshape(3, -1), atol=2e-4)
+
+
 def test_a_failed_refit_leaves_the_fitted_estimator_as_it_was(monkeypatch):
     X, y = _standardized("iris")
     cv = FGNClassifierCV(Cs=3, cv=3, device="cpu").fit(X, y)
