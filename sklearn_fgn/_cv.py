@@ -250,7 +250,7 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         path = self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER)
         results = Parallel(n_jobs=n_jobs)(
             delayed(_fit_fold_path)(
-                path, X, y, sample_weight, train, test, Cs, scorer, _worker_threads(n_jobs)
+                path, X, y, classes, sample_weight, train, test, Cs, scorer, _worker_threads(n_jobs)
             )
             for train, test in folds
         )
@@ -336,10 +336,11 @@ def _told_every_class(scorer, classes):
         The scorer, or a copy that passes ``labels`` (and ``pos_label``).
     """
     metric = getattr(scorer, "_score_func", None)
-    if metric is None or "labels" not in inspect.signature(metric).parameters:
+    parameters = inspect.signature(metric).parameters if metric is not None else {}
+    if "labels" not in parameters:
         return scorer
     told = {"labels": classes}
-    if len(classes) <= 2 and "pos_label" in inspect.signature(metric).parameters:
+    if len(classes) <= 2 and "pos_label" in parameters:
         told["pos_label"] = classes[-1]
     return make_scorer(
         metric, greater_is_better=scorer._sign == 1, response_method=scorer._response_method,
@@ -352,8 +353,10 @@ def _worker_threads(n_jobs):
     return max(1, (os.cpu_count() or 1) // max(1, n_jobs))
 
 
-def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, threads):
+def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, scorer, threads):
     """Fit ``estimator`` along ``Cs`` on the fold's training rows; score each on its test rows.
+
+    ``classes``: all of the search's, which every fold fits (a fold may lack some).
 
     Returns
     -------
@@ -372,7 +375,6 @@ def _fit_fold_path(estimator, X, y, sample_weight, train, test, Cs, scorer, thre
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
         large = _work(X, train, y_train) >= PATH_LARGE_WORK
         X_train = _path_features(X[train], estimator.tol) if large else X[train]
-        classes = np.unique(y)  # all of them, though a fold may lack some
         for state in estimator._fit_path(
             X_train, y_train, w_train, 1.0 / Cs, estimator.tol, scored=large, classes=classes
         ):
