@@ -631,7 +631,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         for i, alpha in enumerate(alphas):
             self.alpha = float(alpha)
             # the same rows: the last fit's parameters in its coordinates and their logits
-            state = LoopState(state.params, state.damping, logits=state.logits, fit_params=state.fit_params)
+            state = LoopState(state.params, state.damping, logits=state.logits, fit_params=state.fit_params,
+                              step_cache=state.step_cache)  # fmt: skip
             state, prepared = self._train(
                 head, state, X, y_enc, sample_weight, early_stopping, None, i == 0, prepared, gap_tol, layout,
                 scored,

@@ -151,6 +151,8 @@ class LoopState:
     # alpha on the same rows starts from both, without a forward pass.
     logits: Tensor | None = None
     fit_params: Params | None = None
+    # What full-batch steps on the same rows share (``compute_step``'s ``cache``).
+    step_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -469,6 +471,7 @@ def step_on_batch(
     min_damping: float = DAMPING_BOUNDS[0],
     logits: Tensor | None = None,
     extend: bool = False,
+    cache: dict | None = None,
 ) -> tuple[StepResult, Params, Tensor, StepRecord]:
     """Compute a damped ``curvature`` step (:func:`._step.compute_step`) and take it (:func:`take_step`).
 
@@ -496,7 +499,7 @@ def step_on_batch(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=_cg_max_iter(cfg, extend),
         logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
-        mixed_precision=extend, comm=cfg.comm,
+        mixed_precision=extend, comm=cfg.comm, cache=cache,
     )  # fmt: skip
     with torch.no_grad():  # a logits function's trial forward passes need no graph
         params, logits, record = take_step(
@@ -870,7 +873,7 @@ def _run_epoch(
         cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
         state.params, state.damping, record, logits = damped_update(
             head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping,
-            logits if full_batch else None, extend=full_batch,
+            logits if full_batch else None, extend=full_batch, cache=state.step_cache if full_batch else None,
         )  # fmt: skip
         if full_batch:
             track_full_batch_step(state, record)

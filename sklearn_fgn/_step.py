@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,6 +109,10 @@ HARD_ROWS_SHARE = 0.25
 HARD_ROWS_BUILD_CG = 4
 HARD_ROWS_MAX = 4096
 HARD_ROWS_MIN = 256
+# Otherwise the class-means model (make_class_means_preconditioner), up to
+# this many logits (its build is O(K^2 (d + K)) work and K^3 memory); the
+# Kronecker model beyond.
+CLASS_MEANS_MAX_LOGITS = 256
 # Mixed precision (full-batch steps of a linear head on float64 features):
 # CG's curvature products run in float32 (half the memory traffic and a
 # faster GEMM on CPUs, far faster on consumer GPUs) while its
@@ -357,6 +362,146 @@ def make_kronecker_preconditioner(
         return flatten(out)
 
     return apply
+
+
+def class_group_moments(
+    X: Tensor, y: Tensor, weights: Tensor, n_groups: int, intercept: bool, comm: Communicator = SINGLE
+) -> tuple[Tensor, Tensor]:
+    """Each label group's mean of ``x~`` and the within-group variances, summed over the ranks.
+
+    ``x~ = (x, 1)`` with an intercept. They depend on the rows only, not on
+    the parameters, so a fit computes them once (see ``compute_step``'s
+    ``cache``). Cost: one ``(G, n) @ (n, d)`` product and ``O(n d)``.
+
+    Returns
+    -------
+    means : Tensor of shape (G, d~)
+        ``mu_y``, zero for a group without rows.
+    within : Tensor of shape (d~,)
+        The diagonal of the weighted within-group covariance ``Sigma_W``.
+    """
+    onehot = X.new_zeros(X.shape[0], n_groups).scatter_(1, y[:, None], weights[:, None])  # omega_i at y_i
+    square = sum(w @ x.square() for w, x in zip(weights.split(8192), X.split(8192), strict=True))
+    d = X.shape[1]
+    flat = comm.sum_(torch.cat([(onehot.T @ X).flatten(), onehot.sum(0), square, weights.sum()[None]]))
+    sums, counts = flat[: n_groups * d].view(n_groups, d), flat[n_groups * d : n_groups * (d + 1)]
+    square, total = flat[n_groups * (d + 1) : -1], flat[-1:]
+    if intercept:  # the constant 1: mean 1 in every group, no within-group variance
+        sums, square = torch.cat([sums, counts[:, None]], 1), torch.cat([square, total])
+    means = sums / counts.clamp_min(torch.finfo(X.dtype).tiny)[:, None]
+    return means, (square - counts @ means.square()).clamp_min(0.0)
+
+
+def _logit_curvature_diagonal(system: DampedSystem) -> Tensor:
+    """Return ``omega_i (H_i)_kk``, shape (n, K): the diagonal of each row's curvature in logit space."""
+    stats, weights = system.stats, system.weights
+    if system.curvature == "fgn" or stats.logits.shape[1] == 1:
+        a = stats.direction
+        return (weights * curvature_weight(stats.margin))[:, None] * a * a
+    proba = stats.proba
+    return weights[:, None] * proba * (1.0 - proba)
+
+
+def make_class_means_preconditioner(
+    system: DampedSystem, moments: tuple[Tensor, Tensor] | None = None
+) -> Callable[[Tensor], Tensor] | None:
+    r"""``(M + Lambda)^{-1}`` for the class-means model ``M`` of a linear head's curvature.
+
+    The curvature's diagonal class blocks are ``G_kk = sum_i omega_i
+    (H_i)_kk x~_i x~_i^T``. Near a weakly regularised optimum a class's own
+    rows are fitted and carry little of ``(H_i)_kk``: moving ``w_k`` along
+    the class's mean then costs far less curvature than the Kronecker model
+    ``S kron A`` (which spreads every row's curvature over every class's
+    features) says, and the Newton step's length sits in such directions. The
+    model keeps, per logit ``k``, which groups of rows (by label) carry its
+    curvature: rows of group ``y`` are taken to have second moment
+    ``diag(Sigma_W) + mu_y mu_y^T`` (``mu_y`` the group's mean of ``x~``,
+    ``Sigma_W`` the within-group covariance), so
+
+    .. math::
+
+        M_{kk} = c_k \operatorname{diag}(\Sigma_W) + U \operatorname{diag}(C_{:k}) U^T,
+        \qquad C_{yk} = \sum_{i: y_i = y} \omega_i (H_i)_{kk},\quad c_k = \sum_y C_{yk},
+
+    with ``U = [mu_1 ... mu_G]``, and drops the blocks between logits. Each
+    block plus ``Lambda`` (diagonal) is inverted exactly by Woodbury with a
+    ``G x G`` capacitance ``I + C_k^{1/2} U^T B_k^{-1} U C_k^{1/2}`` (``B_k =
+    c_k diag(Sigma_W) + Lambda_k``), positive definite by construction. Cost:
+    ``O(n K (d + K))`` for the sums, ``O(K G^2 d + K G^3 / 3)`` for the
+    factors, ``O(K d G + K G^2)`` per application; ``K G^2`` memory.
+
+    ``moments``: :func:`class_group_moments` of the system's rows, when known.
+
+    Returns
+    -------
+    callable or None
+        ``r -> M^{-1} r`` on flat vectors; None if a capacitance's Cholesky
+        factorisation fails (non-finite curvature).
+    """
+    grad, lam, y = system.gradient, system.damping, system.y
+    n_logits = system.stats.logits.shape[1]
+    if moments is None:
+        moments = class_group_moments(
+            system.X, y, system.weights, max(n_logits, 2), "intercept_0" in grad, system.comm
+        )
+    means, within = moments
+    diagonal = _logit_curvature_diagonal(system)
+    shares = system.comm.sum_(diagonal.new_zeros(means.shape[0], n_logits).index_add_(0, y, diagonal))
+    intercept, d = "intercept_0" in grad, grad["coef_0"].shape[1]
+    damping = within.new_zeros(n_logits, within.shape[0])
+    damping[:, :d] += lam["coef_0"]
+    if intercept:
+        damping[:, d] += lam["intercept_0"]
+    inv_base = 1.0 / (shares.sum(0)[:, None] * within[None, :] + damping)  # B_k^{-1}, (K, d~)
+    root, U = shares.T.sqrt(), means.T  # C_k^{1/2} as (K, G); U (d~, G)
+    capacitance = torch.stack([(U.T * inv_base[k]) @ U for k in range(n_logits)])
+    capacitance = root[:, :, None] * capacitance * root[:, None, :]
+    capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
+    factor, info = torch.linalg.cholesky_ex(capacitance)
+    if bool((info != 0).any()):
+        return None
+
+    shift_invariant = n_logits > 1
+
+    def apply(residual: Tensor) -> Tensor:
+        blocks = unflatten(residual, grad)
+        R = blocks["coef_0"]
+        if intercept:
+            R = torch.cat([R, blocks["intercept_0"][:, None]], 1)
+        if shift_invariant:  # the shared part: the curvature is Lambda alone there
+            shared = R.mean(0, keepdim=True)
+            R = R - shared
+        scaled = R * inv_base
+        inner = torch.cholesky_solve(((scaled @ U) * root)[:, :, None], factor)[:, :, 0] * root
+        out = scaled - (inner @ U.T) * inv_base
+        if shift_invariant:
+            out = out - out.mean(0, keepdim=True) + shared / damping
+        return flatten({"coef_0": out[:, :d], "intercept_0": out[:, d]} if intercept else {"coef_0": out})
+
+    return apply
+
+
+def _group_moments(system: DampedSystem, cache: dict | None) -> tuple[Tensor, Tensor]:
+    """:func:`class_group_moments` of the system's rows, from ``cache`` if an earlier step had the same rows.
+
+    A single process only: ranks must take the same all-reduces, and their
+    caches could disagree.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(means, within)``.
+    """
+    X, y, weights = system.X, system.y, system.weights
+    key = (X._version, max(system.stats.logits.shape[1], 2), "intercept_0" in system.gradient)
+    if cache is None or system.comm.distributed:
+        return class_group_moments(X, y, weights, key[1], key[2], system.comm)
+    hit = cache.get("class_means")
+    if hit is not None and hit[0]() is X and hit[1]() is y and hit[2] == key and torch.equal(hit[3], weights):
+        return hit[4]
+    moments = class_group_moments(X, y, weights, key[1], key[2], system.comm)
+    cache["class_means"] = (weakref.ref(X), weakref.ref(y), key, weights.clone(), moments)
+    return moments
 
 
 def _solve(
@@ -664,6 +809,7 @@ def compute_step(
     kronecker: bool = False,
     mixed_precision: bool = False,
     comm: Communicator = SINGLE,
+    cache: dict | None = None,
 ) -> StepResult:
     """Return the damped step ``-(G + Lambda)^{-1} grad L`` on one batch.
 
@@ -717,10 +863,12 @@ def compute_step(
         precondition CG instead of by ``Lambda^-1`` (when the solver is CG):
         by :func:`make_hard_row_preconditioner`, the exact FGN solve on the
         rows of largest curvature, when they carry at least
-        ``HARD_ROWS_SHARE`` of it (weak regularisation); by
-        :func:`make_kronecker_preconditioner` otherwise, which captures the
-        spread of the curvature across classes (O(n K^2 + K^3) once, O(K^2 d)
-        per iteration).
+        ``HARD_ROWS_SHARE`` of it (weak regularisation); otherwise by
+        :func:`make_class_means_preconditioner`, which keeps which classes'
+        rows carry each logit's curvature (up to ``CLASS_MEANS_MAX_LOGITS``
+        logits), or beyond that by :func:`make_kronecker_preconditioner`,
+        which captures the spread of the curvature across classes
+        (O(n K^2 + K^3) once, O(K^2 d) per iteration).
     mixed_precision : bool, default=False
         For a linear head on float64 features, when ``cg_tol >=
         MIXED_MIN_TOL``: CG's curvature products in float32, the result
@@ -733,6 +881,11 @@ def compute_step(
         the loss, the gradient and every curvature product are summed over
         the ranks, and ``solver="auto"`` is CG (the Gram would span the
         ranks' rows). The default is the single process.
+    cache : dict, optional
+        Kept by the caller across full-batch steps on the same rows: what
+        depends on the rows alone (the class-means model's group moments) is
+        computed once and reused while ``X``, ``y`` and the weights are those
+        it was computed from.
 
     Returns
     -------
@@ -748,7 +901,7 @@ def compute_step(
     system = build_system(
         head, params, X, y, sample_weight, alpha, damping, curvature, logits, weight_total, comm
     )
-    solver, preconditioner = _preconditioner(system, solver, cg_tol, kronecker)
+    solver, preconditioner = _preconditioner(system, solver, cg_tol, kronecker, cache)
     if mixed_precision and _mixed_pays_off(system, cg_tol):
         step, cg_result = _solve_mixed(system, preconditioner, cg_tol, cg_max_iter)
     else:
@@ -854,7 +1007,7 @@ def build_system(
 
 
 def _preconditioner(
-    system: DampedSystem, solver: str, cg_tol: float, kronecker: bool
+    system: DampedSystem, solver: str, cg_tol: float, kronecker: bool, cache: dict | None = None
 ) -> tuple[str, Callable[[Tensor], Tensor] | None]:
     """Choose the solver and build CG's preconditioner (phase 2 of a step; see :func:`compute_step`).
 
@@ -891,6 +1044,10 @@ def _preconditioner(
         preconditioner = make_hard_row_preconditioner(system)
         if preconditioner is not None:
             return "cg", preconditioner
+        if system.stats.logits.shape[1] <= CLASS_MEANS_MAX_LOGITS:
+            preconditioner = make_class_means_preconditioner(system, _group_moments(system, cache))
+            if preconditioner is not None:
+                return "cg", preconditioner
         factor = system.comm.sum_(class_curvature(system.stats, system.weights, system.curvature))
         return "cg", make_kronecker_preconditioner(factor, lam, grad)
     return "cg", None
