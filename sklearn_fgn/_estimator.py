@@ -243,8 +243,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         Inner solver. ``"cg"``: conjugate gradient preconditioned by the
         damping; full-batch steps of the linear head in the feature metric
         by the exact FGN solve on the rows of largest curvature when those
-        carry a quarter of it (weak regularisation), by a Kronecker model
-        of the curvature otherwise; on float64 features those full-batch
+        carry a quarter of it (weak regularisation), otherwise by a model
+        of the curvature: up to 256 logits the class-means model, which
+        keeps that a class's own fitted rows carry little of its logit's
+        curvature (the Kronecker model, used beyond, spreads it over every
+        row); on float64 features those full-batch
         steps run CG's curvature products in float32 while their tolerance
         is loose (1e-4 or more), measure the residual in float64 and finish
         in float64 if float32 fell short, so the fit reaches the float64

@@ -113,6 +113,7 @@ HARD_ROWS_MIN = 256
 # this many logits (its build is O(K^2 (d + K)) work and K^3 memory); the
 # Kronecker model beyond.
 CLASS_MEANS_MAX_LOGITS = 256
+GRAMS_CHUNK_ENTRIES = 2**24
 # Mixed precision (full-batch steps of a linear head on float64 features):
 # CG's curvature products run in float32 (half the memory traffic and a
 # faster GEMM on CPUs, far faster on consumer GPUs) while its
@@ -454,7 +455,7 @@ def make_class_means_preconditioner(
         damping[:, d] += lam["intercept_0"]
     inv_base = 1.0 / (shares.sum(0)[:, None] * within[None, :] + damping)  # B_k^{-1}, (K, d~)
     root, U = shares.T.sqrt(), means.T  # C_k^{1/2} as (K, G); U (d~, G)
-    capacitance = torch.stack([(U.T * inv_base[k]) @ U for k in range(n_logits)])
+    capacitance = _weighted_grams(U, inv_base)
     capacitance = root[:, :, None] * capacitance * root[:, None, :]
     capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
     factor, info = torch.linalg.cholesky_ex(capacitance)
@@ -479,6 +480,24 @@ def make_class_means_preconditioner(
         return flatten({"coef_0": out[:, :d], "intercept_0": out[:, d]} if intercept else {"coef_0": out})
 
     return apply
+
+
+def _weighted_grams(U: Tensor, weights: Tensor) -> Tensor:
+    """Return ``U^T diag(weights[k]) U`` for every row ``k`` of ``weights``, shape (K, G, G).
+
+    One batched product (a loop of small products costs more than their
+    arithmetic), ``GRAMS_CHUNK_ENTRIES`` entries of ``(k, d, G)`` at a time.
+
+    Returns
+    -------
+    Tensor of shape (K, G, G)
+    """
+    d, G = U.shape
+    chunk = max(1, GRAMS_CHUNK_ENTRIES // (d * G))
+    return torch.cat([
+        torch.bmm(U.T[None] * rows[:, None, :], U[None].expand(rows.shape[0], d, G))
+        for rows in weights.split(chunk)
+    ])  # fmt: skip
 
 
 def _group_moments(system: DampedSystem, cache: dict | None) -> tuple[Tensor, Tensor]:
