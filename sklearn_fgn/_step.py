@@ -441,11 +441,7 @@ def make_class_means_preconditioner(
     """
     grad, lam, y = system.gradient, system.damping, system.y
     n_logits = system.stats.logits.shape[1]
-    if moments is None:
-        moments = class_group_moments(
-            system.X, y, system.weights, max(n_logits, 2), "intercept_0" in grad, system.comm
-        )
-    means, within = moments
+    means, within = _group_moments(system, None) if moments is None else moments
     diagonal = _logit_curvature_diagonal(system)
     shares = system.comm.sum_(diagonal.new_zeros(means.shape[0], n_logits).index_add_(0, y, diagonal))
     intercept, d = "intercept_0" in grad, grad["coef_0"].shape[1]
