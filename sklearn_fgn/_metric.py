@@ -28,8 +28,18 @@ whitened coordinates uses a *diagonal* damping ``lambda + alpha e_j``,
 exactly. ``T`` comes from two symmetric eigendecompositions: the ridge is put
 on the correlation form ``C = S Sigma S`` (``S = diag(Sigma)^{-1/2}``),
 ``C + eps I = Q D Q^T``, which makes the metric exactly invariant to
-per-feature rescaling; ``T0 = S Q D^{-1/2}`` whitens, and the eigenvectors
-``U`` of ``T0^T T0 = U diag(e) U^T`` diagonalise the penalty: ``T = T0 U``.
+per-feature rescaling; ``T0 = S Q D^{-1/2}`` whitens, and its singular value
+decomposition ``T0 = V diag(sigma) U^T`` diagonalises the penalty:
+``T = T0 U = V diag(sigma)``, ``e = sigma^2``. ``T`` is formed as
+``V diag(sigma)``, not as ``T0 U``: with ``V`` orthonormal to rounding,
+``T^T T`` is diagonal to rounding however widely the penalties spread (a
+near-constant feature puts ``1 / var`` among them, 1e20 for a column of
+standard deviation 1e-10), so the solver's per-column penalty is the model's
+penalty. Rounding in ``V`` then only perturbs the whitening
+(``T^T Sigma_eps T = I``), which affects how fast the solver converges, not
+where. (``eigh(T0^T T0)`` squares that spread: its eigenvectors of the small
+penalties are lost, ``T^T T`` is not diagonal, and the fit converges to
+another point.)
 
 Beyond ``FULL_METRIC_MAX_FEATURES`` features the two ``O(d^3)``
 eigendecompositions are replaced by the diagonal metric ``T = S`` (per-feature
@@ -414,12 +424,11 @@ def make_feature_metric(
     correlation.diagonal().add_(ridge)
     eigenvalues, Q = torch.linalg.eigh(correlation)
     whitening = (scale[:, None] * Q) * eigenvalues.clamp_min(ridge).rsqrt()  # T0 = S Q D^{-1/2}
-    U = torch.linalg.eigh(whitening.T @ whitening).eigenvectors
-    transform = whitening @ U
-    # T^{-1} = U^T D^{1/2} Q^T S^{-1}
-    inverse = (U.T * eigenvalues.clamp_min(ridge).sqrt()) @ (Q.T / scale[None, :])
-    # Column norms, not eigh's eigenvalues: relatively accurate for the small ones too.
-    return FeatureMetric(mean, transform, inverse, (transform * transform).sum(0), scale)
+    # T0 = V diag(sigma) U^T, T = T0 U = V diag(sigma): see _orthogonal_columns.
+    V, sigma, _ = torch.linalg.svd(whitening)
+    V, sigma = V.flip(1), sigma.flip(0)  # ascending penalties
+    transform = V * sigma
+    return FeatureMetric(mean, transform, V.T / sigma[:, None], sigma * sigma, scale)
 
 
 def whitened_params(metric: FeatureMetric, params: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -166,6 +166,77 @@ def test_constant_features_keep_the_metric_well_conditioned():
                                rtol=1e-2, atol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("tiny", [1e-4, 1e-8, 1e-10, 1e-11])
+def test_penalty_stays_diagonal_when_feature_scales_span_many_decades(tiny):
+    # A near-constant column makes T's penalties span ~1/tiny^2. T^T T must stay
+    # diagonal to rounding, else the solver's per-column penalty is not the
+    # model's and the fit converges to another point (issue 35).
+    X = _features(4, n=500, spread=0.5)
+    X[:, 2] = tiny * torch.randn(500, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    metric = make_feature_metric(feature_moments(X))
+    T = metric.transform
+    gram = T.T @ T
+    norms = metric.penalty.sqrt()
+    off = (gram - torch.diag(gram.diagonal())).abs() / (norms[:, None] * norms[None, :])
+    assert float(off.max()) < 1e-12
+    torch.testing.assert_close(gram.diagonal(), metric.penalty, rtol=1e-12, atol=0)
+    assert float(metric.penalty.max() / metric.penalty.min()) > 0.1 / tiny**2
+    # T^{-1} T = I up to rounding relative to the columns' scales: (T^{-1} T)_ij sigma_i / sigma_j.
+    round_trip = (metric.inverse @ T - torch.eye(8, dtype=torch.float64)) * norms[:, None] / norms[None, :]
+    assert float(round_trip.abs().max()) < 1e-12
+    _, cov = _dense_moments(X, torch.ones(500, dtype=torch.float64), True)
+    sigma_eps = cov + 1e-4 * torch.diag(torch.diag(cov))
+    torch.testing.assert_close(T.T @ sigma_eps @ T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def _digits_with(extra):
+    """Standardised digits (600 rows) with columns appended by ``extra(X, rng)``."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:600], y[:600]
+    X = X[:, X.std(0) > 0]
+    X = (X - X.mean(0)) / X.std(0)
+    return np.c_[X, extra(X, np.random.default_rng(0))], y
+
+
+def _with_near_double(x, rng):
+    return np.c_[x, 2 * x + 1e-9 * rng.standard_normal(len(x))]
+
+
+_ILL_POSED_COLUMNS = {
+    "near-constant 1e-10": lambda X, rng: 1e-10 * rng.standard_normal((len(X), 1)),
+    "near-constant 1e-8": lambda X, rng: 1e-8 * rng.standard_normal((len(X), 1)),
+    "near-duplicate": lambda X, rng: 2 * X[:, [5]] + 1e-9 * rng.standard_normal((len(X), 1)),
+    "new x and 2x + 1e-9 noise": lambda X, rng: _with_near_double(rng.standard_normal(len(X)), rng),
+    "exact duplicate": lambda X, rng: X[:, [5, 9]],
+    "rank-deficient": lambda X, rng: X[:, :20] @ rng.standard_normal((20, 30)),
+}
+
+
+def _softmax_objective(coef, intercept, X, y, C):
+    logits = X @ coef.T + intercept
+    logits = logits - logits.max(1, keepdims=True)
+    log_norm = np.log(np.exp(logits).sum(1))
+    return C * (log_norm - logits[np.arange(len(y)), y]).sum() + 0.5 * (coef**2).sum()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("columns", list(_ILL_POSED_COLUMNS))
+def test_fit_with_near_collinear_columns_reaches_logistic_regressions_optimum(columns, dtype):
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = _digits_with(_ILL_POSED_COLUMNS[columns])
+    reference = LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-12, max_iter=500).fit(X, y)
+    fgn = FGNClassifier(alpha=1.0, batch_size=None, tol=1e-9, max_iter=200).fit(X.astype(dtype), y)
+    expected = _softmax_objective(reference.coef_, reference.intercept_, X, y, 1.0)
+    actual = _softmax_objective(fgn.coef_.astype(np.float64), fgn.intercept_.astype(np.float64), X, y, 1.0)
+    assert abs(actual - expected) <= 1e-6 * expected
+    # The optimum is unique (strictly convex objective): its probabilities agree too.
+    proba = fgn.predict_proba(X.astype(dtype)).astype(np.float64)
+    np.testing.assert_allclose(proba, reference.predict_proba(X), rtol=0, atol=2e-4)
+
+
 def test_standardized_first_layer_gives_unit_scale_preactivations():
     X = _features(3, n=4000)
     mean, scale = feature_standardization(X)
