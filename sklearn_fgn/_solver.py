@@ -21,7 +21,7 @@ from torch import Tensor
 from ._curvature import Alpha, LogitsFn, logits_function
 from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params, forward
-from ._step import StepResult, compute_step, normalized_weights, objective_from_logits
+from ._step import CurvatureSample, StepResult, compute_step, normalized_weights, objective_from_logits
 
 __all__ = [
     "CURVATURE_OPTIONS",
@@ -76,6 +76,14 @@ LAST_STEP_MIN_TOL = 1e-6
 # ... and a step whose damping term is this share of its slope (the damping a
 # thousand times the curvature along it) cannot end the fit.
 DAMPING_DOMINATED = 0.999
+# Full-batch fits of a linear head take their curvature on a sample of the
+# rows (_curvature_rows): this share of them to start with, at least this
+# many rows and this many per logit; the sample doubles after a step along
+# which its curvature was off the whole batch's by more than this factor.
+CURVATURE_SAMPLE_SHARE = 0.1
+CURVATURE_SAMPLE_MIN_ROWS = 4096
+CURVATURE_ROWS_PER_LOGIT = 10
+CURVATURE_SAMPLE_ERROR = 1.5
 # Scored path fits (``LoopConfig.null_loss``): a step may leave this share of
 # the gap tolerance undone by its inexact solve (``eta^2 p``), and steps are
 # solved no tighter than that asks (``_forcing_term``).
@@ -153,6 +161,8 @@ class LoopState:
     fit_params: Params | None = None
     # What full-batch steps on the same rows share (``compute_step``'s ``cache``).
     step_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Full-batch linear fits: how many rows the curvature is sampled on (0: not decided yet).
+    curvature_sample: int = 0
 
 
 @dataclass(frozen=True)
@@ -472,16 +482,18 @@ def step_on_batch(
     logits: Tensor | None = None,
     extend: bool = False,
     cache: dict | None = None,
+    curvature_sample: CurvatureSample | None = None,
 ) -> tuple[StepResult, Params, Tensor, StepRecord]:
     """Compute a damped ``curvature`` step (:func:`._step.compute_step`) and take it (:func:`take_step`).
 
-    The one step path of both front ends: :func:`damped_update` (``FGNClassifier``)
+    The one step path of both front ends: ``FGNClassifier``'s epochs (``_run_epoch``)
     and the skorch net's ``train_step``, which also reads the step itself
     and the logits before it. ``head`` is a :class:`Head` or a logits
     function. ``cg_tol`` is CG's tolerance for this step (see
     ``_forcing_term``); the adapted damping stays at or above
     ``min_damping``. ``logits``, when known, are the logits at ``params``
-    on ``batch`` (see ``compute_step``); ``extend`` lets a trusted step be
+    on ``batch`` (see ``compute_step``); ``curvature_sample``: the step's
+    curvature is estimated on that many rows (``compute_step``); ``extend`` lets a trusted step be
     lengthened (full batch).
 
     Returns
@@ -499,7 +511,7 @@ def step_on_batch(
         head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
         curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=_cg_max_iter(cfg, extend),
         logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
-        mixed_precision=extend, comm=cfg.comm, cache=cache,
+        mixed_precision=extend, comm=cfg.comm, cache=cache, curvature_sample=curvature_sample,
     )  # fmt: skip
     with torch.no_grad():  # a logits function's trial forward passes need no graph
         params, logits, record = take_step(
@@ -871,14 +883,59 @@ def _run_epoch(
     for batch in batches:
         curvature = _resolve_curvature(cfg, head.n_logits, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, batch.X.dtype)
-        state.params, state.damping, record, logits = damped_update(
+        sample = _curvature_sample(state, batch, head, generator) if full_batch else None
+        result, state.params, logits, record = step_on_batch(
             head, state.params, batch, state.damping, cfg, curvature, cg_tol, min_damping,
             logits if full_batch else None, extend=full_batch, cache=state.step_cache if full_batch else None,
+            curvature_sample=sample,
         )  # fmt: skip
+        state.damping = record.next_damping
         if full_batch:
             track_full_batch_step(state, record)
+            _grow_curvature_sample(state, result)
         records.append((batch.size, record))
     return records, (logits if full_batch else None)
+
+
+def _curvature_sample(
+    state: LoopState, batch: Batch, head: Head, generator: torch.Generator
+) -> CurvatureSample | None:
+    """How many of a full batch's rows the next step's curvature is estimated on; None for all of them.
+
+    Only for a linear head (:func:`._step.sample_curvature_rows`). The
+    sample starts at ``CURVATURE_SAMPLE_SHARE`` of the rows, at least
+    ``CURVATURE_SAMPLE_MIN_ROWS`` and ``CURVATURE_ROWS_PER_LOGIT`` per
+    logit, and grows by :func:`_grow_curvature_sample`; at half the rows or
+    more every row is used. A rank of a data-parallel fit samples that
+    share of its own rows, from the generator every rank shares.
+
+    Returns
+    -------
+    CurvatureSample or None
+    """
+    if not head.is_linear:
+        return None
+    n = batch.size
+    if state.curvature_sample == 0:
+        floor = max(CURVATURE_SAMPLE_MIN_ROWS, CURVATURE_ROWS_PER_LOGIT * head.n_logits)
+        state.curvature_sample = max(floor, math.ceil(CURVATURE_SAMPLE_SHARE * n))
+    if 2 * state.curvature_sample >= n:
+        return None
+    return CurvatureSample(math.ceil(state.curvature_sample * batch.X.shape[0] / n), generator)
+
+
+def _grow_curvature_sample(state: LoopState, result: StepResult) -> None:
+    """Double the curvature sample after a step along which it was far from the whole batch's curvature.
+
+    ``result.sampled_curvature`` is ``delta' G_S delta / delta' G delta``
+    along the step just computed: outside ``[1 / CURVATURE_SAMPLE_ERROR,
+    CURVATURE_SAMPLE_ERROR]`` the sample misjudged the very direction it
+    chose, and more rows are taken. (The reduction ratio cannot tell: the
+    step's model along its direction is the whole batch's.)
+    """
+    error = result.sampled_curvature
+    if state.curvature_sample and not (1.0 / CURVATURE_SAMPLE_ERROR <= error <= CURVATURE_SAMPLE_ERROR):
+        state.curvature_sample *= 2
 
 
 def validation_accuracy(

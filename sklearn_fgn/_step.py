@@ -49,6 +49,7 @@ passes a ``torch.func.functional_call`` of the user's module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import weakref
@@ -83,6 +84,7 @@ __all__ = [
     "GRAM_WORTH_CG_ITERS",
     "CURVATURES",
     "SOLVERS",
+    "CurvatureSample",
     "StepResult",
     "compute_step",
     "flatten",
@@ -106,6 +108,9 @@ GRAM_WORTH_CG_ITERS = 20
 # HARD_ROWS_BUILD_CG CG iterations, holds at most HARD_ROWS_MAX rows, and is
 # not worth building for fewer than HARD_ROWS_MIN.
 HARD_ROWS_SHARE = 0.25
+# ... on a curvature sample (rows drawn by their traces, see sample_curvature_rows),
+# at least this many times the hard rows' share of the sample's rows.
+HARD_ROWS_CONCENTRATION = 2.0
 HARD_ROWS_BUILD_CG = 4
 HARD_ROWS_MAX = 4096
 HARD_ROWS_MIN = 256
@@ -166,6 +171,11 @@ class StepResult:
         ``"fgn"`` or ``"ggn"``, the curvature of the system solved.
     cg_tol : float
         The tolerance CG was given.
+    sampled_curvature : float
+        With a curvature sample: ``delta' G_S delta / delta' G delta``, the
+        sampled curvature along the step relative to the whole batch's
+        (``step_curvature`` and ``predicted_decrease`` are the whole
+        batch's); 1.0 without a sample.
     """
 
     step: Params
@@ -181,6 +191,7 @@ class StepResult:
     damping_term: Tensor | None = None
     curvature: str = "fgn"
     cg_tol: float = 0.0
+    sampled_curvature: float = 1.0
 
 
 def normalized_weights(
@@ -825,6 +836,7 @@ def compute_step(
     mixed_precision: bool = False,
     comm: Communicator = SINGLE,
     cache: dict | None = None,
+    curvature_sample: CurvatureSample | None = None,
 ) -> StepResult:
     """Return the damped step ``-(G + Lambda)^{-1} grad L`` on one batch.
 
@@ -901,6 +913,15 @@ def compute_step(
         depends on the rows alone (the class-means model's group moments) is
         computed once and reused while ``X``, ``y`` and the weights are those
         it was computed from.
+    curvature_sample : CurvatureSample, optional
+        Subsampled Newton (a linear :class:`Head` only): the loss, the
+        gradient and the step's evaluation stay on every row, while the
+        curvature ``G`` (CG's products and every preconditioner's statistics)
+        is estimated on about ``curvature_sample.size`` rows drawn by their
+        share of it (:func:`sample_curvature_rows`, :func:`subsampled_system`).
+        The fixed point is unchanged (the gradient is exact); only the
+        step's model is estimated. One more JVP on all rows gives
+        ``logits_step``. Ignored for other heads.
 
     Returns
     -------
@@ -916,24 +937,58 @@ def compute_step(
     system = build_system(
         head, params, X, y, sample_weight, alpha, damping, curvature, logits, weight_total, comm
     )
-    solver, preconditioner = _preconditioner(system, solver, cg_tol, kronecker, cache)
-    if mixed_precision and _mixed_pays_off(system, cg_tol):
-        step, cg_result = _solve_mixed(system, preconditioner, cg_tol, cg_max_iter)
+    model = system
+    if curvature_sample is not None and system.linear:
+        drawn = sample_curvature_rows(system, curvature_sample)
+        if drawn is not None:
+            model = subsampled_system(system, *drawn)
+    solver, preconditioner = _preconditioner(model, solver, cg_tol, kronecker, cache)
+    if mixed_precision and _mixed_pays_off(model, cg_tol):
+        step, cg_result = _solve_mixed(model, preconditioner, cg_tol, cg_max_iter)
     else:
         step, cg_result = _solve(
-            system.operator, system.gradient, system.damping, preconditioner, cg_tol, cg_max_iter,
-            system.linear, comm,
+            model.operator, model.gradient, model.damping, preconditioner, cg_tol, cg_max_iter,
+            model.linear, comm,
         )  # fmt: skip
     _check_finite_step(cg_result, system.lin.logits.dtype, damping)
     logits_step = None
-    if system.linear:
+    if system.linear and model is system:
         logits_step = cg_result.image if cg_result.image is not None else torch.zeros_like(system.lin.logits)
     step, logits_step = _without_intercept_shift(head, step, logits_step)
-    slope, curvature_term, damping_term = quadratic_model(system, step, unflatten(cg_result.residual, step))
+    slope, curvature_term, damping_term = quadratic_model(model, step, unflatten(cg_result.residual, step))
+    sampled = 1.0
+    if model is not system:  # CG's J delta was on the sampled rows; the model along the step is exact
+        logits_step = system.lin.jvp(step)
+        penalty_term = _weighted_sq(step, system.coefficients)
+        along = curvature_along(system, logits_step)
+        sampled = float(curvature_term - penalty_term) / max(float(along), 1e-300)
+        curvature_term = along + penalty_term
     return StepResult(
         step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, cg_result,
-        system.lin.logits, logits_step, slope, curvature_term, damping_term, curvature, cg_tol,
+        system.lin.logits, logits_step, slope, curvature_term, damping_term, curvature, cg_tol, sampled,
     )  # fmt: skip
+
+
+def curvature_along(system: DampedSystem, logits_step: Tensor) -> Tensor:
+    r"""``delta' G delta = sum_i omega_i u_i' H_i u_i`` from ``u = J delta``, summed over the ranks.
+
+    ``H_i`` is the row's logit curvature: ``w_i a_i a_i^T`` for FGN (and a
+    single logit), ``diag(p_i) - p_i p_i^T`` for the full GGN. Cost ``O(n K)``,
+    no product with ``X``: a subsampled step's model along its own direction
+    is then the whole batch's.
+
+    Returns
+    -------
+    Tensor
+        0-d.
+    """
+    stats, u, weights = system.stats, logits_step, system.weights
+    if system.curvature == "fgn" or u.shape[1] == 1:
+        per_row = curvature_weight(stats.margin) * (stats.direction * u).sum(1).square()
+    else:
+        proba = stats.proba
+        per_row = (proba * u * u).sum(1) - (proba * u).sum(1).square()
+    return system.comm.sum_((weights * per_row).sum().reshape(1))[0]
 
 
 @dataclass(frozen=True)
@@ -970,6 +1025,8 @@ class DampedSystem:
         ``"fgn"`` or ``"ggn"``.
     comm : Communicator
         Where the rows' sums go.
+    sampled : bool
+        Whether the rows are a curvature sample (:func:`subsampled_system`).
     """
 
     head: Head | LogitsFn
@@ -987,6 +1044,7 @@ class DampedSystem:
     damping: dict
     curvature: str
     comm: Communicator
+    sampled: bool = False
 
     @property
     def linear(self) -> bool:
@@ -1018,6 +1076,99 @@ def build_system(
     lam = damping_diagonal(params, damping, coefficients)
     return DampedSystem(
         head, params, X, y, lin, stats, weights, coefficients, loss, grad, op, fgn_op, lam, curvature, comm
+    )
+
+
+@dataclass(frozen=True)
+class CurvatureSample:
+    """How many rows a step's curvature is estimated on, and the generator that draws them.
+
+    ``size`` is the expected number of rows of this rank's batch; the draw
+    is :func:`sample_curvature_rows`.
+    """
+
+    size: int
+    generator: torch.Generator
+
+
+def sample_curvature_rows(system: DampedSystem, sample: CurvatureSample) -> tuple[Tensor, Tensor] | None:
+    r"""Draw rows by their share of the curvature: Poisson sampling with ``p_i = min(1, t_i / tau)``.
+
+    ``t_i = omega_i tr(H_i) ||x~_i||^2`` is the trace of row ``i``'s term
+    ``J_i^T H_i J_i`` of ``G`` (a linear head: ``J_i = I kron x~_i^T``), and
+    ``tau`` makes ``sum_i p_i = sample.size``. Rows whose term is large
+    (near a weakly regularised optimum: the few rows not yet fitted) are
+    always taken; the others with probability ``p_i`` and weight ``1 /
+    p_i``, so that ``G_S = sum_{i in S} G_i / p_i`` is unbiased and every
+    sampled term has trace at most ``tau`` (Xu, Yang, Roosta-Khorasani, Ré
+    and Mahoney, "Sub-sampled Newton methods with non-uniform sampling",
+    2016). Rows without curvature are never drawn. Cost: ``O(n (K + d))``
+    and a sort of ``n`` traces.
+
+    Returns
+    -------
+    rows : Tensor of int64
+        Sorted row indices (a gather in memory order).
+    scale : Tensor
+        ``1 / p_i`` of those rows.
+    None
+        When the sample would hold every row with curvature.
+    """
+    X = system.X
+    trace = _curvature_trace(system) * (X.square().sum(1) + float("intercept_0" in system.gradient))
+    tau = _poisson_threshold(trace, sample.size)
+    if tau is None:
+        return None
+    prob = (trace / tau).clamp_(max=1.0)
+    draw = torch.rand(prob.shape[0], generator=sample.generator, dtype=torch.float64)
+    rows = (draw.to(prob.device) < prob).nonzero().squeeze(1)
+    return rows, 1.0 / prob[rows]
+
+
+def _poisson_threshold(trace: Tensor, size: int) -> float | None:
+    """Return ``tau`` with ``sum_i min(1, t_i / tau) = size``, or None when fewer rows carry curvature.
+
+    With ``t`` sorted descending, ``tau = sum_{i > j} t_i / (size - j)``
+    for the number ``j`` of rows taken surely, the first ``j`` with
+    ``t_{j+1} < tau``. Cost: a sort of ``n``.
+
+    Returns
+    -------
+    float or None
+    """
+    ordered = torch.sort(trace.double(), descending=True).values
+    if int((ordered > 0).sum()) <= size:
+        return None
+    tail = ordered.flip(0).cumsum(0).flip(0)  # tail[j] = sum_{i >= j} t_i
+    j = torch.arange(size, device=trace.device)
+    tau = tail[:size] / (size - j)  # tau if the first j rows are sure
+    sure = ordered[:size] >= tau
+    first = int(sure.logical_not().nonzero()[0]) if not bool(sure.all()) else size - 1
+    return float(tau[first])
+
+
+def subsampled_system(system: DampedSystem, rows: Tensor, scale: Tensor) -> DampedSystem:
+    r"""Return the system with its curvature estimated on ``rows``: ``G_S = sum_{i in S} scale_i G_i``.
+
+    Loss, gradient, damping and penalty stay the batch's; the operator and
+    the rows that preconditioners read (``X``, ``y``, ``lin``, ``stats``,
+    ``weights``) are the sample's, with weights ``scale_i omega_i``. A
+    step then costs one gradient (a VJP) and one JVP on all rows, and CG's
+    products ``|S| / n`` of theirs.
+
+    Returns
+    -------
+    DampedSystem
+    """
+    X_s, y_s = system.X[rows], system.y[rows]
+    weights = system.weights[rows] * scale.to(system.weights.dtype)
+    lin = linearize(system.head, system.params, X_s, system.lin.logits[rows])
+    stats = MarginStats(lin.logits, y_s)
+    fgn_op = make_fgn_operator(lin, y_s, weights, stats)
+    op = fgn_op if system.curvature == "fgn" else make_ggn_operator(lin, y_s, weights, stats)
+    return dataclasses.replace(
+        system, X=X_s, y=y_s, lin=lin, stats=stats, weights=weights, operator=op, fgn_operator=fgn_op,
+        sampled=True,
     )
 
 
@@ -1126,7 +1277,10 @@ def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | 
     if m < HARD_ROWS_MIN:
         return None
     order = torch.argsort(every, descending=True, stable=True)[:m]
-    if float(every[order].sum()) < HARD_ROWS_SHARE * float(every.sum()):
+    share = HARD_ROWS_SHARE
+    if system.sampled:  # drawn by their traces, which then are alike: ask a share well above m / n
+        share = max(share, HARD_ROWS_CONCENTRATION * m / every.shape[0])
+    if float(every[order].sum()) < share * float(every.sum()):
         return None
     rows = order.sort().values
     offset = sum(t.shape[0] for t in traces[: comm.rank])

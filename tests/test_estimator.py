@@ -492,7 +492,7 @@ def test_interrupted_fit_keeps_a_consistent_model(monkeypatch, refit):
     est = FGNClassifier(batch_size=32, max_iter=20, random_state=0, device="cpu")
     if refit:
         est.fit(*load_iris(return_X_y=True)[:1], [0, 1, 2] * 50)  # 3 classes, 4 features
-    calls, update = [], solver_module.damped_update
+    calls, update = [], solver_module.step_on_batch
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -500,7 +500,7 @@ def test_interrupted_fit_keeps_a_consistent_model(monkeypatch, refit):
             raise KeyboardInterrupt
         return update(*args, **kwargs)
 
-    monkeypatch.setattr(solver_module, "damped_update", interrupted)
+    monkeypatch.setattr(solver_module, "step_on_batch", interrupted)
     with pytest.warns(UserWarning, match="Training interrupted by user"):
         est.fit(X, y)
     assert est.coef_.shape == (5, 8) and len(est.classes_) == 5
