@@ -8,16 +8,18 @@ or with one process per GPU (NCCL)::
 
     torchrun --nproc_per_node=8 examples/distributed_probe.py --device cuda
 
-Across machines, add torchrun's ``--nnodes``, ``--node_rank`` and
-``--rdzv_endpoint``. Each rank builds the same synthetic embeddings and keeps
-its contiguous slice of rows (in a real job it would load only its own
-file); ``FGNClassifier(distributed=True)`` then fits on the union of the
+Run as a plain script (``python examples/distributed_probe.py``) it starts two
+local CPU processes itself, as torchrun would. Across machines, add torchrun's
+``--nnodes``, ``--node_rank`` and ``--rdzv_endpoint``. Each rank builds the
+same synthetic embeddings and keeps its contiguous slice of rows (in a real
+job it would load only its own file); ``FGNClassifier(distributed=True)`` then fits on the union of the
 shards, reducing every sum over rows across the ranks. Every rank ends with
 the same model; rank 0 prints it against a single-process fit on all rows.
 """
 
 import argparse
 import os
+import socket
 import time
 
 import numpy as np
@@ -38,11 +40,15 @@ def make_embeddings(n, d, n_classes, seed=0):
     return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32), y
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="'cpu' (gloo) or 'cuda' (NCCL, one GPU per rank)")
     parser.add_argument("--rows", type=int, default=40000)
-    args = parser.parse_args()
+    parser.add_argument("--processes", type=int, default=2, help="local processes when not run by torchrun")
+    return parser.parse_args(argv)
+
+
+def main(args):
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -71,5 +77,29 @@ def main():
     dist.destroy_process_group()
 
 
+def _local_rank(rank, world, port, args):
+    """One of the processes a plain ``python`` run starts: torchrun's environment, then ``main``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
+    main(args)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 if __name__ == "__main__":
-    main()
+    args = parse_args()
+    if "RANK" in os.environ:  # started by torchrun
+        main(args)
+    elif args.device != "cpu":
+        raise SystemExit(
+            "Run GPU ranks with torchrun: "
+            "torchrun --nproc_per_node=N examples/distributed_probe.py --device cuda"
+        )
+    else:
+        print(f"Not started by torchrun: running {args.processes} local CPU processes (gloo) on 127.0.0.1.")
+        torch.multiprocessing.spawn(_local_rank, args=(args.processes, _free_port(), args),
+                                    nprocs=args.processes)  # fmt: skip

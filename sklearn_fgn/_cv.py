@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from ._arrays import check_features, check_training_data, is_tensor, numpy_dtype
-from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin, _to_tensor
+from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin, _restored_on_error, _to_tensor
 
 __all__ = ["FGNClassifierCV"]
 
@@ -241,6 +241,10 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         self : FGNClassifierCV
             The fitted estimator.
         """
+        with _restored_on_error(self):  # an error or an interrupt leaves the estimator as it was
+            return self._fit(X, y, sample_weight)
+
+    def _fit(self, X, y, sample_weight):
         X, y, sample_weight = check_training_data(self, X, y, sample_weight, reset=True)
         classes = np.unique(y)
         Cs = self._grid()
@@ -310,6 +314,33 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             for _ in best_estimator._fit_path(X, y, sample_weight, [1.0 / C], REFIT_GAP_TOL, init):
                 pass
         return best_estimator.coef_, best_estimator.intercept_, best_estimator
+
+    def score(self, X, y, sample_weight=None):
+        """Return the search's ``scoring`` of the model on ``X``, ``y`` (accuracy when None).
+
+        As ``LogisticRegressionCV.score``: the score the search maximised, so
+        that it and a held-out evaluation agree.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+            Features.
+        y : array-like of shape (n_samples,)
+            True labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Passed to the scorer when given.
+
+        Returns
+        -------
+        float
+            The scorer's value.
+        """
+        if self.scoring is None:  # check_scoring would pass it back to this method
+            return super().score(X, y, sample_weight=sample_weight)
+        check_is_fitted(self)
+        scorer = check_scoring(self, scoring=self.scoring)
+        params = {} if sample_weight is None else {"sample_weight": sample_weight}
+        return scorer(self, X, y, **params)
 
     def _logits_map(self, X):
         check_is_fitted(self)

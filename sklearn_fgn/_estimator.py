@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
 from dataclasses import replace
@@ -15,8 +16,8 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
-from sklearn.utils import compute_sample_weight
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, Options, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
 
@@ -61,6 +62,9 @@ from ._solver import (
 from ._step import SOLVERS
 
 __all__ = ["FGNClassifier"]
+
+# scikit-learn 1.9 weighs "balanced" classes by their sample-weighted frequency.
+_CLASS_WEIGHT_TAKES_SAMPLE_WEIGHT = "sample_weight" in inspect.signature(compute_class_weight).parameters
 
 DAMPING_METRICS = ("auto", "features", "identity")
 
@@ -275,7 +279,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         ``tol`` times the loss. Otherwise stop when the training loss (or the
         validation score with ``early_stopping``) has not improved by ``tol``
         for ``n_iter_no_change`` consecutive epochs.
-    n_iter_no_change : int, default=5
+    n_iter_no_change : int or np.inf, default=5
         See ``tol``. Fewer epochs of patience end most fits sooner with the
         same best epoch, but cut short the fits whose held-out accuracy
         dips after the first epochs and then climbs slowly for dozens of
@@ -352,14 +356,17 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Feature names, when ``X`` has string column names.
     n_iter_ : int
-        Iterations (steps in full batch, epochs otherwise) run.
+        Iterations (steps in full batch, epochs otherwise) run by the last
+        ``fit`` (a warm start counts its own, as ``MLPClassifier``), or by
+        every ``partial_fit`` call so far.
     loss_curve_ : list of float
         Training objective after each iteration (mean batch loss per epoch
         with mini-batches).
-    best_loss_ : float
-        Lowest value of ``loss_curve_``.
-    validation_scores_ : list of float
-        Held-out accuracy per iteration when early stopping was on, else empty.
+    best_loss_ : float or None
+        Lowest value of ``loss_curve_``; None under early stopping, where the
+        validation score decides (as ``MLPClassifier``).
+    validation_scores_ : list of float or None
+        Held-out accuracy per iteration under early stopping, else None.
     best_validation_score_ : float or None
         Best of ``validation_scores_`` (the parameters kept are from that
         iteration), None without early stopping.
@@ -425,7 +432,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
-        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), Options(Real, {np.inf})],
         "early_stopping": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "cg_max_iter": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
@@ -520,10 +527,13 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             The fitted estimator.
         """
         with _restored_on_error(self):
+            previous = getattr(self, "classes_", None) if hasattr(self, "damping_") else None
             X, y_enc, sample_weight, head, layout = self._setup_fit(X, y, sample_weight)
             resumed = None
             if self.warm_start and coef_init is None and intercept_init is None:
+                _check_same_classes(previous, self.classes_)
                 resumed = self._resume_state(head, numpy_dtype(X.dtype))
+            start = 0 if resumed is None else resumed.n_iter
             drawn = resumed is None and coef_init is None and intercept_init is None
             state = resumed or LoopState(
                 self._initial_params(head, numpy_dtype(X.dtype), coef_init, intercept_init),
@@ -533,6 +543,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             state, _ = self._train(
                 head, state, X, y_enc, sample_weight, early_stopping, None, drawn, layout=layout
             )
+            self.n_iter_ = state.n_iter - start  # this fit's own, as MLPClassifier
         _warn_if_nothing_learned(head, state, y_enc, sample_weight)
         if not (state.converged or state.stopped):
             warnings.warn(
@@ -731,9 +742,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         params = self._params_from_attributes(head, dtype)
         if params is None:
             return None
+        best_loss = math.inf if self.best_loss_ is None else self.best_loss_
         return LoopState(
             params, self.damping_, self.n_iter_, self.t_, list(self.loss_curve_),
-            list(self.validation_scores_), self.best_loss_, no_improvement_count=self._no_improvement_count,
+            list(self.validation_scores_ or []), best_loss, no_improvement_count=self._no_improvement_count,
         )  # fmt: skip
 
     def _params_from_attributes(self, head, dtype):
@@ -773,6 +785,12 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             The state after the loop, parameters in the features' coordinates.
         prepared : tuple
             What :meth:`_prepare` returned, for the next call on the same data.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            In a search's fit (``gap_tol`` or ``scored``): the search stops at
+            once. A single fit keeps its last accepted parameters and warns.
         """
         batch_size = self._resolve_batch_size(y_enc.shape[0], head, X, layout)  # as decided before any split
         comm = _comm_of(layout)
@@ -802,6 +820,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 try:
                     state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
                 except KeyboardInterrupt:  # keep the last accepted parameters, as MLPClassifier does
+                    if gap_tol is not None or scored:  # a search's fit: the search stops, as GridSearchCV
+                        raise
                     warnings.warn("Training interrupted by user.", stacklevel=4)
                     state.stopped = True
         if early_stopping and state.best_params is not None:
@@ -824,8 +844,31 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         return (sample_weight, *self._training_data(X, y_enc, sample_weight, early_stopping, head, layout))
 
     def _class_weighted(self, sample_weight, y_enc):
+        """Return ``sample_weight`` times each row's class weight, as ``LogisticRegression`` computes it.
+
+        ``"balanced"`` weighs class ``c`` by ``sum(s) / (n_classes sum_{y_i = c} s_i)``:
+        its sample-weighted frequency where scikit-learn's ``compute_class_weight``
+        takes ``sample_weight`` (1.9 and later), its count before. Classes
+        absent from ``y`` (a fold of ``FGNClassifierCV``) get no weight to compute.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+
+        Raises
+        ------
+        ValueError
+            When a class weight is negative or not finite, or the weights sum to zero.
+        """
         if self.class_weight is not None:
-            sample_weight = sample_weight * compute_sample_weight(self.class_weight, self.classes_[y_enc])
+            present = np.unique(y_enc)
+            extra = {"sample_weight": sample_weight} if _CLASS_WEIGHT_TAKES_SAMPLE_WEIGHT else {}
+            per_class = compute_class_weight(
+                self.class_weight, classes=self.classes_[present], y=self.classes_[y_enc], **extra
+            )
+            if not np.all(np.isfinite(per_class)):
+                raise ValueError(f"class_weight must be finite; got {self.class_weight!r}.")
+            sample_weight = sample_weight * per_class[np.searchsorted(present, y_enc)]
             if np.any(sample_weight < 0):
                 raise ValueError(f"class_weight must be non-negative; got {self.class_weight!r}.")
         if not sample_weight.sum() > 0:
@@ -1034,6 +1077,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
     def _fitted_attributes(self, head, state):
         """Return the fitted attributes for ``state``, as CPU numpy arrays."""
         params = {k: t.detach().cpu().numpy().copy() for k, t in state.params.items()}
+        early_stopping = bool(state.validation_scores)
         if not all(np.all(np.isfinite(p)) for p in params.values()):
             raise ValueError(
                 "The fit produced non-finite parameters; scale the features or raise alpha or damping."
@@ -1049,8 +1093,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             attributes = {"coefs_": [w.T.copy() for w in weights], "intercepts_": biases}
         return attributes | {
             "_head": head, "n_iter_": state.n_iter, "t_": state.t, "damping_": state.damping,
-            "loss_curve_": list(state.loss_curve), "validation_scores_": list(state.validation_scores),
-            "best_loss_": state.best_loss,
+            "loss_curve_": list(state.loss_curve),
+            "validation_scores_": list(state.validation_scores) if early_stopping else None,
+            "best_loss_": None if early_stopping else state.best_loss,
             "best_validation_score_": max(state.validation_scores) if state.validation_scores else None,
         }  # fmt: skip
 
@@ -1061,6 +1106,21 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         params = self._params_from_attributes(self._head, numpy_dtype(X.dtype))
         X = X if is_tensor(X) else _to_tensor(X, "cpu", host=True)  # a tensor stays on its device
         return X, functools.partial(forward, self._head, {k: p.to(X.device) for k, p in params.items()})
+
+
+def _check_same_classes(previous, classes):
+    """Raise unless a warm start sees the classes of the fit it resumes (as ``MLPClassifier``).
+
+    Raises
+    ------
+    ValueError
+        When ``previous`` (None: no previous fit) differs from ``classes``.
+    """
+    if previous is not None and not np.array_equal(previous, classes):
+        raise ValueError(
+            "warm_start can only be used where y has the same classes as in the previous call to fit: "
+            f"previously {list(previous)}, now {list(classes)}. Set warm_start=False to fit afresh."
+        )
 
 
 def _full_batch_fits(n_samples, head, itemsize, device_memory):
@@ -1391,6 +1451,7 @@ def _apply_linear_init(head, params, coef_init, intercept_init):
             raise ValueError(
                 f"coef_init has shape {tuple(coef.shape)}; expected {tuple(params['coef_0'].shape)}."
             )
+        _check_finite_init("coef_init", coef)
         params["coef_0"] = coef
     if intercept_init is not None:
         if not head.fit_intercept:
@@ -1401,8 +1462,22 @@ def _apply_linear_init(head, params, coef_init, intercept_init):
                 f"intercept_init has shape {tuple(bias.shape)}; "
                 f"expected {tuple(params['intercept_0'].shape)}."
             )
+        _check_finite_init("intercept_init", bias)
         params["intercept_0"] = bias
     return params
+
+
+def _check_finite_init(name, value):
+    """Raise a ``ValueError`` naming ``name`` unless every entry of ``value`` is finite in the fit's dtype.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument and whether it holds NaN or an infinity (after the cast).
+    """
+    if not bool(torch.isfinite(value).all()):
+        kind = "NaN" if bool(torch.isnan(value).any()) else "an infinite value"
+        raise ValueError(f"{name} contains {kind} (in the features' dtype {value.dtype}); it must be finite.")
 
 
 @functools.cache

@@ -124,7 +124,7 @@ class LoopConfig:
     batch_size: int | None = None
     max_iter: int = 100
     tol: float = 1e-4
-    n_iter_no_change: int = 5
+    n_iter_no_change: float = 5  # np.inf: no early stop on stalled epochs
     cg_tol: float | str = "auto"
     cg_max_iter: int | str = 100
     verbose: int = 0

@@ -78,7 +78,7 @@ def _fit_shard(fit, data, rank, bounds):
     params = model.coefs_ + model.intercepts_ if hasattr(model, "coefs_") else [model.coef_, model.intercept_]
     return {f"param_{i}": p for i, p in enumerate(params)} | {
         "n_iter": model.n_iter_, "t": model.t_, "loss_curve": np.asarray(model.loss_curve_),
-        "validation_scores": np.asarray(model.validation_scores_, dtype=float),
+        "validation_scores": np.asarray(model.validation_scores_ or [], dtype=float),
     }  # fmt: skip
 
 

@@ -459,14 +459,14 @@ def test_partial_fit_needs_classes_and_lowers_the_loss():
 
 
 def test_warm_start_resumes_from_previous_solution():
-    # As MLPClassifier: a warm refit adds to n_iter_, t_ and loss_curve_.
+    # As MLPClassifier: a warm refit adds to t_ and loss_curve_; n_iter_ counts its own iterations.
     X, y = _standardized("digits")
     est = FGNClassifier(batch_size=None, warm_start=True, device="cpu").fit(X, y)
     first, curve = est.n_iter_, list(est.loss_curve_)
     est.fit(X, y)
-    assert 0 < est.n_iter_ - first < first
-    assert est.loss_curve_[:first] == curve and len(est.loss_curve_) == est.n_iter_
-    assert est.t_ == est.n_iter_ * len(y)
+    assert 0 < est.n_iter_ < first
+    assert est.loss_curve_[:first] == curve and len(est.loss_curve_) == first + est.n_iter_
+    assert est.t_ == (first + est.n_iter_) * len(y)
 
 
 def test_failed_refit_leaves_the_previous_fit():
@@ -549,8 +549,8 @@ def test_early_stopping_auto_is_on_for_mini_batches_only():
         off = FGNClassifier(batch_size=128, early_stopping=False, **kw).fit(X, y)
     assert len(mini.validation_scores_) == mini.n_iter_ < 30  # stopped on the held-out score
     assert mini.best_validation_score_ == max(mini.validation_scores_) > 0.9
-    assert len(off.validation_scores_) == 0 and off.best_validation_score_ is None
-    assert len(full.validation_scores_) == 0
+    assert off.validation_scores_ is None and off.best_validation_score_ is None
+    assert full.validation_scores_ is None
     assert full.n_iter_ < 30  # full batch still stops on its own convergence test
 
 
@@ -562,7 +562,7 @@ def test_early_stopping_auto_is_off_when_a_class_cannot_be_split():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est.fit(X, y)
-    assert est.validation_scores_ == []
+    assert est.validation_scores_ is None
     # Asked for, early stopping splits at random (as MLPClassifier does for multiclass).
     forced = _quiet_fit(clone(est).set_params(early_stopping=True), X, y)
     assert len(forced.validation_scores_) == forced.n_iter_ >= 1
@@ -641,8 +641,8 @@ def test_batch_size_auto_takes_mini_batches_for_mlp_heads_past_the_sample_limit(
     # each epoch visits every training sample once.
     assert len(mlp.validation_scores_) == 1
     assert mlp.t_ == n + 1 - int(np.ceil(0.1 * (n + 1)))
-    assert mlp_small.validation_scores_ == [] and mlp_small.t_ == n  # full batch
-    assert linear.validation_scores_ == [] and linear.t_ == n + 1  # full batch
+    assert mlp_small.validation_scores_ is None and mlp_small.t_ == n  # full batch
+    assert linear.validation_scores_ is None and linear.t_ == n + 1  # full batch
 
 
 @pytest.mark.parametrize("batch_size", [1, 16])
