@@ -248,14 +248,14 @@ def warm_up(method: str, X, y, y_enc, n_classes: int, C: float) -> None:
         fit_method(method, X[rows], y[rows], y_enc[rows], n_classes, C, no_record, counter, max_iter=3)
 
 
-def run_method(method: str, X, y, y_enc, C: float):
+def run_method(method: str, X, y, y_enc, C: float, max_iter: int | None = None):
     """Fit once; return (log of (seconds, f, passes), total seconds, total passes, counter, fitted model)."""
     n_classes = int(y_enc.max()) + 1
     warm_up(method, X, y, y_enc, n_classes, C)
     counter = PassCounter(X.shape[0], X.shape[1], 1 if n_classes == 2 else n_classes)
     with counter, Recorder(counter) as rec, warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est = fit_method(method, X, y, y_enc, n_classes, C, rec, counter)
+        est = fit_method(method, X, y, y_enc, n_classes, C, rec, counter, max_iter)
         total = time.perf_counter() - rec.start
     return rec.log, total, counter.passes, counter, est
 
@@ -279,7 +279,7 @@ def add_lbfgs_ratio(rows: list[dict], gap: float) -> None:
         r[f"vs torch@{gap:g}"] = None if t is None or best is None else t / best
 
 
-def run_problem(name: str, X, y, C: float, methods) -> list[dict]:
+def run_problem(name: str, X, y, C: float, methods, max_iter: int | None = None) -> list[dict]:
     """Every method once on one problem; one table row per method."""
     y_enc = np.unique(y, return_inverse=True)[1]
     alpha = 1.0 / (C * len(y))
@@ -289,7 +289,7 @@ def run_problem(name: str, X, y, C: float, methods) -> list[dict]:
     print(f"\n## {name}: {X.shape[0]} x {X.shape[1]}, {y_enc.max() + 1} classes, {X.dtype}, C = {C:g}",
           flush=True)  # fmt: skip
     for method in methods:
-        log, total, passes, counter, est = run_method(method, X, y, y_enc, C)
+        log, total, passes, counter, est = run_method(method, X, y, y_enc, C, max_iter)
         f_fit = objective(est.coef_.astype(np.float64), est.intercept_.astype(np.float64), X64, y_enc, alpha)
         f_last = min(f for _, f, _ in log)
         if abs(f_fit - f_last) > tolerance * abs(f_fit):
@@ -337,6 +337,8 @@ def main() -> None:
                        help="comma-separated substrings of the method names to run (case-insensitive)"),
         p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                        help="dtype of the features for every method (default float64)"),
+        p.add_argument("--max-iter", type=int, default=None,
+                       help="iteration cap of every method (default: each its own, torch L-BFGS 5000)"),
         p.add_argument("--no-curvature-sample", action="store_true",
                        help="FGN takes its curvature on every row (the fit before issue 33), for an A/B"),
     ))  # fmt: skip
@@ -358,7 +360,7 @@ def main() -> None:
         problems[name] = (X_train, y_train, C)
     rows = []
     for name, (X, y, C) in problems.items():
-        rows += run_problem(name, np.ascontiguousarray(X, dtype=args.dtype), y, C, methods)
+        rows += run_problem(name, np.ascontiguousarray(X, dtype=args.dtype), y, C, methods, args.max_iter)
     seconds_columns = ["problem", "method", "total (s)", "iterations", "evaluations"]
     seconds_columns += [f"t@{g:g} (s)" if kind == "t" else f"ratio@{g:g}" for g in GAPS for kind in "tr"]
     seconds_columns += [f"vs torch@{RATIO_GAP:g}", "final gap"]

@@ -79,11 +79,13 @@ DAMPING_DOMINATED = 0.999
 # Full-batch fits of a linear head take their curvature on a sample of the
 # rows (_curvature_rows): this share of them to start with, at least this
 # many rows and this many per logit; the sample doubles after a step along
-# which its curvature was off the whole batch's by more than this factor.
+# which its curvature was off the whole batch's by more than this factor, and
+# beyond this share of the rows every row is used.
 CURVATURE_SAMPLE_SHARE = 0.1
 CURVATURE_SAMPLE_MIN_ROWS = 4096
 CURVATURE_ROWS_PER_LOGIT = 10
 CURVATURE_SAMPLE_ERROR = 1.5
+CURVATURE_SAMPLE_MAX_SHARE = 0.125
 # Scored path fits (``LoopConfig.null_loss``): a step may leave this share of
 # the gap tolerance undone by its inexact solve (``eta^2 p``), and steps are
 # solved no tighter than that asks (``_forcing_term``).
@@ -786,7 +788,7 @@ def _forcing_term(cfg: LoopConfig, state: LoopState, full_batch: bool, dtype: to
     if not full_batch:
         return AUTO_CG_TOL
     floor = max(1e-10, 10 * torch.finfo(dtype).eps)
-    eta = min(0.5, state.last_relative_decrease**0.5)
+    eta = min(0.5, max(state.last_relative_decrease, 0.0) ** 0.5)
     if cfg.null_loss is not None:
         # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present
         # gap: the last step's estimate, or its decrease after an untrusted step (near round-off).
@@ -905,8 +907,10 @@ def _curvature_sample(
     Only for a linear head (:func:`._step.sample_curvature_rows`). The
     sample starts at ``CURVATURE_SAMPLE_SHARE`` of the rows, at least
     ``CURVATURE_SAMPLE_MIN_ROWS`` and ``CURVATURE_ROWS_PER_LOGIT`` per
-    logit, and grows by :func:`_grow_curvature_sample`; at half the rows or
-    more every row is used. A rank of a data-parallel fit samples that
+    logit, and grows by :func:`_grow_curvature_sample`; beyond
+    ``CURVATURE_SAMPLE_MAX_SHARE`` of the rows every row is used (a larger
+    sample saves too little per CG product to pay for the slower, linear
+    convergence of sampled Newton steps). A rank of a data-parallel fit samples that
     share of its own rows, from the generator every rank shares.
 
     Returns
@@ -919,7 +923,7 @@ def _curvature_sample(
     if state.curvature_sample == 0:
         floor = max(CURVATURE_SAMPLE_MIN_ROWS, CURVATURE_ROWS_PER_LOGIT * head.n_logits)
         state.curvature_sample = max(floor, math.ceil(CURVATURE_SAMPLE_SHARE * n))
-    if 2 * state.curvature_sample >= n:
+    if state.curvature_sample > CURVATURE_SAMPLE_MAX_SHARE * n:
         return None
     return CurvatureSample(math.ceil(state.curvature_sample * batch.X.shape[0] / n), generator)
 

@@ -175,7 +175,8 @@ class StepResult:
         With a curvature sample: ``delta' G_S delta / delta' G delta``, the
         sampled curvature along the step relative to the whole batch's
         (``step_curvature`` and ``predicted_decrease`` are the whole
-        batch's); 1.0 without a sample.
+        batch's, and where that ratio is small the step is cut to the whole
+        batch's model's minimiser along it); 1.0 without a sample.
     """
 
     step: Params
@@ -963,6 +964,12 @@ def compute_step(
         along = curvature_along(system, logits_step)
         sampled = float(curvature_term - penalty_term) / max(float(along), 1e-300)
         curvature_term = along + penalty_term
+        # Where the sample underestimated the curvature along the step, the
+        # whole batch's model is least short of the unit step: take that length.
+        t = -float(slope) / float(curvature_term) if float(curvature_term) > 0 else 1.0
+        if 0.0 < t < 1.0:
+            step, logits_step = {k: v * t for k, v in step.items()}, logits_step * t
+            slope, curvature_term, damping_term = slope * t, curvature_term * t * t, damping_term * t * t
     return StepResult(
         step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, cg_result,
         system.lin.logits, logits_step, slope, curvature_term, damping_term, curvature, cg_tol, sampled,
