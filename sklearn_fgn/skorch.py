@@ -337,6 +337,13 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         return float(self.alpha) / n_train
 
     def _record_step(self, result: StepResult, record: StepRecord) -> None:
+        """Record the step in ``history``'s current batch row; outside ``fit`` without one, nowhere.
+
+        ``fit`` opens a row per batch; a caller of ``train_step`` outside
+        ``fit`` opens one with ``history.new_epoch()`` and ``history.new_batch()``.
+        """
+        if not (len(self.history) and self.history[-1]["batches"]):
+            return
         step_norm = record.step_size * math.sqrt(sum(float((t * t).sum()) for t in result.step.values()))
         self.history.record_batch("loss", record.loss)
         self.history.record_batch("damping", record.damping)

@@ -555,3 +555,15 @@ def test_full_batch_auto_forcing_term_tightens_as_the_fit_converges(digits):
     assert net._step_state.last_relative_decrease < 1e-6  # what the next step's forcing term reads
     cg = [net.history[i, "batches", 0, "cg_iter"] for i in range(12)]
     assert cg[0] <= 3 and max(cg[-3:]) > 3 * cg[0], cg
+
+
+def test_train_step_outside_fit_needs_no_history_row(digits):
+    # Issue 35: train_step outside fit (as its docstring allows): without a batch row it records nothing.
+    X_train, _, y_train, _ = digits
+    net = make_net(mlp(hidden=8))
+    net.initialize()
+    before = _snapshot(net.module_)
+    out = net.train_step((torch.as_tensor(X_train[:64]), torch.as_tensor(y_train[:64])))
+    assert np.isfinite(float(out["loss"]))
+    assert len(net.history) == 0
+    assert any(not torch.equal(before[k], p) for k, p in net.module_.named_parameters())
