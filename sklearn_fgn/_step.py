@@ -1119,13 +1119,18 @@ def sample_curvature_rows(system: DampedSystem, sample: CurvatureSample) -> tupl
     scale : Tensor
         ``1 / p_i`` of those rows.
     None
-        When the sample would hold every row with curvature.
+        When the sample would hold every row with curvature (in a single
+        process; a rank of a data-parallel fit then takes those rows).
     """
     X = system.X
     trace = _curvature_trace(system) * (X.square().sum(1) + float("intercept_0" in system.gradient))
     tau = _poisson_threshold(trace, sample.size)
     if tau is None:
-        return None
+        if not system.comm.distributed:
+            return None
+        # Every rank must take the same collectives: this one takes all its rows with curvature.
+        rows = (trace > 0).nonzero().squeeze(1)
+        return rows, torch.ones(rows.shape[0], dtype=trace.dtype, device=trace.device)
     prob = (trace / tau).clamp_(max=1.0)
     draw = torch.rand(prob.shape[0], generator=sample.generator, dtype=torch.float64)
     rows = (draw.to(prob.device) < prob).nonzero().squeeze(1)

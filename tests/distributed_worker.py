@@ -10,7 +10,8 @@ the fitted parameters, or the error it raised. A fit may ask for
 ``"nan_rank": r`` (NaN in rank ``r``'s X), ``"rank_params": {"r": {...}}``
 (settings of rank ``r`` only) or ``"fail": {"rank": r, "call": k}``
 (rank ``r`` raises at its ``k``-th step; the others' next collective then fails),
-``"step_constants": {...}`` (of ``sklearn_fgn._step``) or ``"metric_max_features": m``
+``"step_constants": {...}`` (of ``sklearn_fgn._step``), ``"solver_constants": {...}`` (of
+``sklearn_fgn._solver``) or ``"metric_max_features": m``
 (the diagonal metric beyond ``m`` features).
 """
 
@@ -41,9 +42,11 @@ def _inject_failure(call):
 
 def _fit(fit, data, rank, bounds):
     import sklearn_fgn._metric as metric
+    import sklearn_fgn._solver as solver
     import sklearn_fgn._step as step
 
     constants = [(step, name, value) for name, value in fit.get("step_constants", {}).items()]
+    constants += [(solver, name, value) for name, value in fit.get("solver_constants", {}).items()]
     if "metric_max_features" in fit:
         value = fit["metric_max_features"]
         constants.append((metric, "FULL_METRIC_MAX_FEATURES", value))

@@ -23,6 +23,7 @@ from sklearn.datasets import make_classification
 import sklearn_fgn._distributed as distributed
 import sklearn_fgn._estimator as estimator_module
 import sklearn_fgn._metric as metric_module
+import sklearn_fgn._solver as solver_module
 import sklearn_fgn._step as step
 from sklearn_fgn import FGNClassifier
 
@@ -42,6 +43,13 @@ FITS = {
     "full_batch_hard_rows": {
         "params": {**LINEAR, "batch_size": None, "alpha": 1e-3, "tol": 1e-8},
         "step_constants": {"HARD_ROWS_MIN": 8, "HARD_ROWS_BUILD_CG": 12},
+    },
+    # the curvature sampled on each rank's own rows (about 40 of 400): other steps than one
+    # process's (other samples), the same optimum
+    "full_batch_curvature_sample": {
+        "params": {**LINEAR, "batch_size": None, "tol": 1e-10, "max_iter": 200},
+        "solver_constants": {"CURVATURE_SAMPLE_MIN_ROWS": 20, "CURVATURE_SAMPLE_MAX_SHARE": 0.5},
+        "own_steps": True,
     },
     # the diagonal metric (wide features): the ranks' per-feature variances, summed
     "full_batch_diagonal_metric": {
@@ -125,6 +133,8 @@ def _single(name, monkeypatch):
     weights = sample_weight if fit.get("weighted") else None
     for constant, value in fit.get("step_constants", {}).items():
         monkeypatch.setattr(step, constant, value)
+    for constant, value in fit.get("solver_constants", {}).items():
+        monkeypatch.setattr(solver_module, constant, value)
     moments = []
     if "metric_max_features" in fit:
         monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", fit["metric_max_features"])
@@ -134,6 +144,8 @@ def _single(name, monkeypatch):
             "feature_moments",
             lambda *a, **k: moments.append(original_moments(*a, **k)) or moments[-1],
         )
+    drawn, draw = [], step.sample_curvature_rows
+    monkeypatch.setattr(step, "sample_curvature_rows", lambda *a: drawn.append(draw(*a)) or drawn[-1])
     built = []
     original = step.make_hard_row_preconditioner
     monkeypatch.setattr(
@@ -147,6 +159,8 @@ def _single(name, monkeypatch):
         else:
             model.fit(X, y, sample_weight=weights)
     params = model.coefs_ + model.intercepts_ if hasattr(model, "coefs_") else [model.coef_, model.intercept_]
+    if "solver_constants" in fit:  # the curvature was sampled
+        assert any(d is not None for d in drawn)
     if "step_constants" in fit:  # the fit took hard-row steps, not only Kronecker ones
         assert any(p is not None for p in built)
     if "metric_max_features" in fit:  # the diagonal metric, from the variances alone
@@ -170,6 +184,9 @@ def test_distributed_fit_equals_single_process_fit(runs, world, name, monkeypatc
                 np.abs(got - expected).max() / scale,
             )
             assert np.array_equal(got, results[0][f"param_{i}"])  # replicated: the same bits on every rank
+        if FITS[name].get("own_steps"):  # other samples than one process's: only the optimum is shared
+            assert float(result["loss_curve"][-1]) == pytest.approx(model.loss_curve_[-1], rel=1e-9)
+            continue
         assert int(result["n_iter"]) == model.n_iter_
         assert int(result["t"]) == model.t_
         np.testing.assert_allclose(result["loss_curve"], model.loss_curve_, rtol=1e-8)
