@@ -273,7 +273,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         batch converges to the optimum in a few Newton steps; mini-batches
         make progress from the first epoch on data too large for that.
     max_iter : int, default=100
-        Steps in full batch, epochs otherwise.
+        Steps in full batch, epochs otherwise. 0 takes none: the model is its
+        initial point (zero coefficients for the linear head, unless
+        ``coef_init`` or a warm start gives others), as ``LogisticRegression``.
     tol : float, default=1e-4
         Full batch: stop when a trusted step predicts a decrease below
         ``tol`` times the loss. Otherwise stop when the training loss (or the
@@ -430,7 +432,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         "curvature": [StrOptions(set(CURVATURE_OPTIONS))],
         "solver": [StrOptions(set(SOLVERS))],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), Options(Real, {np.inf})],
         "early_stopping": ["boolean", StrOptions({"auto"})],

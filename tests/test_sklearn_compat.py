@@ -85,3 +85,17 @@ def test_early_stopping_attributes_follow_mlp_classifier():
     assert early.best_loss_ is None and len(early.validation_scores_) == early.n_iter_
     assert plain.validation_scores_ is None and plain.best_loss_ == min(plain.loss_curve_)
     assert plain.best_validation_score_ is None
+
+
+@pytest.mark.parametrize("batch_size", [None, 32])
+def test_max_iter_zero_fits_the_initial_point_as_logistic_regression(batch_size):
+    X, y = load_iris(return_X_y=True)
+    with pytest.warns(ConvergenceWarning, match="max_iter=0"):
+        est = FGNClassifier(max_iter=0, batch_size=batch_size).fit(X, y)
+    assert est.n_iter_ == 0 and est.loss_curve_ == []
+    np.testing.assert_array_equal(est.coef_, np.zeros((3, 4)))
+    np.testing.assert_allclose(est.predict_proba(X), np.full((len(y), 3), 1 / 3))
+    init = np.arange(12.0).reshape(3, 4) / 10
+    with pytest.warns(ConvergenceWarning):
+        started = FGNClassifier(max_iter=0, batch_size=batch_size).fit(X, y, coef_init=init)
+    np.testing.assert_allclose(started.coef_, init, rtol=1e-12, atol=1e-12)  # through the whitening and back
