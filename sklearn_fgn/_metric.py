@@ -424,7 +424,7 @@ def make_feature_metric(
     correlation.diagonal().add_(ridge)
     eigenvalues, Q = torch.linalg.eigh(correlation)
     whitening = (scale[:, None] * Q) * eigenvalues.clamp_min(ridge).rsqrt()  # T0 = S Q D^{-1/2}
-    # T0 = V diag(sigma) U^T, T = T0 U = V diag(sigma): see _orthogonal_columns.
+    # T0 = V diag(sigma) U^T, T = T0 U = V diag(sigma): see the module docstring.
     V, sigma, _ = torch.linalg.svd(whitening)
     V, sigma = V.flip(1), sigma.flip(0)  # ascending penalties
     transform = V * sigma

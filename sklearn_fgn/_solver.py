@@ -77,7 +77,7 @@ LAST_STEP_MIN_TOL = 1e-6
 # thousand times the curvature along it) cannot end the fit.
 DAMPING_DOMINATED = 0.999
 # Full-batch fits of a linear head take their curvature on a sample of the
-# rows (_curvature_rows): this share of them to start with, at least this
+# rows (_curvature_sample): this share of them to start with, at least this
 # many rows and this many per logit; the sample doubles after a step along
 # which its curvature was off the whole batch's by more than this factor, and
 # beyond this share of the rows every row is used.
