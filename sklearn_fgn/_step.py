@@ -940,7 +940,7 @@ def compute_step(
     )
     model = system
     if curvature_sample is not None and system.linear:
-        drawn = sample_curvature_rows(system, curvature_sample)
+        drawn = sample_curvature_rows(system, curvature_sample, cache)
         if drawn is not None:
             model = subsampled_system(system, *drawn)
     solver, preconditioner = _preconditioner(model, solver, cg_tol, kronecker, cache)
@@ -1098,7 +1098,9 @@ class CurvatureSample:
     generator: torch.Generator
 
 
-def sample_curvature_rows(system: DampedSystem, sample: CurvatureSample) -> tuple[Tensor, Tensor] | None:
+def sample_curvature_rows(
+    system: DampedSystem, sample: CurvatureSample, cache: dict | None = None
+) -> tuple[Tensor, Tensor] | None:
     r"""Draw rows by their share of the curvature: Poisson sampling with ``p_i = min(1, t_i / tau)``.
 
     ``t_i = omega_i tr(H_i) ||x~_i||^2`` is the trace of row ``i``'s term
@@ -1109,8 +1111,9 @@ def sample_curvature_rows(system: DampedSystem, sample: CurvatureSample) -> tupl
     p_i``, so that ``G_S = sum_{i in S} G_i / p_i`` is unbiased and every
     sampled term has trace at most ``tau`` (Xu, Yang, Roosta-Khorasani, Ré
     and Mahoney, "Sub-sampled Newton methods with non-uniform sampling",
-    2016). Rows without curvature are never drawn. Cost: ``O(n (K + d))``
-    and a sort of ``n`` traces.
+    2016). Rows without curvature are never drawn. Cost: ``O(n K)`` and a
+    sort of ``n`` traces; the rows' norms (``O(n d)`` and an ``n x d``
+    temporary) once per fit, kept in ``cache`` (see ``compute_step``).
 
     Returns
     -------
@@ -1122,8 +1125,8 @@ def sample_curvature_rows(system: DampedSystem, sample: CurvatureSample) -> tupl
         When the sample would hold every row with curvature (in a single
         process; a rank of a data-parallel fit then takes those rows).
     """
-    X = system.X
-    trace = _curvature_trace(system) * (X.square().sum(1) + float("intercept_0" in system.gradient))
+    norms = _row_square_norms(system.X, cache)
+    trace = _curvature_trace(system) * (norms + float("intercept_0" in system.gradient))
     tau = _poisson_threshold(trace, sample.size)
     if tau is None:
         if not system.comm.distributed:
@@ -1135,6 +1138,22 @@ def sample_curvature_rows(system: DampedSystem, sample: CurvatureSample) -> tupl
     draw = torch.rand(prob.shape[0], generator=sample.generator, dtype=torch.float64)
     rows = (draw.to(prob.device) < prob).nonzero().squeeze(1)
     return rows, 1.0 / prob[rows]
+
+
+def _row_square_norms(X: Tensor, cache: dict | None) -> Tensor:
+    """Return ``||x_i||^2``, shape (n,); from ``cache`` while ``X`` is the same, unchanged tensor.
+
+    Returns
+    -------
+    Tensor
+    """
+    hit = None if cache is None else cache.get("row_norms")
+    if hit is not None and hit[0]() is X and hit[1] == X._version:
+        return hit[2]
+    norms = X.square().sum(1)
+    if cache is not None:
+        cache["row_norms"] = (weakref.ref(X), X._version, norms)
+    return norms
 
 
 def _poisson_threshold(trace: Tensor, size: int) -> float | None:
