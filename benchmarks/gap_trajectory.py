@@ -61,7 +61,10 @@ Methods
 Before its first timed fit in a process each method runs 3 untimed iterations on 256
 rows of the problem, so that no timed fit pays first-call costs (torch's first optimiser
 step takes about a second of lazy initialisation). ``--methods FGN,torch``: only the
-methods whose name contains one of those substrings (case-insensitive).
+methods whose name contains one of those substrings (case-insensitive). ``--max-iter N``
+caps every method's iterations (torch's L-BFGS otherwise runs up to 5000, which on a
+weakly regularised 1000-class problem takes many minutes); ``--no-curvature-sample``
+makes FGN take its curvature on every row (the A/B of the subsampled steps).
 
 Problems
 --------
