@@ -15,9 +15,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import check_scoring, make_scorer
 from sklearn.model_selection import check_cv
+from sklearn.utils._metadata_requests import _routing_enabled
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.metadata_routing import MetadataRouter, MethodMapping, _raise_for_params, process_routing
 from sklearn.utils.parallel import Parallel, delayed
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_method_params, check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from ._arrays import check_features, check_training_data, is_tensor, numpy_dtype
@@ -224,7 +226,7 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, **params):
         """Fit the path on every fold, choose ``C``, and refit it.
 
         Parameters
@@ -234,30 +236,40 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         y : array-like of shape (n_samples,)
             Class labels.
         sample_weight : array-like of shape (n_samples,), default=None
-            Per-sample weights, used in the fits and the validation scores.
+            Per-sample weights of the fits. Without metadata routing they
+            weight the validation scores too; with it
+            (``sklearn.set_config(enable_metadata_routing=True)``) the scorer
+            gets them only where it requests them (``set_score_request``).
+        **params : dict
+            Only with metadata routing: metadata for the splitter's ``split``
+            (e.g. ``groups``) and the scorer, as ``LogisticRegressionCV``.
 
         Returns
         -------
         self : FGNClassifierCV
             The fitted estimator.
         """
+        _raise_for_params(params, self, "fit")
         with _restored_on_error(self):  # an error or an interrupt leaves the estimator as it was
-            return self._fit(X, y, sample_weight)
+            return self._fit(X, y, sample_weight, params)
 
-    def _fit(self, X, y, sample_weight):
+    def _fit(self, X, y, sample_weight, params):
+        split_params, score_params = self._routed_fit_params(sample_weight, params)
         X, y, sample_weight = check_training_data(self, X, y, sample_weight, reset=True)
         classes = np.unique(y)
         Cs = self._grid()
-        folds = list(check_cv(self.cv, y, classifier=True).split(np.empty((len(y), 0)), y))
-        scorer = _told_every_class(check_scoring(self._base_estimator(1.0), scoring=self.scoring), classes)
+        splitter = check_cv(self.cv, y, classifier=True)
+        folds = list(splitter.split(np.empty((len(y), 0)), y, **split_params))
+        scorer = _told_every_class(self._get_scorer(), classes)
         n_jobs = effective_n_jobs(self.n_jobs)
         path = self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER)
         results = Parallel(n_jobs=n_jobs)(
             delayed(_fit_fold_path)(
-                path, X, y, classes, sample_weight, train, test, Cs, scorer, _worker_threads(n_jobs)
+                path, X, y, classes, sample_weight, train, test, Cs,
+                (scorer, _check_method_params(y, score_params, indices=test)), _worker_threads(n_jobs),
             )
             for train, test in folds
-        )
+        )  # fmt: skip
         scores = np.array([r[0] for r in results])
         coefs_paths = np.array([r[1] for r in results])
         best = int(np.argmax(scores.mean(axis=0)))  # the first (smallest C) among ties
@@ -272,6 +284,48 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         self.n_iter_ = np.array([r[2] for r in results])
         self.coef_, self.intercept_ = coef, intercept
         return self
+
+    def _routed_fit_params(self, sample_weight, params):
+        """Return the splitter's and the scorer's metadata of a fit: ``(split_params, score_params)``.
+
+        With metadata routing, what each requests; without, the scorer gets
+        ``sample_weight`` (when given) and nothing goes to the splitter.
+
+        Returns
+        -------
+        tuple of dict
+        """
+        if _routing_enabled():
+            routed = process_routing(self, "fit", sample_weight=sample_weight, **params)
+            return routed.splitter.split, routed.scorer.score
+        return {}, ({} if sample_weight is None else {"sample_weight": sample_weight})
+
+    def _get_scorer(self):
+        """Return the scorer of ``scoring`` (accuracy when None)."""
+        return check_scoring(self._base_estimator(1.0), scoring=self.scoring or "accuracy")
+
+    def get_metadata_routing(self):
+        """Return the metadata routing of this object: fit's metadata to the splitter and the scorer.
+
+        As ``LogisticRegressionCV``: ``fit`` routes to the splitter's
+        ``split`` and the scorer's ``score``, ``score`` to the scorer's.
+
+        Returns
+        -------
+        MetadataRouter
+            The routing information.
+        """
+        return (
+            MetadataRouter(owner=self)
+            .add_self_request(self)
+            .add(splitter=self.cv, method_mapping=MethodMapping().add(caller="fit", callee="split"))
+            .add(
+                scorer=self._get_scorer(),
+                method_mapping=MethodMapping()
+                .add(caller="score", callee="score")
+                .add(caller="fit", callee="score"),
+            )
+        )
 
     def _grid(self):
         if isinstance(self.Cs, Integral):
@@ -315,7 +369,7 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
                 pass
         return best_estimator.coef_, best_estimator.intercept_, best_estimator
 
-    def score(self, X, y, sample_weight=None):
+    def score(self, X, y, sample_weight=None, **score_params):
         """Return the search's ``scoring`` of the model on ``X``, ``y`` (accuracy when None).
 
         As ``LogisticRegressionCV.score``: the score the search maximised, so
@@ -328,19 +382,26 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         y : array-like of shape (n_samples,)
             True labels.
         sample_weight : array-like of shape (n_samples,), default=None
-            Passed to the scorer when given.
+            Passed to the scorer when given (with metadata routing, when it
+            requests it).
+        **score_params : dict
+            Only with metadata routing: further metadata for the scorer.
 
         Returns
         -------
         float
             The scorer's value.
         """
-        if self.scoring is None:  # check_scoring would pass it back to this method
-            return super().score(X, y, sample_weight=sample_weight)
+        _raise_for_params(score_params, self, "score")
+        if sample_weight is not None:
+            score_params["sample_weight"] = sample_weight
+        if self.scoring is None and not score_params.keys() - {"sample_weight"}:
+            # accuracy: check_scoring would pass it back to this method
+            return super().score(X, y, sample_weight=score_params.get("sample_weight"))
         check_is_fitted(self)
-        scorer = check_scoring(self, scoring=self.scoring)
-        params = {} if sample_weight is None else {"sample_weight": sample_weight}
-        return scorer(self, X, y, **params)
+        if _routing_enabled():
+            score_params = process_routing(self, "score", **score_params).scorer.score
+        return self._get_scorer()(self, X, y, **score_params)
 
     def _logits_map(self, X):
         check_is_fitted(self)
@@ -384,10 +445,11 @@ def _worker_threads(n_jobs):
     return max(1, (os.cpu_count() or 1) // max(1, n_jobs))
 
 
-def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, scorer, threads):
+def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, scoring, threads):
     """Fit ``estimator`` along ``Cs`` on the fold's training rows; score each on its test rows.
 
     ``classes``: all of the search's, which every fold fits (a fold may lack some).
+    ``scoring``: the scorer and its metadata on the test rows.
 
     Returns
     -------
@@ -397,8 +459,9 @@ def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, sco
     n_iter : list of int
     """
     scores, coefs, n_iter = [], [], []
+    scorer, score_params = scoring
     estimator = clone(estimator)
-    y_train, y_test, w_train, w_test = y[train], y[test], sample_weight[train], sample_weight[test]
+    y_train, y_test, w_train = y[train], y[test], sample_weight[train]
     if is_tensor(X):  # index on the tensor's device
         train, test = (torch.from_numpy(i).to(X.device) for i in (train, test))
     # Numpy predictions whatever the dispatch: the scorer compares them with numpy labels.
@@ -409,7 +472,7 @@ def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, sco
         for state in estimator._fit_path(
             X_train, y_train, w_train, 1.0 / Cs, estimator.tol, scored=large, classes=classes
         ):
-            scores.append(float(scorer(estimator, X[test], y_test, sample_weight=w_test)))
+            scores.append(float(scorer(estimator, X[test], y_test, **score_params)))
             coef = estimator.coef_
             if estimator.fit_intercept:
                 coef = np.hstack([coef, estimator.intercept_[:, None]])

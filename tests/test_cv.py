@@ -246,3 +246,61 @@ def test_a_path_starts_each_C_from_the_last_fits_logits_and_coordinates(monkeypa
     for coef, alpha in zip(coefs, [10.0, 1.0, 0.1], strict=True):
         single = FGNClassifier(alpha=alpha, batch_size=None, tol=1e-10, device="cpu").fit(X, y)
         np.testing.assert_allclose(coef, single.coef_, rtol=1e-6, atol=1e-8)
+
+
+def _path_accuracies(search, X, y, folds, weight=None):
+    """Accuracy of every fold's path coefficients on its test rows, recomputed from coefs_paths_."""
+    out = np.empty(search.scores_.shape)
+    for f, (_, test) in enumerate(folds):
+        for c, coef in enumerate(search.coefs_paths_[f]):
+            predicted = search.classes_[np.argmax(X[test] @ coef[:, :-1].T + coef[:, -1], axis=1)]
+            hits = (predicted == y[test]).astype(float)
+            out[f, c] = np.average(hits, weights=None if weight is None else weight[test])
+    return out
+
+
+@pytest.mark.parametrize("requested", [True, False])
+def test_metadata_routing_gives_the_scorer_sample_weight_only_where_it_asks(requested):
+    # issue 34, item 3: with routing on, set_score_request(sample_weight=False)
+    # scores the folds unweighted although the fits are weighted.
+    from sklearn import config_context
+    from sklearn.metrics import accuracy_score, make_scorer
+
+    X, y = _standardized("iris")
+    sw = np.random.RandomState(0).uniform(0.1, 3.0, len(y))
+    folds = list(StratifiedKFold(3).split(X, y))
+    with config_context(enable_metadata_routing=True):
+        scorer = make_scorer(accuracy_score).set_score_request(sample_weight=requested)
+        search = FGNClassifierCV(Cs=[0.01, 1.0], cv=folds, scoring=scorer, device="cpu")
+        search.fit(X, y, sample_weight=sw)
+        held_out = search.score(X, y, sample_weight=sw)
+    expected = _path_accuracies(search, X, y, folds, sw if requested else None)
+    np.testing.assert_allclose(search.scores_, expected, rtol=1e-12)
+    assert not np.allclose(expected, _path_accuracies(search, X, y, folds, None if requested else sw))
+    weight = sw if requested else None
+    assert held_out == pytest.approx(accuracy_score(y, search.predict(X), sample_weight=weight))
+
+
+def test_without_routing_the_scores_are_weighted_and_metadata_is_refused():
+    X, y = _standardized("iris")
+    sw = np.random.RandomState(0).uniform(0.1, 3.0, len(y))
+    folds = list(StratifiedKFold(3).split(X, y))
+    search = FGNClassifierCV(Cs=[0.01, 1.0], cv=folds, scoring="accuracy", device="cpu")
+    search.fit(X, y, sample_weight=sw)
+    np.testing.assert_allclose(search.scores_, _path_accuracies(search, X, y, folds, sw), rtol=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        FGNClassifierCV(Cs=2, cv=3, device="cpu").fit(X, y, groups=np.arange(len(y)) % 5)
+
+
+def test_metadata_routing_passes_groups_to_the_splitter():
+    from sklearn import config_context
+    from sklearn.model_selection import GroupKFold
+
+    X, y = _standardized("iris")
+    groups = np.arange(len(y)) % 7
+    with config_context(enable_metadata_routing=True):
+        routed = FGNClassifierCV(Cs=[0.1, 1.0], cv=GroupKFold(3), device="cpu").fit(X, y, groups=groups)
+    folds = list(GroupKFold(3).split(X, y, groups))
+    explicit = FGNClassifierCV(Cs=[0.1, 1.0], cv=folds, device="cpu").fit(X, y)
+    np.testing.assert_array_equal(routed.scores_, explicit.scores_)
+    np.testing.assert_allclose(routed.coefs_paths_, explicit.coefs_paths_, rtol=1e-12, atol=1e-12)
