@@ -220,6 +220,11 @@ def random_access(array):
                 mapping.madvise(mmap.MADV_NORMAL)
 
 
+def is_memory_mapped(array):
+    """Return whether ``array`` is a ``np.memmap`` or a view of one (a tensor is not)."""
+    return _file_mapping(array) is not None
+
+
 def _file_mapping(array):
     """Return the ``mmap`` behind a ``np.memmap`` (or a view of one), else None."""
     while isinstance(array, np.ndarray):

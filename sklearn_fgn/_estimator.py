@@ -33,6 +33,7 @@ from ._arrays import (
     as_output,
     check_features,
     check_training_data,
+    is_memory_mapped,
     is_tensor,
     nbytes,
     numpy_dtype,
@@ -271,7 +272,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         n_classes)`` arrays and ``X`` take at most half the device's memory:
         small steps there are bound by kernel launches, not arithmetic. Full
         batch converges to the optimum in a few Newton steps; mini-batches
-        make progress from the first epoch on data too large for that.
+        make progress from the first epoch on data too large for that. A
+        memory-mapped ``X`` (``np.memmap`` or a view of one) is read in
+        batches of 512 rows and never copied whole: pass ``np.asarray(X)``
+        to fit it full batch in memory.
     max_iter : int, default=100
         Steps in full batch, epochs otherwise. 0 takes none: the model is its
         initial point (zero coefficients for the linear head, unless
@@ -1056,6 +1060,8 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         """
         if self.batch_size != "auto":
             return self.batch_size
+        if is_memory_mapped(X):  # full batch would hold a whitened copy of it; batches read it in place
+            return AUTO_BATCH_SIZE
         if layout is not None:
             n_samples = math.ceil(n_samples * layout.largest_share)
         device = _resolve_device(self.device, X)

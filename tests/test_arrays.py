@@ -253,6 +253,24 @@ def test_read_only_memmap_is_read_in_place_and_fits_as_the_array(iris32, tmp_pat
     np.testing.assert_array_equal(from_map.predict_proba(X_map), from_array.predict_proba(X))
 
 
+def test_auto_batch_size_reads_a_memmap_in_batches_never_a_whitened_copy(tmp_path):
+    """Issue 35, item 5: full batch would whiten a copy of the memmap; "auto" reads it in batches."""
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(3000, 20, n_informative=10, n_classes=5, random_state=0)
+    X = X.astype(np.float32)
+    np.save(tmp_path / "X.npy", X)
+    X_map = np.load(tmp_path / "X.npy", mmap_mode="r")
+    params = {"max_iter": 3, "device": "cpu", "random_state": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        from_map = FGNClassifier(**params).fit(X_map, y)
+        batches = FGNClassifier(batch_size=512, **params).fit(X, y)
+        full = FGNClassifier(**params).fit(X, y)  # in memory "auto" is full batch here
+    np.testing.assert_array_equal(from_map.coef_, batches.coef_)
+    assert from_map.validation_scores_ is not None and full.validation_scores_ is None
+
+
 def test_mini_batch_fit_reads_a_memmap_page_by_page_and_gives_the_advice_back(iris32, tmp_path, monkeypatch):
     """Random row gathers on a memmap: MADV_RANDOM during the epochs, MADV_NORMAL after."""
     import mmap
