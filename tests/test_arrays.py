@@ -271,6 +271,40 @@ def test_auto_batch_size_reads_a_memmap_in_batches_never_a_whitened_copy(tmp_pat
     assert from_map.validation_scores_ is not None and full.validation_scores_ is None
 
 
+_REPEATED_FIT = """
+import hashlib, sys, warnings
+import numpy as np
+from sklearn_fgn import FGNClassifier
+X = np.load(sys.argv[1], mmap_mode="r")
+y = np.arange(X.shape[0]) % 300
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    clf = FGNClassifier(batch_size=512, max_iter=1, early_stopping=True, device="cpu", random_state=3)
+    clf.fit(X, y)
+print(hashlib.sha256(clf.coef_.tobytes() + clf.intercept_.tobytes()).hexdigest())
+"""
+
+
+def test_a_memmap_fit_is_bitwise_repeatable_across_processes(tmp_path):
+    """Issue 35, item 11: same data, seed and machine give the same model in another process.
+
+    Another process places X's pages, the batches and the allocator's blocks
+    at other addresses; no reduction may depend on them. Many classes, a
+    validation split and mini-batches, as the memmap probe that varied.
+    """
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((6000, 64), dtype=np.float32) + np.repeat(rng.standard_normal((300, 64)), 20, 0)
+    np.save(tmp_path / "X.npy", X.astype(np.float32))
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", _REPEATED_FIT, str(tmp_path / "X.npy")],
+            check=True, capture_output=True, text=True, timeout=120,
+        ).stdout.strip()
+        for _ in range(2)
+    }  # fmt: skip
+    assert len(digests) == 1, digests
+
+
 def test_mini_batch_fit_reads_a_memmap_page_by_page_and_gives_the_advice_back(iris32, tmp_path, monkeypatch):
     """Random row gathers on a memmap: MADV_RANDOM during the epochs, MADV_NORMAL after."""
     import mmap
