@@ -21,10 +21,21 @@ validation split and batches as one process on the concatenated rows).
 :class:`ProcessGroupCommunicator` wraps a process group and counts what
 it sends. A collective that fails (another rank raised or died, or the
 group's timeout passed) raises :class:`DistributedFitError`.
+
+A rank whose fit raises (an error, or Ctrl-C) and stays alive would leave
+its peers blocked in their next collective until the group's timeout (30
+minutes on gloo). So :meth:`ProcessGroupCommunicator.fit_scope` writes the
+failure to the group's store, and on gloo every collective waits in slices
+of ``PEER_CHECK_SECONDS``, reading the store between them: the peers raise
+a :class:`DistributedFitError` that names the failed rank and its error
+within about that time. (NCCL's collectives do not block the host; a peer
+waits there in its next synchronisation, until NCCL's own timeout.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import time
 from dataclasses import dataclass
 
@@ -34,8 +45,22 @@ from torch import Tensor
 __all__ = ["Communicator", "CommStats", "DistributedFitError", "ProcessGroupCommunicator", "communicator"]
 
 
+# A rank blocked in a gloo collective looks for a failed peer this often.
+PEER_CHECK_SECONDS = 0.5
+# The store key under which a rank reports that its fit failed (``{fit}``: the fit's number).
+_FAILURE_KEY = "sklearn_fgn/fit{fit}/failed"
+
+
 class DistributedFitError(RuntimeError):
-    """A collective of a data-parallel fit failed: another rank raised, died or timed out."""
+    """A collective of a data-parallel fit failed: another rank raised, died or timed out.
+
+    ``from_peer`` is True when a peer reported its own failure (the message
+    names it), so this rank does not report one in turn.
+    """
+
+    def __init__(self, message: str, from_peer: bool = False):
+        super().__init__(message)
+        self.from_peer = from_peer
 
 
 @dataclass
@@ -74,6 +99,16 @@ class Communicator:
     def gather_objects(self, obj) -> list:
         """Return every rank's ``obj`` (picklable), in rank order."""
         return [obj]
+
+    @contextlib.contextmanager
+    def fit_scope(self):
+        """Run one fit; on a single process there are no peers to tell of a failure.
+
+        Yields
+        ------
+        None
+        """
+        yield
 
     def sum_params(
         self, params: dict[str, Tensor], *scalars: Tensor
@@ -128,6 +163,8 @@ class ProcessGroupCommunicator(Communicator):
         start = time.perf_counter()
         try:
             out = fn()
+        except DistributedFitError:
+            raise
         except Exception as exc:  # gloo: RuntimeError / DistBackendError on a peer's failure or timeout
             raise DistributedFitError(
                 f"rank {self.rank} of {self.world_size}: {what} failed ({type(exc).__name__}: {exc}). "
@@ -140,14 +177,77 @@ class ProcessGroupCommunicator(Communicator):
         self.stats.seconds += time.perf_counter() - start
         return out
 
+    fits = 0  # data-parallel fits begun on this rank: every rank counts the same
+
+    @contextlib.contextmanager
+    def fit_scope(self):
+        """Run one data-parallel fit; if it raises here, tell the peers through the group's store.
+
+        Every rank enters it once per fit, so the fits' numbers agree and a
+        failure is read only by the fit it belongs to.
+
+        Yields
+        ------
+        None
+        """
+        self.fits += 1
+        try:
+            yield
+        except BaseException as exc:
+            if not getattr(exc, "from_peer", False):
+                self._report_failure(f"rank {self.rank} raised {type(exc).__name__}: {exc}")
+            raise
+
+    def _report_failure(self, message: str) -> None:
+        store = _default_store()
+        if store is not None:
+            with contextlib.suppress(Exception):  # a broken store: the peers fall back on the timeout
+                store.set(_FAILURE_KEY.format(fit=self.fits), message[:2000])
+
+    def _peer_failure(self) -> str | None:
+        """Return a peer's failure report of this fit, if one was written."""
+        store, key = _default_store(), _FAILURE_KEY.format(fit=self.fits)
+        if store is None or not store.check([key]):
+            return None
+        return store.get(key).decode(errors="replace")
+
+    def _wait(self, work, what: str) -> None:
+        """Wait for an asynchronous gloo collective, raising if a peer reports a failed fit meanwhile.
+
+        Raises
+        ------
+        DistributedFitError
+            With ``from_peer``, when a peer's fit failed while this rank waited.
+        """
+        while True:
+            try:
+                work.wait(datetime.timedelta(seconds=PEER_CHECK_SECONDS))
+                return
+            except Exception:
+                if work.is_completed():  # the collective itself failed
+                    raise
+            failure = self._peer_failure()
+            if failure is not None:
+                raise DistributedFitError(
+                    f"rank {self.rank} of {self.world_size}: {what} stopped: {failure}. Every rank's fit "
+                    "ends; the group's collectives are out of step now (start a new process group).",
+                    from_peer=True,
+                )
+
+    def _collective(self, what: str, size: int, op, tensor: Tensor, **kwargs) -> None:
+        if self.backend != "gloo":  # NCCL's collectives do not block the host: no wait to watch
+            self._run(what, size, lambda: op(tensor, group=self.group, **kwargs))
+            return
+        self._run(what, size, lambda: self._wait(op(tensor, group=self.group, async_op=True, **kwargs), what))
+
     def _on_backend(self, tensor: Tensor) -> Tensor:
         return tensor.cpu() if tensor.is_cuda and self.backend == "gloo" else tensor
 
     def sum_(self, tensor: Tensor) -> Tensor:
         buffer = self._on_backend(tensor)
         self.stats.bytes += buffer.numel() * buffer.element_size()
-        self._run(f"all_reduce of {buffer.numel()} values", buffer.numel(),
-                  lambda: self.dist.all_reduce(buffer, group=self.group))  # fmt: skip
+        what = f"all_reduce of {buffer.numel()} values"
+        self._collective(what, buffer.numel(), self.dist.all_reduce, buffer)
         if buffer is not tensor:
             tensor.copy_(buffer)
         return tensor
@@ -155,8 +255,8 @@ class ProcessGroupCommunicator(Communicator):
     def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
         buffer = self._on_backend(tensor)
         self.stats.bytes += buffer.numel() * buffer.element_size()
-        self._run(f"broadcast of {buffer.numel()} values", buffer.numel(),
-                  lambda: self.dist.broadcast(buffer, src=src, group=self.group))  # fmt: skip
+        self._collective(f"broadcast of {buffer.numel()} values", buffer.numel(), self.dist.broadcast, buffer,
+                         src=src)  # fmt: skip
         if buffer is not tensor:
             tensor.copy_(buffer)
         return tensor
@@ -174,6 +274,17 @@ class ProcessGroupCommunicator(Communicator):
             out[k] = flat[start : start + t.numel()].view_as(t)
             start += t.numel()
         return out, [flat[start + i] for i in range(len(scalars))]
+
+
+def _default_store():
+    """Return the default process group's store (None where torch keeps it elsewhere)."""
+    from torch.distributed import distributed_c10d
+
+    getter = getattr(distributed_c10d, "_get_default_store", None)
+    try:
+        return getter() if getter is not None else None
+    except (RuntimeError, ValueError):  # no default group (destroyed meanwhile)
+        return None
 
 
 _DEFAULT_GROUP: list[ProcessGroupCommunicator] = []  # made on first use; holds its stats only

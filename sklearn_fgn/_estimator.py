@@ -336,9 +336,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         weighs the rows of the largest shard (what one device computes on).
         The Gram-Cholesky solver is not used. Use a backend for the device (NCCL on CUDA,
         gloo on CPU); a rank whose data fail validation makes every rank
-        raise, and a rank that fails later makes the others raise
-        ``DistributedFitError`` (a ``RuntimeError``) when their next
-        collective fails or times out (the group's ``timeout``). See
+        raise, and a rank that fails or is interrupted later re-raises and
+        makes the others raise ``DistributedFitError`` (a ``RuntimeError``
+        that names it): on gloo within about half a second, through the
+        group's store, even when the failed rank stays alive; on NCCL when
+        their next collective fails or times out. See
         ``examples/distributed_probe.py``.
     random_state : int, RandomState instance or None, default=None
         Seeds the MLP initialisation, shuffling and the validation split.
@@ -532,7 +534,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         self : FGNClassifier
             The fitted estimator.
         """
-        with _restored_on_error(self):
+        with _restored_on_error(self), communicator(self.distributed).fit_scope():
             previous = getattr(self, "classes_", None) if hasattr(self, "damping_") else None
             X, y_enc, sample_weight, head, layout = self._setup_fit(X, y, sample_weight)
             resumed = None
@@ -588,9 +590,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             If ``classes`` is missing on the first call or changes later, or
             ``y`` has labels outside it.
         """
-        with _restored_on_error(self):
+        comm = communicator(self.distributed)
+        with _restored_on_error(self), comm.fit_scope():
             first = not hasattr(self, "classes_")
-            comm = communicator(self.distributed)
             with _agreed(comm):  # every rank raises if one's data fail validation
                 X, y, sample_weight = self._validate_training_data(X, y, sample_weight, reset=first)
                 hidden = self._check_params()
@@ -796,7 +798,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         ------
         KeyboardInterrupt
             In a search's fit (``gap_tol`` or ``scored``): the search stops at
-            once. A single fit keeps its last accepted parameters and warns.
+            once. In a data-parallel fit: every rank's fit ends (the others
+            raise :class:`._distributed.DistributedFitError`), where keeping
+            the last parameters would leave ranks with different models. A
+            single fit keeps its last accepted parameters and warns.
         """
         batch_size = self._resolve_batch_size(y_enc.shape[0], head, X, layout)  # as decided before any split
         comm = _comm_of(layout)
@@ -826,7 +831,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 try:
                     state = run_epochs(head, state, data, cfg, generator, n_epochs, events.begin, events.end)
                 except KeyboardInterrupt:  # keep the last accepted parameters, as MLPClassifier does
-                    if gap_tol is not None or scored:  # a search's fit: the search stops, as GridSearchCV
+                    if gap_tol is not None or scored or comm.distributed:  # a search's or the ranks' fit
                         raise
                     warnings.warn("Training interrupted by user.", stacklevel=4)
                     state.stopped = True

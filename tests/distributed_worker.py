@@ -9,7 +9,9 @@ the fitted parameters, or the error it raised. A fit may ask for
 ``"partial_fit": k`` calls instead of ``fit``, ``"weighted": true``,
 ``"nan_rank": r`` (NaN in rank ``r``'s X), ``"rank_params": {"r": {...}}``
 (settings of rank ``r`` only) or ``"fail": {"rank": r, "call": k}``
-(rank ``r`` raises at its ``k``-th step; the others' next collective then fails),
+(rank ``r`` raises at its ``k``-th step; the others' next collective then fails;
+``"error": "KeyboardInterrupt"`` raises that instead of a RuntimeError, and
+``"stay": s`` keeps the failed rank alive ``s`` seconds after its fit),
 ``"step_constants": {...}`` (of ``sklearn_fgn._step``), ``"solver_constants": {...}`` (of
 ``sklearn_fgn._solver``) or ``"metric_max_features": m``
 (the diagonal metric beyond ``m`` features).
@@ -18,6 +20,7 @@ the fitted parameters, or the error it raised. A fit may ask for
 import datetime
 import json
 import sys
+import time
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)
 
 
-def _inject_failure(call):
+def _inject_failure(call, error):
     import sklearn_fgn._solver as solver
 
     original, calls = solver.compute_step, [0]
@@ -34,7 +37,9 @@ def _inject_failure(call):
     def failing(*args, **kwargs):
         calls[0] += 1
         if calls[0] == call:
-            raise RuntimeError("injected failure")
+            raise {"RuntimeError": RuntimeError, "KeyboardInterrupt": KeyboardInterrupt}[error](
+                "injected failure"
+            )
         return original(*args, **kwargs)
 
     solver.compute_step = failing
@@ -71,7 +76,7 @@ def _fit_shard(fit, data, rank, bounds):
     sample_weight = data["sample_weight"][rows] if fit.get("weighted") else None
     fail = fit.get("fail")
     if fail is not None and fail["rank"] == rank:
-        _inject_failure(fail["call"])
+        _inject_failure(fail["call"], fail.get("error", "RuntimeError"))
     model = FGNClassifier(distributed=True, **fit["params"], **fit.get("rank_params", {}).get(str(rank), {}))
     if fit.get("partial_fit"):
         for _ in range(fit["partial_fit"]):
@@ -96,10 +101,12 @@ def main(spec_json, rank):
     for i, fit in enumerate(spec["fits"]):
         try:
             out = _fit(fit, data, rank, bounds)
-        except Exception as exc:  # recorded for the test, which asserts on it
+        except (Exception, KeyboardInterrupt) as exc:  # recorded for the test, which asserts on it
             out = {"error": np.asarray(f"{type(exc).__name__}: {exc}")}
+        out["ended"] = np.asarray(time.time())  # when the fit returned or raised
         np.savez(f"{spec['out']}.{i}.{rank}.npz", **out)
         if fit.get("fail") is not None:
+            time.sleep(fit["fail"].get("stay", 0) if fit["fail"]["rank"] == rank else 0)
             sys.exit(1 if "error" in out else 0)  # the group is unusable after a failed collective
     dist.destroy_process_group()
 

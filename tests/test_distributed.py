@@ -76,7 +76,11 @@ FITS = {
     "alpha_differs_on_rank_1": {
         "params": {**LINEAR, "batch_size": None}, "rank_params": {"1": {"alpha": 2.0}},
     },
-    "rank_1_fails_midway": {"params": {**LINEAR, "batch_size": None}, "fail": {"rank": 1, "call": 2}},
+    # rank 1 is interrupted at its second step and stays alive for 8 s (the group's timeout is 60 s)
+    "rank_1_fails_midway": {
+        "params": {**LINEAR, "batch_size": None},
+        "fail": {"rank": 1, "call": 2, "error": "KeyboardInterrupt", "stay": 8},
+    },
 }  # fmt: skip
 NAMES = list(FITS)
 
@@ -216,15 +220,18 @@ def test_ranks_with_different_settings_raise_on_every_rank(runs, world):
 
 
 @pytest.mark.parametrize("world", sorted(BOUNDS))
-def test_failed_rank_does_not_hang_the_others(runs, world):
-    # The module fixture bounds the wait (300 s); the group's timeout is 60 s.
+def test_an_interrupted_rank_ends_every_ranks_fit_promptly(runs, world):
+    # Issue 35, item 4: Ctrl-C on one rank re-raises there (no model that differs from its
+    # peers'), and the peers raise at once, naming it, while it stays alive.
     results, _, returncodes = runs[world]
-    errors = [str(r["error"]) for r in results["rank_1_fails_midway"]]
-    assert errors[1] == "RuntimeError: injected failure"
+    fits = results["rank_1_fails_midway"]
+    errors = [str(r["error"]) for r in fits]
+    assert errors[1] == "KeyboardInterrupt: injected failure"
     for rank, error in enumerate(errors):
         if rank != 1:
             assert error.startswith("DistributedFitError: rank"), error
-            assert "Another rank probably raised or died" in error
+            assert "rank 1 raised KeyboardInterrupt: injected failure" in error, error
+            assert float(fits[rank]["ended"]) - float(fits[1]["ended"]) < 5.0  # rank 1 stays 8 s
     assert all(code != 0 for code in returncodes), returncodes  # sys.exit(1), or an abort in teardown
 
 
