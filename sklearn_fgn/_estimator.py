@@ -52,6 +52,7 @@ from ._metric import (
 )
 from ._solver import (
     CURVATURE_OPTIONS,
+    DAMPING_BOUNDS,
     DAMPING_SCHEDULES,
     LoopConfig,
     LoopState,
@@ -548,11 +549,11 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 float(self.damping),
             )
             early_stopping = self._resolve_early_stopping(y_enc, head, X, layout)
-            state, _ = self._train(
+            state, (class_weighted, data, _) = self._train(
                 head, state, X, y_enc, sample_weight, early_stopping, None, drawn, layout=layout
             )
             self.n_iter_ = state.n_iter - start  # this fit's own, as MLPClassifier
-        _warn_if_nothing_learned(head, state, y_enc, sample_weight)
+        _warn_if_nothing_learned(head, state, y_enc, class_weighted, float(self.alpha) / data.weight_total)
         if not (state.converged or state.stopped):
             warnings.warn(
                 f"FGNClassifier stopped at max_iter={self.max_iter} before converging; "
@@ -818,7 +819,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
                 null_loss=null_loss, comm=comm,
             )  # fmt: skip
             if state.fit_params is None:
-                state.params = _to_fit_coordinates(head, state.params, data, metric, drawn, comm)
+                state.params = _to_fit_coordinates(
+                    head, state.params, data, metric, drawn, comm, float(self.damping)
+                )
             else:  # a path's previous fit on these rows, in these coordinates
                 state.params, state.fit_params = state.fit_params, None
             generator = torch.Generator().manual_seed(int(self._rng.randint(np.iinfo(np.int32).max)))
@@ -902,7 +905,13 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         if metric is None or alpha == 0.0:
             return alpha
         coefficients = dict.fromkeys((f"coef_{layer}" for layer in range(head.n_layers)), alpha)
-        coefficients["coef_0"] = alpha * metric.penalty
+        # alpha e in float64 (e alone may lie beyond float32's range, see FeatureMetric.to), then
+        # capped at 1 / eps^2: a column with a larger coefficient keeps a whitened weight (about
+        # gradient / coefficient) far below the dtype's rounding of the logits either way, and the
+        # cap keeps the products of coefficients, weights and steps within the dtype's range.
+        dtype = metric.mean.dtype
+        cap = torch.finfo(dtype).eps ** -2
+        coefficients["coef_0"] = (alpha * metric.penalty.double()).clamp_max(cap).to(dtype)
         return coefficients
 
     def _training_data(self, X, y_enc, sample_weight, early_stopping, head, layout=None):
@@ -1184,22 +1193,45 @@ def _device_memory_hint(task, batch_size):
         raise DeviceMemoryError(f"The GPU ran out of memory during {task}: {advice}. torch: {exc}") from exc
 
 
-def _warn_if_nothing_learned(head, state, y_enc, sample_weight):
-    """Warn when an MLP fit ends no better than predicting the class frequencies.
+def _warn_if_nothing_learned(head, state, y_enc, sample_weight, alpha):
+    """Warn when an MLP fit ends with a training log-loss no better than predicting the class frequencies.
 
     That is where a ReLU head whose hidden units all died ends (uniform
     outputs, loss of the constant model), whatever the stopping rule says.
+    Like is compared with like: the data term, the last objective of
+    ``loss_curve_`` less the L2 penalty ``alpha / 2 * sum ||W||^2`` at the
+    fitted parameters (``alpha`` on the mean loss, ``alpha / sum(s)``), against
+    the entropy of the (class-)weighted class frequencies of ``y_enc``, the
+    loss of predicting them. In full batch the last objective is the one at
+    the fitted parameters, so the data term is exact; on mini-batches it is
+    the last epoch's mean batch objective, an estimate.
+
+    Parameters
+    ----------
+    head : Head
+    state : LoopState
+        The fit's end state, parameters in the features' coordinates.
+    y_enc : ndarray of shape (n_samples,)
+        Encoded labels.
+    sample_weight : ndarray of shape (n_samples,)
+        Sample weights times class weights.
+    alpha : float
+        The penalty on the mean loss.
     """
     if head.is_linear or not state.loss_curve:
         return
     frequencies = np.bincount(y_enc, weights=sample_weight) / sample_weight.sum()
     frequencies = frequencies[frequencies > 0]
     constant_loss = float(-(frequencies * np.log(frequencies)).sum())
-    if state.loss_curve[-1] >= constant_loss * (1 - 1e-3):
+    penalized = head.penalized(state.params)
+    penalty = alpha / 2 * sum(float(torch.sum(state.params[name].double() ** 2)) for name in penalized)
+    data_loss = state.loss_curve[-1] - penalty
+    if data_loss >= constant_loss * (1 - 1e-3):
         warnings.warn(
-            f"The fit ended with a training loss of {state.loss_curve[-1]:.4g}, no better than predicting "
-            f"the class frequencies ({constant_loss:.4g}): the hidden units may all be inactive. Scale the "
-            "features (e.g. StandardScaler), lower damping or alpha, or try another random_state.",
+            f"The fit ended with a training log-loss of {data_loss:.4g} (objective "
+            f"{state.loss_curve[-1]:.4g} less the L2 penalty {penalty:.4g}), no better than predicting "
+            f"the class frequencies ({constant_loss:.4g}): the hidden units may all be inactive. Scale "
+            "the features (e.g. StandardScaler), lower damping or alpha, or try another random_state.",
             ConvergenceWarning,
             stacklevel=3,
         )
@@ -1222,10 +1254,12 @@ def _restored_on_error(estimator):
         raise
 
 
-def _to_fit_coordinates(head, params, data, metric, drawn, comm=SINGLE):
+def _to_fit_coordinates(head, params, data, metric, drawn, comm=SINGLE, damping=1.0):
     """Parameters on the device, in the coordinates of the fit (see ``FGNClassifier._train``).
 
-    With ``comm`` every rank starts from rank 0's parameters.
+    With ``comm`` every rank starts from rank 0's parameters. ``damping``:
+    the estimator's; a drawn MLP head in the identity metric raises
+    ``ValueError`` where :func:`_check_first_layer_can_learn` does.
 
     Returns
     -------
@@ -1238,8 +1272,36 @@ def _to_fit_coordinates(head, params, data, metric, drawn, comm=SINGLE):
             mean, scale = metric.mean, metric.scale
         else:
             mean, scale = feature_standardization(*_in_row_order(data.X, data.sample_weight), comm)
+            _check_first_layer_can_learn(scale, data.X.dtype, damping)
         params = standardized_first_layer(params, mean, scale)
     return params if metric is None else whitened_params(metric, params)
+
+
+def _check_first_layer_can_learn(scale, dtype, damping):
+    """Raise when an MLP's first layer, damped in the identity metric, cannot learn from the features.
+
+    Its weights start at about ``1 / std`` of the features
+    (:func:`standardized_first_layer`) and its curvature is about their
+    variance: where the largest variance is below the dtype's rounding of
+    the smallest damping a fit reaches, no step changes those weights (in
+    float32 their squares overflow as well), and the fit would end with
+    the first layer it drew.
+
+    Raises
+    ------
+    ValueError
+        When the features' largest variance is below ``eps * min(damping, DAMPING_BOUNDS[0])``.
+    """
+    variance = float(scale.double().min()) ** -2  # constant features get the others' scale
+    floor = min(float(damping), DAMPING_BOUNDS[0])
+    if variance < torch.finfo(dtype).eps * floor:
+        raise ValueError(
+            f"The features' largest variance is {variance:.3g}: an MLP head damped in the identity "
+            "metric (damping_metric='identity', which 'auto' means for MLP heads) cannot learn its first "
+            f"layer from them, as its curvature is below {dtype}'s rounding of the damping "
+            f"({floor:.3g} at least). Scale the features (e.g. StandardScaler) or set "
+            "damping_metric='features'."
+        )
 
 
 def _in_row_order(X, sample_weight):

@@ -189,7 +189,9 @@ def feature_moments(
 
     Each chunk is centred in float64. For float32 features the chunk's
     outer product (the ``O(chunk d^2)`` part) runs in float32, about half
-    the time of float64's, and is summed in float64: its rounding, about
+    the time of float64's, on columns scaled by powers of two (features of
+    any magnitude float32 holds neither overflow nor underflow there, see
+    :func:`_float32_product`), and is summed in float64: its rounding, about
     ``1e-5`` of the largest variance, is of the order of the metric's
     ridge, below which the metric treats directions alike anyway; not
     while float32 matmuls may run in TF32 or bfloat16. Float64 features
@@ -229,8 +231,7 @@ def feature_moments(
         if diagonal:
             outer += w @ (centred * centred)
         elif low:
-            centred = centred.to(torch.float32)
-            outer += ((centred * w[:, None].to(torch.float32)).T @ centred).to(torch.float64)
+            outer += _float32_product(centred, w)
         else:
             outer.addmm_((centred * w[:, None]).T, centred)
         weight += w.sum()
@@ -239,6 +240,40 @@ def feature_moments(
         sums = comm.sum_(torch.cat([outer.reshape(-1), total, weight.reshape(1)]))
         outer, total, weight = sums[:m].view(outer.shape), sums[m:-1], sums[-1]
     return FeatureMoments(float(weight), total, outer, shift)
+
+
+def _float32_product(centred: Tensor, w: Tensor) -> Tensor:
+    """Return ``sum_i w_i c_i c_i^T`` of a float64 chunk, the product run in float32, as float64.
+
+    Each column and the weights are first scaled by a power of two (exact)
+    that brings their largest magnitude into ``[0.5, 1)``, and the product
+    is unscaled in float64: the squares of features beyond about ``1e19``
+    would overflow float32, and those below about ``1e-19`` would underflow
+    to zero (the features would look constant), whatever their relative
+    spread.
+
+    Returns
+    -------
+    Tensor of shape (d, d)
+        Float64.
+    """
+    columns = _power_of_two_scales(centred.abs().amax(0))
+    weights = _power_of_two_scales(w.abs().amax().reshape(1))
+    scaled = (centred * columns).to(torch.float32)
+    product = ((scaled * (w * weights)[:, None].to(torch.float32)).T @ scaled).to(torch.float64)
+    return product / (columns[:, None] * columns[None, :] * weights)
+
+
+def _power_of_two_scales(magnitudes: Tensor) -> Tensor:
+    """Powers of two ``2^-e`` with ``magnitudes * 2^-e`` in ``[0.5, 1)`` (1 for zeros), float64.
+
+    Returns
+    -------
+    Tensor
+        Of the shape of ``magnitudes``.
+    """
+    _, exponent = torch.frexp(magnitudes)
+    return torch.ldexp(torch.ones_like(magnitudes), -exponent)
 
 
 def feature_standardization(
@@ -295,14 +330,20 @@ class FeatureMetric:
     scale: Tensor
 
     def to(self, dtype: torch.dtype, device: torch.device | str) -> FeatureMetric:
-        """Return the metric in ``dtype`` on ``device``.
+        """Return the metric in ``dtype`` on ``device``, but for :attr:`penalty`, which keeps its dtype.
+
+        The penalty weights ``e`` scale as ``1 / var``: for features of scale
+        ``1e-20`` or ``1e20`` they lie beyond float32's range, where
+        ``alpha e``, the coefficients a fit uses, may not; those are formed
+        in float64 first (``FGNClassifier._penalty_coefficients``).
 
         Returns
         -------
         FeatureMetric
             A copy (or ``self`` when nothing changes).
         """
-        return FeatureMetric(*(t.to(dtype=dtype, device=device) for t in self.tensors()))
+        mean, transform, inverse, _, scale = (t.to(dtype=dtype, device=device) for t in self.tensors())
+        return FeatureMetric(mean, transform, inverse, self.penalty.to(device=device), scale)
 
     def tensors(self) -> tuple[Tensor, ...]:
         """``(mean, transform, inverse, penalty, scale)``."""

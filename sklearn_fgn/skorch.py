@@ -304,7 +304,7 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         state = getattr(self, "_step_state", None) or LoopState({}, damping)
         curvature = _resolve_curvature(cfg, n_labels, full_batch)
         cg_tol = _forcing_term(cfg, state, full_batch, next(iter(params.values())).dtype)
-        with _no_running_stats(self.module_), _clear_buffer_errors():
+        with _no_running_stats(self.module_), _clear_buffer_errors(), _nonfinite_input_named(X):
             result, new_params, _, record = step_on_batch(
                 logits_fn, params, Batch(X, y, sample_weight), damping, cfg, curvature, cg_tol, floor,
                 extend=full_batch,
@@ -542,6 +542,41 @@ def _clear_buffer_errors() -> Generator[None, None, None]:
             "normalisation layer other than batch norm), which FGN's JVP/VJP of the module cannot "
             "follow. Put that layer in eval mode or disable its running statistics."
         ) from exc
+
+
+@contextmanager
+def _nonfinite_input_named(X) -> Generator[None, None, None]:
+    """Re-raise a failed step's ``ValueError`` as one that names non-finite values of the batch's ``X``.
+
+    skorch hands ``X`` to the module unchecked: a NaN or infinity there
+    makes the logits and the gradient non-finite, which the step would
+    otherwise report as an overflow. ``X`` is read only when the step
+    fails.
+
+    Raises
+    ------
+    ValueError
+        ``X`` (a tensor, or a mapping of them) holds NaN or infinity; the
+        step's own error, unchanged, otherwise.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        for key, tensor in X.items() if isinstance(X, Mapping) else [(None, X)]:
+            if not (isinstance(tensor, Tensor) and tensor.is_floating_point()):
+                continue
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            if nan or inf:
+                found = " and ".join(
+                    f"{count} {what}" for count, what in ((nan, "NaN"), (inf, "infinite")) if count
+                )
+                where = "X" if key is None else f"X[{key!r}]"
+                raise ValueError(
+                    f"{where} of the training batch contains {found} "
+                    "value(s); FGNNeuralNetClassifier, as skorch, passes X to the module unchecked. "
+                    "Remove or impute them (e.g. sklearn.impute.SimpleImputer)."
+                ) from exc
+        raise
 
 
 def _write_params(module: torch.nn.Module, new: Params) -> None:
