@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import check_scoring, make_scorer
 from sklearn.model_selection import check_cv
+from sklearn.utils import metadata_routing
 from sklearn.utils._metadata_requests import _routing_enabled
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metadata_routing import MetadataRouter, MethodMapping, _raise_for_params, process_routing
@@ -23,7 +24,14 @@ from sklearn.utils.validation import _check_method_params, check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from ._arrays import check_features, check_training_data, is_tensor, numpy_dtype
-from ._estimator import DAMPING_METRICS, FGNClassifier, _LogitsPredictionMixin, _restored_on_error, _to_tensor
+from ._estimator import (
+    DAMPING_METRICS,
+    FGNClassifier,
+    _LogitsPredictionMixin,
+    _restored_on_error,
+    _threadpool_controller,
+    _to_tensor,
+)
 
 __all__ = ["FGNClassifierCV"]
 
@@ -167,6 +175,9 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
     >>> clf.scores_.shape
     (3, 3)
     """
+
+    # As LogisticRegressionCV: score's sample_weight goes to the scorer, which requests it or not.
+    __metadata_request__score = {"sample_weight": metadata_routing.UNUSED}
 
     _parameter_constraints: dict = {
         "Cs": [Interval(Integral, 1, None, closed="left"), "array-like"],
@@ -441,8 +452,18 @@ def _told_every_class(scorer, classes):
 
 
 def _worker_threads(n_jobs):
-    """Threads per joblib worker: the cores shared between ``n_jobs`` workers."""
-    return max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+    """Threads per joblib worker: the cores shared between ``n_jobs`` workers, within the limits in force.
+
+    An enclosing ``threadpool_limits`` (or torch's own thread count) caps
+    them too: a search never runs more threads than its caller allowed.
+
+    Returns
+    -------
+    int
+    """
+    infos = _threadpool_controller().info()
+    limits = [info["num_threads"] for info in infos if info.get("user_api") in ("openmp", "blas")]
+    return max(1, min([(os.cpu_count() or 1) // max(1, n_jobs), torch.get_num_threads(), *limits]))
 
 
 def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, scoring, threads):

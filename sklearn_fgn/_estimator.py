@@ -1110,7 +1110,7 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
             for layer, w in enumerate(weights)
         ]
         if head.is_linear:
-            attributes = {"coef_": weights[0], "intercept_": biases[0]}
+            attributes = _centred_over_classes(weights[0], biases[0], head, float(self.alpha) == 0.0)
         else:
             attributes = {"coefs_": [w.T.copy() for w in weights], "intercepts_": biases}
         return attributes | {
@@ -1130,6 +1130,27 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         return X, functools.partial(forward, self._head, {k: p.to(X.device) for k, p in params.items()})
 
 
+def _centred_over_classes(coef, intercept, head, unpenalised):
+    """Return ``{"coef_": ..., "intercept_": ...}``, what the softmax leaves free centred over the classes.
+
+    Adding one vector to every class's coefficients (one number to every
+    intercept) leaves a multinomial model's probabilities unchanged. The
+    penalty fixes the coefficients' shift (their mean over the classes is 0
+    at the optimum); the intercepts' shift, and the coefficients' without a
+    penalty, are set to mean 0 exactly, as ``LogisticRegression`` does, so
+    that the fitted attributes do not carry the solver's rounding there.
+    Binary heads (one logit) are returned as they are.
+
+    Returns
+    -------
+    dict
+    """
+    if head.n_logits > 1:
+        intercept = intercept - intercept.mean() if head.fit_intercept else intercept
+        coef = coef - coef.mean(axis=0, keepdims=True) if unpenalised else coef
+    return {"coef_": coef, "intercept_": intercept}
+
+
 def _check_same_classes(previous, classes):
     """Raise unless a warm start sees the classes of the fit it resumes (as ``MLPClassifier``).
 
@@ -1141,7 +1162,8 @@ def _check_same_classes(previous, classes):
     if previous is not None and not np.array_equal(previous, classes):
         raise ValueError(
             "warm_start can only be used where y has the same classes as in the previous call to fit: "
-            f"previously {list(previous)}, now {list(classes)}. Set warm_start=False to fit afresh."
+            f"previously {previous.tolist()}, now {np.asarray(classes).tolist()}. "
+            "Set warm_start=False to fit afresh."
         )
 
 

@@ -99,3 +99,49 @@ def test_max_iter_zero_fits_the_initial_point_as_logistic_regression(batch_size)
     with pytest.warns(ConvergenceWarning):
         started = FGNClassifier(max_iter=0, batch_size=batch_size).fit(X, y, coef_init=init)
     np.testing.assert_allclose(started.coef_, init, rtol=1e-12, atol=1e-12)  # through the whitening and back
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_what_the_softmax_leaves_free_is_centred_as_logistic_regression(alpha):
+    # Unpenalised multiclass coefficients, and multiclass intercepts always, have mean 0 over the
+    # classes exactly (scikit-learn's test_logistic_regression_solvers_multiclass_unpenalized asks 1e-10).
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(100, 4), rng.randint(3, size=100)
+    fgn = FGNClassifier(alpha=alpha, batch_size=None, tol=1e-12, max_iter=200).fit(X, y)
+    assert np.abs(fgn.intercept_.sum()) < 1e-12
+    assert np.abs(fgn.coef_.sum(axis=0)).max() < (1e-12 if alpha == 0 else 1e-6)
+    C = np.inf if alpha == 0 else 1 / alpha
+    ref = LogisticRegression(C=C, solver="newton-cholesky", tol=1e-12, max_iter=1000).fit(X, y)
+    np.testing.assert_allclose(fgn.coef_, ref.coef_, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(fgn.intercept_, ref.intercept_, rtol=0, atol=1e-7)
+
+
+def test_cv_score_refuses_a_sample_weight_its_scorer_does_not_request():
+    # As LogisticRegressionCV: with metadata routing, an unrequested sample_weight is an error.
+    from sklearn import config_context
+    from sklearn.metrics import get_scorer
+
+    X, y = make_classification(n_samples=200, random_state=0)
+    sw = np.where(np.arange(200) < 100, 5.0, 1.0)
+    with config_context(enable_metadata_routing=True):
+        scorer = get_scorer("accuracy").set_score_request(sample_weight=False)
+        search = FGNClassifierCV(Cs=2, cv=2, scoring=scorer).fit(X, y)
+        with pytest.raises(TypeError, match="sample_weight"):
+            search.score(X, y, sample_weight=sw)
+        assert search.score(X, y) == pytest.approx(np.mean(search.predict(X) == y))
+
+
+def test_cv_search_stays_within_the_callers_thread_limits():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+
+    def scorer(estimator, X, y, sample_weight=None):  # the limits the fold's fits ran under
+        infos = threadpool_info()
+        seen.extend(info["num_threads"] for info in infos if info["user_api"] in ("blas", "openmp"))
+        return 0.0
+
+    X, y = make_classification(n_samples=120, random_state=0)
+    with threadpool_limits(limits=1):
+        FGNClassifierCV(Cs=2, cv=2, scoring=scorer).fit(X, y)
+    assert seen and set(seen) == {1}
