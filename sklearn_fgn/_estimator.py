@@ -367,7 +367,10 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
     n_iter_ : int
         Iterations (steps in full batch, epochs otherwise) run by the last
         ``fit`` (a warm start counts its own, as ``MLPClassifier``), or by
-        every ``partial_fit`` call so far.
+        every ``partial_fit`` call so far. An int for both heads, as
+        ``MLPClassifier``'s (``LogisticRegression``'s is an array of shape
+        ``(1,)``, one entry per one-vs-rest problem, which a multinomial
+        fit does not have).
     loss_curve_ : list of float
         Training objective after each iteration (mean batch loss per epoch
         with mini-batches).
