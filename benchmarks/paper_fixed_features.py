@@ -368,7 +368,7 @@ def findings_for(best_rows, rows, l_star, l_ref) -> list[str]:
                 else "does NOT approach the GGN's as damping grows, against the paper's prediction."
             )
             + " At small damping FGN stalls above the GGN (or overshoots: G_F <= G makes its unit "
-            "steps longer), the dropped within-competitor curvature being only damped (DESIGN.md section 5)."
+            "steps longer), the dropped within-competitor curvature being only damped (docs/design.md §2)."
         )
     pairs = [
         (p, g)

@@ -3,7 +3,7 @@ r"""The feature metric: damping measured in the geometry of a layer's inputs.
 A linear layer ``z = W x + b`` fitted with damping ``lambda I`` takes steps
 that depend on how the features are scaled and rotated: with L2-normalised
 embeddings the curvature is orders of magnitude below that of standardised
-features and a fixed ``lambda`` is either a crawl or unstable. DESIGN.md §2
+features and a fixed ``lambda`` is either a crawl or unstable. docs/design.md §4
 damps in the metric of the inputs instead,
 
 .. math::

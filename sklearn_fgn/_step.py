@@ -1,6 +1,6 @@
 r"""One damped FGN (or full-GGN) step on one batch.
 
-The objective (DESIGN.md §2) of a batch with normalised weights
+The objective (docs/design.md §1) of a batch with normalised weights
 ``omega = s / sum(s)`` is
 
 .. math::
@@ -20,7 +20,7 @@ example for FGN), where ``I + B Lambda^-1 B^T`` has every eigenvalue >= 1:
 
     (I + B Lambda^-1 B^T) z = B Lambda^-1 grad,   delta = -Lambda^-1 (grad - B^T z).
 
-This is DESIGN.md's system ``(I + B Lambda^-1 B^T) u = r - B Lambda^-1 rho``
+This is the system of docs/design.md §3, ``(I + B Lambda^-1 B^T) u = r - B Lambda^-1 rho``
 rewritten with ``z = r - u``: ``r_i = -sqrt(omega_i) exp(-m_i / 2)``
 overflows for badly misclassified rows while ``B^T r`` (the data gradient)
 does not, and this form only ever touches ``B^T r``. Every quantity stays

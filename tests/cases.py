@@ -3,7 +3,7 @@
 A :class:`Case` describes one problem (head shape, classes, intercept,
 sample weights, alpha, seed); :func:`make_problem` builds it with
 randomised (non-zero) parameters so that margins are non-trivial.
-The ``dense_*`` helpers form the reference matrices of DESIGN.md §2 on a
+The ``dense_*`` helpers form the reference matrices of docs/design.md §2-3 on a
 flat parameter vector (the dict's insertion order). They are written from
 the softmax formulas directly, not from ``sklearn_fgn._margin``, so that
 they check the kernels rather than repeat them.

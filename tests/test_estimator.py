@@ -164,7 +164,7 @@ def test_convergence_warning_at_max_iter():
 
 
 def _dense_feature_metric(X, omega, ridge):
-    """DESIGN.md's ``I_K kron A_eps`` block of one class over ``(w_k, b_k)``, dense float64.
+    """The ``I_K kron A_eps`` block (docs/design.md §4) of one class over ``(w_k, b_k)``, dense float64.
 
     ``A = sum_i omega_i x~ x~^T`` with the ridge on the covariance, relative
     to each feature's variance: ``Sigma + ridge diag(Sigma)``.

@@ -268,7 +268,7 @@ def _embedding_like(n, d, n_classes, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_one_epoch_is_invariant_to_rotating_and_rescaling_the_features(seed):
-    # DESIGN.md: a step in the feature metric is unchanged when the features are
+    # docs/design.md §4: a step in the feature metric is unchanged when the features are
     # rotated or rescaled, up to the penalty (negligible here: it is the one
     # term that sees the units) and the ridge (exact for per-feature scales,
     # about the ridge for rotations).
