@@ -50,8 +50,7 @@ PATH_CG_MAX_ITER = 100
 # faster GEMM), far above float32's resolution of the objective; the refit
 # runs in the data's dtype. Smaller folds keep float64 and Newton's rule:
 # their fits are cheap, and a loose fit or float32's rounding could break
-# the ties of their validation scores differently (a sample of iris flips
-# at C = 1000 at a gap of 1e-4).
+# the ties of their validation scores differently.
 PATH_FLOAT32_MIN_TOL = 1e-6
 PATH_LARGE_WORK = 1e8
 

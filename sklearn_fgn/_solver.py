@@ -988,12 +988,10 @@ def _full_batch_converged(
     # predicted decrease p is below tol relative to the loss ends the fit
     # once it is taken, if it was solved accurately enough: with CG stopped
     # at relative residual eta the step misses about eta^2 p of the decrease,
-    # so we ask eta^2 p <= tol^2. (Without that rule breast_cancer at C=100
-    # stopped 1.3e-6 from the optimum after a step solved to eta = 0.065.)
-    # At round-off level the ratio is noise: stop as well. That level is the
-    # objective's own resolution in ``dtype`` (float32 digits fits ran 14
-    # rejected steps of 100 CG iterations each at predicted decreases of
-    # 1e-12 to 3e-8, with the loss unchanged in its 8th digit).
+    # so we ask eta^2 p <= tol^2 (a loosely solved last step would stop short
+    # of the optimum by about eta^2 p). At round-off level the ratio is
+    # noise: stop as well. That level is the objective's own resolution in
+    # ``dtype``; below it rejected steps would repeat without changing the loss.
     # On the convex linear head the rule assumes the fast final convergence
     # of Newton's method (r = p / p_previous <= SUPERLINEAR), which leaves a
     # gap far below p (about p^2: tol^2 for the stopping step). While the

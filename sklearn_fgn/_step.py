@@ -98,8 +98,8 @@ CURVATURES = ("fgn", "ggn")
 SOLVERS = ("auto", "cg", "cholesky")
 # solver="auto" forms the n x n Gram and factorises it up to this many rows
 # (O(n^2) memory), and only while that costs less than GRAM_WORTH_CG_ITERS
-# CG iterations: FGN-preconditioned CG converged in 1 (FGN) and ~15 (GGN)
-# iterations on digits where Lambda-preconditioned CG needed 10-100.
+# CG iterations: the Gram solves the FGN system exactly and preconditions
+# the GGN's, where Lambda-preconditioned CG may need tens of iterations.
 CHOLESKY_MAX_ROWS = 4096
 GRAM_WORTH_CG_ITERS = 20
 # Full-batch steps on whitened features precondition CG with the exact FGN
