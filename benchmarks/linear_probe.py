@@ -34,7 +34,7 @@ BLAS/OpenMP and torch; each timed fit follows an untimed warm-up fit on a small 
   {1e-3, 1e-2} on test accuracy (oracle); time of that fit.
 * ``torch.optim.LBFGS`` (full batch, lr=1, history_size=10, line_search_fn="strong_wolfe",
   max_iter=500) on ``nn.Linear`` with the L2 penalty of the best-C LogisticRegression
-  (1/(C n) on the mean loss); passes = closure evaluations.
+  (1/(C n) on the mean loss).
 * ``FGNClassifier(device="cpu", random_state=0)``: DEFAULT settings, no tuning (its
   ``alpha=1`` is ``LogisticRegression()``'s C = 1). Its epoch trace (one ``partial_fit``
   per epoch, timed cumulatively, test accuracy after each) gives the time it needs to
@@ -44,10 +44,42 @@ BLAS/OpenMP and torch; each timed fit follows an untimed warm-up fit on a small 
 * digits only: ``FGNClassifier(hidden_layer_sizes=(64,), device="cpu", random_state=0)``
   vs ``MLPClassifier((64,), random_state=0)`` (defaults).
 
-Reported: test accuracy, wall seconds of the fit, passes over the training data
-(epochs or iterations where known), ConvergenceWarnings raised, and the time to come
-within 0.5 accuracy points of the best method on that problem (approximated by the
-whole-fit time when the fit got there, else "—"; for FGN from its epoch trace).
+Reported: test accuracy, wall seconds of the fit, passes over ``X`` ("passes"), the
+method's own iteration count ("iterations": ``n_iter_`` with its unit, "it" for
+iterations, "ep" for epochs, "evals" for closure evaluations), ConvergenceWarnings
+raised, and the time to come within 0.5 accuracy points of the best method on that
+problem (approximated by the whole-fit time when the fit got there, else "—"; for FGN
+from its epoch trace).
+
+A **pass** is the multiply-adds of one product of the training ``X`` (all ``n`` rows,
+``d`` features) with a ``(d, K)`` matrix, ``K`` the number of logits (the classes; 1 for a
+binary problem), as in ``benchmarks/gap_trajectory.py``: ``n d K`` multiply-adds, whatever
+the work is (a product on ``m`` rows is ``m / n`` of a pass; see ``benchmarks/_passes.py``
+for what is counted and what is not). How each method's passes are obtained:
+
+* counted by ``_passes.PassCounter`` around the timed fit (it patches scikit-learn's
+  ``LinearModelLoss`` and FGNClassifier's linear head): ``LogisticRegression`` (lbfgs,
+  newton-cg), every linear ``FGNClassifier`` row (full batch or mini-batch; its feature
+  metric and dense algebra included), and, with ``--cv``, ``LogisticRegressionCV`` and
+  ``FGNClassifierCV`` (the whole search: every fold's path, the scoring, the refit). The
+  counter does not see ``LogisticRegressionCV``'s scoring (``decision_function``, one
+  product of a fold's validation rows per C), so it is added: ``len(Cs)`` passes, the
+  folds' validation rows being all ``n`` rows once; ``FGNClassifierCV``'s scoring goes
+  through its head and is counted;
+* torch ``LBFGS``: 2 passes per closure evaluation (the forward ``X W^T`` and the
+  backward ``G^T X``; no gradient for ``X``), times ``K' / K`` where ``K'`` is the
+  ``nn.Linear``'s outputs (one per class, so 2 for a binary problem where ``K`` = 1);
+* skorch ``Adam``: the same 2 ``K' / K`` passes per epoch (every epoch runs over all rows
+  in mini-batches, forward and backward; ``train_split=None``, so no validation pass),
+  which is exact;
+* ``SGDClassifier``: 2 passes per epoch (a dot product and an update with every row) only
+  for a binary problem; with more classes it fits one-vs-rest binary problems (each
+  ``1 / K`` of a pass per product) whose epoch counts differ, and ``n_iter_`` is only
+  their maximum, so ``2 n_iter_`` is an upper bound, not a count: "—";
+* "—" also for the hidden-layer ``FGNClassifier`` and ``MLPClassifier`` on digits: their
+  products are not ``X`` times a ``(d, K)`` matrix, and the counter is for linear heads.
+
+The counter's wrappers add a few microseconds of Python per counted call to the timed fit.
 ``--skip sgd,skorch,torch-lbfgs`` leaves peers out (at 100000x512x1000 on 2 cores the
 one-vs-rest SGDClassifier and a 500-iteration torch LBFGS take many minutes each).
 
@@ -83,6 +115,7 @@ import _common  # noqa: E402  (sets thread env vars, imports numpy and torch)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _data import is_embedding, load_problem  # noqa: E402
+from _passes import PassCounter  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression, SGDClassifier  # noqa: E402
 from sklearn.neural_network import MLPClassifier  # noqa: E402
@@ -97,25 +130,45 @@ SKORCH_LRS = (1e-3, 1e-2)
 SKORCH_EPOCHS = 20
 
 
+def n_logits(y) -> int:
+    """The logits of a linear model of ``y``: the classes, 1 for a binary problem (the unit of a pass)."""
+    k = len(np.unique(y))
+    return 1 if k == 2 else k
+
+
+def rounded(passes: float):
+    """Passes as reported: one decimal below 100, a whole number above (the tables' 3 digits would cut it)."""
+    return round(float(passes), 1) if passes < 100 else int(round(passes))
+
+
 def timed_fit(make, X_tr, y_tr):
-    """Warm up on a small subset, then time ``make().fit`` on all data; returns (est, s, n_warn)."""
+    """Warm up on a small subset, then time ``make().fit`` on all data; returns (est, s, n_warn, passes).
+
+    ``passes``: what ``PassCounter`` counted during the timed fit (0 for a method it does not see).
+    """
     n_warm = min(len(y_tr), 500)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make().fit(X_tr[:n_warm], y_tr[:n_warm])
+    counter = PassCounter(X_tr.shape[0], X_tr.shape[1], n_logits(y_tr))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         est = make()
-        start = time.perf_counter()
-        est.fit(X_tr, y_tr)
-        seconds = time.perf_counter() - start
-    return est, seconds, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        with counter:
+            start = time.perf_counter()
+            est.fit(X_tr, y_tr)
+            seconds = time.perf_counter() - start
+    return est, seconds, sum(issubclass(w.category, ConvergenceWarning) for w in caught), counter.passes
 
 
-def row(method, est, seconds, n_warn, X_te, y_te, passes):
-    """One result row (accuracy in percent)."""
+def row(method, est, seconds, n_warn, X_te, y_te, passes, iterations):
+    """One result row (accuracy in percent).
+
+    ``passes`` over ``X`` (a number, or "—"); ``iterations``: the method's own count, with its unit.
+    """
     return {"method": method, "test acc (%)": 100.0 * float(np.mean(est.predict(X_te) == y_te)),
-            "seconds": seconds, "passes": passes, "conv. warnings": n_warn}
+            "seconds": seconds, "passes": passes if isinstance(passes, str) else rounded(passes),
+            "iterations": iterations, "conv. warnings": n_warn}
 
 
 class _TorchLBFGS:
@@ -162,8 +215,9 @@ def run_logistic(X_tr, X_te, y_tr, y_te, n_classes, embedding=False, fixed_C=Non
     print(f"  LogisticRegression C sweep (test acc): {accs} -> best C = {best_C:g}", flush=True)
     rows = []
     for solver in ("lbfgs", "newton-cg"):
-        est, s, nw = timed_fit(lambda: LogisticRegression(C=best_C, solver=solver, max_iter=1000), X_tr, y_tr)
-        rows.append(row(f'LogisticRegression(C={best_C:g}, solver="{solver}")', est, s, nw, X_te, y_te,
+        est, s, nw, p = timed_fit(lambda: LogisticRegression(C=best_C, solver=solver, max_iter=1000),
+                                  X_tr, y_tr)  # fmt: skip
+        rows.append(row(f'LogisticRegression(C={best_C:g}, solver="{solver}")', est, s, nw, X_te, y_te, p,
                         f"{int(est.n_iter_[0])} it"))
     return rows, best_C
 
@@ -180,10 +234,13 @@ def run_skorch(X_tr, X_te, y_tr, y_te):
             return NeuralNetClassifier(torch.nn.Linear(d, k), criterion=torch.nn.CrossEntropyLoss,
                                        optimizer=torch.optim.Adam, lr=lr, max_epochs=SKORCH_EPOCHS,
                                        batch_size=256, train_split=None, verbose=0, device="cpu")
-        est, s, nw = timed_fit(make, Xf, y_enc)
+        est, s, nw, _ = timed_fit(make, Xf, y_enc)
         acc = 100.0 * float(np.mean(np.unique(y_tr)[est.predict(Xtf)] == y_te))
+        epochs = len(est.history)
+        # forward X_b W^T and backward G^T X_b on every batch: 2 products of all rows with (d, k) per epoch
         r = {"method": f"skorch NeuralNetClassifier(Linear, Adam, lr={lr:g})", "test acc (%)": acc,
-             "seconds": s, "passes": f"{SKORCH_EPOCHS} ep", "conv. warnings": nw}
+             "seconds": s, "passes": rounded(2.0 * epochs * k / n_logits(y_tr)),
+             "iterations": f"{epochs} ep", "conv. warnings": nw}
         if best is None or acc > best["test acc (%)"]:
             best = r
     return best
@@ -217,35 +274,44 @@ def run_problem(size: str, skip: set[str], class_sep: float, dtype: str = "float
     print(f"\n## {size}: train {X_tr.shape}, test {X_te.shape}, {k} classes", flush=True)
     rows, best_C = run_logistic(X_tr, X_te, y_tr, y_te, k, is_embedding(size), fixed_C)
     if "sgd" not in skip:
-        est, s, nw = timed_fit(lambda: SGDClassifier(loss="log_loss", random_state=0), X_tr, y_tr)
-        rows.append(row('SGDClassifier(loss="log_loss")', est, s, nw, X_te, y_te, f"{est.n_iter_} ep"))
+        est, s, nw, _ = timed_fit(lambda: SGDClassifier(loss="log_loss", random_state=0), X_tr, y_tr)
+        # exact for one binary fit only; one-vs-rest: n_iter_ is the largest of the K fits' epochs
+        p = 2.0 * est.n_iter_ if k == 2 else "—"
+        rows.append(row('SGDClassifier(loss="log_loss")', est, s, nw, X_te, y_te, p, f"{est.n_iter_} ep"))
     if "skorch" not in skip:
         rows.append(run_skorch(X_tr, X_te, y_tr, y_te))
     if "torch-lbfgs" not in skip:
         alpha = 1.0 / (best_C * n)
-        est, s, nw = timed_fit(lambda: _TorchLBFGS(alpha), X_tr, y_tr)
-        rows.append(row(f"torch.optim.LBFGS(full batch, alpha=1/(C n), C={best_C:g})", est, s, nw, X_te, y_te,
-                        f"{est.n_evals_} evals"))
-    est, s, nw = timed_fit(lambda: FGNClassifier(device="cpu", random_state=0), X_tr, y_tr)
+        est, s, nw, _ = timed_fit(lambda: _TorchLBFGS(alpha), X_tr, y_tr)
+        # per closure call: X W^T forward, G^T X backward (no gradient for X), W with one row per class
+        p = 2.0 * est.n_evals_ * k / n_logits(y_tr)
+        rows.append(row(f"torch.optim.LBFGS(full batch, alpha=1/(C n), C={best_C:g})", est, s, nw,
+                        X_te, y_te, p, f"{est.n_evals_} evals"))
+    est, s, nw, p = timed_fit(lambda: FGNClassifier(device="cpu", random_state=0), X_tr, y_tr)
     unit = "it" if est.validation_scores_ == [] and est.t_ == n * est.n_iter_ and n * k <= 2**24 else "ep"
-    rows.append(row("FGNClassifier() [defaults]", est, s, nw, X_te, y_te, f"{est.n_iter_} {unit}"))
-    est, s, nw = timed_fit(lambda: FGNClassifier(alpha=1 / best_C, device="cpu", random_state=0), X_tr, y_tr)
-    rows.append(row(f"FGNClassifier(alpha=1/C, C={best_C:g})", est, s, nw, X_te, y_te, f"{est.n_iter_} {unit}"))
+    rows.append(row("FGNClassifier() [defaults]", est, s, nw, X_te, y_te, p, f"{est.n_iter_} {unit}"))
+    est, s, nw, p = timed_fit(lambda: FGNClassifier(alpha=1 / best_C, device="cpu", random_state=0),
+                              X_tr, y_tr)  # fmt: skip
+    rows.append(row(f"FGNClassifier(alpha=1/C, C={best_C:g})", est, s, nw, X_te, y_te, p,
+                    f"{est.n_iter_} {unit}"))
     if is_embedding(size):
-        est, s, nw = timed_fit(lambda: FGNClassifier(damping_metric="identity", device="cpu", random_state=0),
-                               X_tr, y_tr)  # fmt: skip
-        rows.append(row('FGNClassifier(damping_metric="identity")', est, s, nw, X_te, y_te, f"{est.n_iter_} {unit}"))
-    if size == "digits":
-        est, s, nw = timed_fit(lambda: FGNClassifier(hidden_layer_sizes=(64,), device="cpu", random_state=0),
-                               X_tr, y_tr)
-        rows.append(row("FGNClassifier(hidden_layer_sizes=(64,))", est, s, nw, X_te, y_te, f"{est.n_iter_} it"))
-        est, s, nw = timed_fit(lambda: MLPClassifier((64,), random_state=0), X_tr, y_tr)
-        rows.append(row("MLPClassifier((64,))", est, s, nw, X_te, y_te, f"{est.n_iter_} ep"))
+        est, s, nw, p = timed_fit(
+            lambda: FGNClassifier(damping_metric="identity", device="cpu", random_state=0), X_tr, y_tr)
+        rows.append(row('FGNClassifier(damping_metric="identity")', est, s, nw, X_te, y_te, p,
+                        f"{est.n_iter_} {unit}"))
+    if size == "digits":  # hidden layers: not products of X with (d, K) matrices, so no passes
+        est, s, nw, _ = timed_fit(
+            lambda: FGNClassifier(hidden_layer_sizes=(64,), device="cpu", random_state=0), X_tr, y_tr)
+        rows.append(row("FGNClassifier(hidden_layer_sizes=(64,))", est, s, nw, X_te, y_te, "—",
+                        f"{est.n_iter_} it"))
+        est, s, nw, _ = timed_fit(lambda: MLPClassifier((64,), random_state=0), X_tr, y_tr)
+        rows.append(row("MLPClassifier((64,))", est, s, nw, X_te, y_te, "—", f"{est.n_iter_} ep"))
     best_acc = max(r["test acc (%)"] for r in rows)
     for r in rows:
         r["problem"] = size
         r["t to best-0.5pt (s)"] = r["seconds"] if r["test acc (%)"] >= best_acc - 0.5 else "—"
-        print(f"  {r['method']}: acc {r['test acc (%)']:.2f}%, {r['seconds']:.2f} s, {r['passes']}", flush=True)
+        print(f"  {r['method']}: acc {r['test acc (%)']:.2f}%, {r['seconds']:.2f} s, "
+              f"{_common.fmt(r['passes'])} passes, {r['iterations']}", flush=True)
     trace = fgn_trace(X_tr, y_tr, X_te, y_te, best_acc - 0.5)
     reached = next((s for s, acc in trace if acc >= best_acc - 0.5), None)
     fgn = next(r for r in rows if r["method"].startswith("FGNClassifier() "))
@@ -288,16 +354,21 @@ def run_cv(size: str, class_sep: float, dtype: str, n_cs: int = 10, n_folds: int
             # untimed warm-up on a subset, as for the single fits (torch's first kernels, thread pools)
             make().set_params(Cs=Cs[:2], cv=2).fit(X_tr[:n_warm], y_tr[:n_warm])
             est = make()
-            start = time.perf_counter()
-            est.fit(X_tr, y_tr)
-            seconds = time.perf_counter() - start
+            counter = PassCounter(X_tr.shape[0], X_tr.shape[1], n_logits(y_tr))
+            with counter:
+                start = time.perf_counter()
+                est.fit(X_tr, y_tr)
+                seconds = time.perf_counter() - start
+        if name.startswith("LogisticRegressionCV"):  # its scoring: each fold's validation rows once per C
+            counter.add(len(Cs))
         scores = est.scores_ if not isinstance(est.scores_, dict) else next(iter(est.scores_.values()))
         mean = np.asarray(scores).reshape(n_folds, -1).mean(0)
         rows.append({"problem": size, "method": name, "C_": float(np.ravel(est.C_)[0]), "_mean": mean,
                      "best mean val acc (%)": 100 * float(mean.max()),
-                     "test acc (%)": 100 * float(est.score(X_te, y_te)), "seconds": seconds})  # fmt: skip
+                     "test acc (%)": 100 * float(est.score(X_te, y_te)), "seconds": seconds,
+                     "passes": rounded(counter.passes)})  # fmt: skip
         print(f"  {name}: C = {rows[-1]['C_']:.3g}, val {rows[-1]['best mean val acc (%)']:.2f} %, "
-              f"test {rows[-1]['test acc (%)']:.2f} %, {seconds:.1f} s", flush=True)
+              f"test {rows[-1]['test acc (%)']:.2f} %, {seconds:.1f} s, {counter.passes:.1f} passes", flush=True)
     for r in rows:
         r["time / lbfgs CV"] = r["seconds"] / rows[0]["seconds"]
     for r in rows:  # after the loop: the last row is FGNClassifierCV's
@@ -376,7 +447,8 @@ def main() -> None:
     rows = []
     for size in [s for s in sizes.split(",") if s] + ([] if args.no_digits else ["digits"]):
         rows += run_problem(size, skip, args.class_sep, args.dtype, args.best_C)
-    columns = ["problem", "method", "test acc (%)", "seconds", "passes", "t to best-0.5pt (s)", "conv. warnings"]
+    columns = ["problem", "method", "test acc (%)", "seconds", "passes", "iterations", "t to best-0.5pt (s)",
+               "conv. warnings"]
     heads = headline(rows)
     markdown = ("# Linear probe: test accuracy and fit time\n\n"
                 f"make_classification class_sep={args.class_sep:g}; emb: embedding-like, raw unless ':std'; "
