@@ -329,10 +329,9 @@ class FGNClassifier(_LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixi
         group (``init_process_group``; ``torchrun`` sets it up): every rank
         calls ``fit`` (or ``partial_fit``) with its own shard of the rows,
         in rank order, and all end with the model one process fits on the
-        concatenated rows (up to the order of float sums; a large full-batch
-        fit, whose curvature is taken on a sample of rows, samples each
-        rank's shard on its own, so its steps differ from one process's and
-        the two agree within ``tol`` of the same optimum). Sums over rows
+        concatenated rows (up to the order of float sums; the curvature
+        sample of a large full-batch fit is the one a single process draws).
+        Sums over rows
         (loss, gradient, feature moments, each CG curvature product) are
         all-reduced, one ``n_params``-sized all-reduce per CG iteration;
         labels and weights are gathered once, so the classes, validation

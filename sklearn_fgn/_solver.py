@@ -910,8 +910,8 @@ def _curvature_sample(
     logit, and grows by :func:`_grow_curvature_sample`; beyond
     ``CURVATURE_SAMPLE_MAX_SHARE`` of the rows every row is used (a larger
     sample saves too little per CG product to pay for the slower, linear
-    convergence of sampled Newton steps). A rank of a data-parallel fit samples that
-    share of its own rows, from the generator every rank shares.
+    convergence of sampled Newton steps). A data-parallel fit draws the sample one
+    process would draw on the concatenated rows (each rank keeps its own).
 
     Returns
     -------
@@ -925,7 +925,7 @@ def _curvature_sample(
         state.curvature_sample = max(floor, math.ceil(CURVATURE_SAMPLE_SHARE * n))
     if state.curvature_sample > CURVATURE_SAMPLE_MAX_SHARE * n:
         return None
-    return CurvatureSample(math.ceil(state.curvature_sample * batch.X.shape[0] / n), generator)
+    return CurvatureSample(state.curvature_sample, generator)
 
 
 def _grow_curvature_sample(state: LoopState, result: StepResult) -> None:

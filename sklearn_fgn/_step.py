@@ -1090,8 +1090,8 @@ def build_system(
 class CurvatureSample:
     """How many rows a step's curvature is estimated on, and the generator that draws them.
 
-    ``size`` is the expected number of rows of this rank's batch; the draw
-    is :func:`sample_curvature_rows`.
+    ``size`` is the expected number of rows of the whole batch (over all
+    ranks); the draw is :func:`sample_curvature_rows`.
     """
 
     size: int
@@ -1113,7 +1113,11 @@ def sample_curvature_rows(
     and Mahoney, "Sub-sampled Newton methods with non-uniform sampling",
     2016). Rows without curvature are never drawn. Cost: ``O(n K)`` and a
     sort of ``n`` traces; the rows' norms (``O(n d)`` and an ``n x d``
-    temporary) once per fit, kept in ``cache`` (see ``compute_step``).
+    temporary) once per fit, kept in ``cache`` (see ``compute_step``). In a
+    data-parallel fit the ranks all-gather their traces (``n`` values), so
+    that ``tau`` is the whole batch's, and each keeps its own rows' part of
+    one draw of ``n`` uniforms from the generator they share: the sample is
+    the one a single process draws on the concatenated rows.
 
     Returns
     -------
@@ -1127,15 +1131,20 @@ def sample_curvature_rows(
     """
     norms = _row_square_norms(system.X, cache)
     trace = _curvature_trace(system) * (norms + float("intercept_0" in system.gradient))
-    tau = _poisson_threshold(trace, sample.size)
+    comm, every, offset = system.comm, trace, 0
+    if comm.distributed:  # the whole batch's traces, in rank order
+        traces = [t.to(trace.device) for t in comm.gather_objects(trace.cpu())]
+        every, offset = torch.cat(traces), sum(t.shape[0] for t in traces[: comm.rank])
+    tau = _poisson_threshold(every, sample.size)
     if tau is None:
-        if not system.comm.distributed:
+        if not comm.distributed:
             return None
-        # Every rank must take the same collectives: this one takes all its rows with curvature.
+        # Every rank must take the same collectives: each takes all its rows with curvature.
         rows = (trace > 0).nonzero().squeeze(1)
         return rows, torch.ones(rows.shape[0], dtype=trace.dtype, device=trace.device)
     prob = (trace / tau).clamp_(max=1.0)
-    draw = torch.rand(prob.shape[0], generator=sample.generator, dtype=torch.float64)
+    draw = torch.rand(every.shape[0], generator=sample.generator, dtype=torch.float64)
+    draw = draw[offset : offset + trace.shape[0]]
     rows = (draw.to(prob.device) < prob).nonzero().squeeze(1)
     return rows, 1.0 / prob[rows]
 
