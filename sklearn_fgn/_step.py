@@ -1131,10 +1131,8 @@ def sample_curvature_rows(
     """
     norms = _row_square_norms(system.X, cache)
     trace = _curvature_trace(system) * (norms + float("intercept_0" in system.gradient))
-    comm, every, offset = system.comm, trace, 0
-    if comm.distributed:  # the whole batch's traces, in rank order
-        traces = [t.to(trace.device) for t in comm.gather_objects(trace.cpu())]
-        every, offset = torch.cat(traces), sum(t.shape[0] for t in traces[: comm.rank])
+    comm = system.comm
+    every, offset = _whole_batch(trace, comm)
     tau = _poisson_threshold(every, sample.size)
     if tau is None:
         if not comm.distributed:
@@ -1147,6 +1145,25 @@ def sample_curvature_rows(
     draw = draw[offset : offset + trace.shape[0]]
     rows = (draw.to(prob.device) < prob).nonzero().squeeze(1)
     return rows, 1.0 / prob[rows]
+
+
+def _whole_batch(values: Tensor, comm: Communicator) -> tuple[Tensor, int]:
+    """Return every rank's per-row ``values`` in rank order, and where this rank's rows start.
+
+    The whole batch's rows, as one process holds them (one all-gather of
+    ``n`` values in a data-parallel fit; ``values`` itself otherwise).
+
+    Returns
+    -------
+    every : Tensor of shape (n,)
+        On ``values``' device.
+    offset : int
+        The position of this rank's first row in ``every``.
+    """
+    if not comm.distributed:
+        return values, 0
+    parts = [t.to(values.device) for t in comm.gather_objects(values.cpu())]
+    return torch.cat(parts), sum(t.shape[0] for t in parts[: comm.rank])
 
 
 def _row_square_norms(X: Tensor, cache: dict | None) -> Tensor:
@@ -1310,9 +1327,7 @@ def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | 
         The hard rows' features, labels, normalised weights and logits.
     """
     comm, X = system.comm, system.X
-    trace = _curvature_trace(system)
-    traces = [t.to(X.device) for t in comm.gather_objects(trace.cpu())] if comm.distributed else [trace]
-    every = torch.cat(traces)
+    every, offset = _whole_batch(_curvature_trace(system), comm)
     m = _hard_row_budget(every.shape[0], system.stats.logits.shape[1], X.shape[1])
     if m < HARD_ROWS_MIN:
         return None
@@ -1323,7 +1338,6 @@ def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | 
     if float(every[order].sum()) < share * float(every.sum()):
         return None
     rows = order.sort().values
-    offset = sum(t.shape[0] for t in traces[: comm.rank])
     mine = rows[(rows >= offset) & (rows < offset + X.shape[0])] - offset
     picked = (X[mine], system.y[mine], system.weights[mine], system.lin.logits[mine])
     if not comm.distributed:
