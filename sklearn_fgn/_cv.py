@@ -29,7 +29,7 @@ from ._estimator import (
     FGNClassifier,
     _LogitsPredictionMixin,
     _restored_on_error,
-    _threadpool_controller,
+    _thread_limit,
     _to_tensor,
 )
 
@@ -460,9 +460,7 @@ def _worker_threads(n_jobs):
     -------
     int
     """
-    infos = _threadpool_controller().info()
-    limits = [info["num_threads"] for info in infos if info.get("user_api") in ("openmp", "blas")]
-    return max(1, min([(os.cpu_count() or 1) // max(1, n_jobs), torch.get_num_threads(), *limits]))
+    return max(1, min((os.cpu_count() or 1) // max(1, n_jobs), _thread_limit()))
 
 
 def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, scoring, threads):

@@ -1589,6 +1589,18 @@ def _threadpool_controller():
     return ThreadpoolController()
 
 
+def _thread_limit():
+    """Return the threads allowed here: torch's count, capped by the OpenMP/BLAS limits in force.
+
+    Returns
+    -------
+    int
+    """
+    infos = _threadpool_controller().info()
+    limits = [info["num_threads"] for info in infos if info.get("user_api") in ("openmp", "blas")]
+    return min([torch.get_num_threads(), *limits])
+
+
 @contextlib.contextmanager
 def _torch_threads_like_threadpools():
     """Cap torch's intra-op threads at the OpenMP/BLAS limits in force.
@@ -1596,10 +1608,8 @@ def _torch_threads_like_threadpools():
     scikit-learn and joblib limit native thread pools in parallel workers
     (``threadpoolctl``); torch keeps its own count, so it follows them here.
     """
-    infos = _threadpool_controller().info()
-    limits = [info["num_threads"] for info in infos if info.get("user_api") in ("openmp", "blas")]
     previous = torch.get_num_threads()
-    target = min([previous, *limits])
+    target = _thread_limit()
     if target != previous:
         torch.set_num_threads(target)
     try:
