@@ -33,7 +33,6 @@ __all__ = [
     "StepRecord",
     "TrainingData",
     "check_step_options",
-    "damped_update",
     "step_on_batch",
     "track_full_batch_step",
     "iter_batches",
@@ -452,24 +451,6 @@ def take_step(
     taken = record(new_loss, accepted, predicted_decrease=predicted, ratio=ratio, step_size=step_size,
                    next_damping=next_damping)  # fmt: skip
     return trial, trial_logits, taken
-
-
-def damped_update(*args, **kwargs) -> tuple[Params, float, StepRecord, Tensor]:
-    """Return :func:`step_on_batch` without the step: ``(params, damping, record, logits)``.
-
-    Returns
-    -------
-    params : dict of Tensor
-        The parameters after the update (unchanged when the step is rejected).
-    damping : float
-        The damping for the next step.
-    record : StepRecord
-        What the step did.
-    logits : Tensor
-        The logits at the returned parameters on ``batch``.
-    """
-    _, params, logits, record = step_on_batch(*args, **kwargs)
-    return params, record.next_damping, record, logits
 
 
 def step_on_batch(

@@ -33,12 +33,18 @@ from sklearn_fgn._solver import (
     _geometric_tail,
     _path_gap_tol,
     _remaining_gap,
-    damped_update,
     levenberg_marquardt,
+    step_on_batch,
 )
 from sklearn_fgn._step import compute_step
 
 EXACT = 1e-12
+
+
+def damped_update(*args, **kwargs):
+    """:func:`step_on_batch` without the step: ``(params, next damping, record, logits)``."""
+    _, params, logits, record = step_on_batch(*args, **kwargs)
+    return params, record.next_damping, record, logits
 
 
 def _setup(case: Case, damping: float):
@@ -212,7 +218,7 @@ def test_forcing_term_of_path_fits_is_not_tightened_for_the_last_step():
 _FAULTS_PER_STEP = """
 import resource, sys, torch
 from sklearn_fgn._heads import Head, init_params
-from sklearn_fgn._solver import Batch, LoopConfig, damped_update, prime_host_allocator
+from sklearn_fgn._solver import Batch, LoopConfig, prime_host_allocator, step_on_batch
 torch.set_num_threads(1)
 if sys.argv[1] == "prime":
     prime_host_allocator()
@@ -220,7 +226,7 @@ g = torch.Generator().manual_seed(0)
 X, y = torch.randn(512, 256, generator=g), torch.randint(0, 1000, (512,), generator=g)
 head = Head(256, 1000, (), "relu", True)
 params, cfg = init_params(head, g, torch.float32, "cpu"), LoopConfig(alpha=1e-4, batch_size=512)
-step = lambda: damped_update(head, params, Batch(X, y, None), 1.0, cfg, "fgn", 1e-2, 1.0)
+step = lambda: step_on_batch(head, params, Batch(X, y, None), 1.0, cfg, "fgn", 1e-2, 1.0)
 for _ in range(3):
     step()
 faults = []
