@@ -47,7 +47,7 @@ FIGURES_DIR = BENCH_DIR / "figures"  # committed: RESULTS.md links these
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from sklearn_fgn._step import flatten, unflatten  # noqa: E402, F401  (re-exported: the package's flat layout)
+from sklearn_fgn.core import flatten, unflatten  # noqa: E402, F401  (re-exported: the package's flat layout)
 
 torch.set_num_threads(THREADS)
 try:

@@ -27,7 +27,7 @@ below and restores them on exit):
   row-space Gram of ``fgn_gram`` (``m^2 (d + K)`` for ``m`` rows), the Cholesky
   factor of a Woodbury preconditioner (``m^3 / 6``) and its two triangular solves
   per application (``m^2``), and the class-means model's per-logit Grams
-  (``_step._weighted_grams``, ``K G^2 d``).
+  (``_preconditioners._weighted_grams``, ``K G^2 d``).
 * Not counted: ``O(n d)`` elementwise work (casts, row norms, gathers; at most
   ``1 / K`` of a pass each), the ``O(n K)`` work on logits, factorisations of
   ``d x d`` / ``K x K`` / ``G x G`` matrices, and a method's own bookkeeping
@@ -49,7 +49,7 @@ import sys
 from sklearn.linear_model import _linear_loss
 
 import sklearn_fgn  # noqa: F401  (imports every module whose names are patched)
-from sklearn_fgn import _curvature, _heads, _metric, _step
+from sklearn_fgn import _curvature, _heads, _metric, _preconditioners
 
 KINDS = ("X products", "feature metric", "dense algebra")
 
@@ -146,8 +146,8 @@ class PassCounter:
         counter = self
         forward, linearize_linear = _heads.forward, _curvature._linearize_linear
         moments, whiten = _metric.feature_moments, _metric.FeatureMetric.whiten
-        gram, woodbury = _step.fgn_gram, _step.make_fgn_preconditioner
-        group_moments, weighted_grams = _step.class_group_moments, _step._weighted_grams
+        gram, woodbury = _preconditioners.fgn_gram, _preconditioners.make_fgn_preconditioner
+        group_moments, weighted_grams = _preconditioners.class_group_moments, _preconditioners._weighted_grams
 
         def counted_forward(head, params, X):
             counter.add(counter.share(X))

@@ -1,4 +1,4 @@
-"""A fixed set of fits, printed step by step to the last digit: the proof that a refactoring changed no arithmetic.
+"""A fixed set of fits, printed step by step to the last digit: proof that a refactoring kept the arithmetic.
 
 Run it before and after a change and compare the two files; any difference
 in a loss, a damping, a CG count or a coefficient's bits shows::
@@ -81,29 +81,57 @@ def linear_cases():
     Xmb, ymb = _blobs(6000, 20, 8, seed=3, scale=0.5)
     base = {"device": "cpu", "verbose": 1, "random_state": 0}
     yield "linear digits raw float64 full batch", FGNClassifier(batch_size=None, **base), digits_X, digits_y
-    yield "linear digits std float32 full batch C=100", FGNClassifier(
-        batch_size=None, alpha=0.01, **base), Xs.astype(np.float32), digits_y
-    yield "linear cancer cholesky", FGNClassifier(batch_size=None, solver="cholesky", **base), cancer_X, cancer_y
-    yield "linear cancer ggn identity", FGNClassifier(
-        batch_size=None, curvature="ggn", damping_metric="identity", **base), cancer_X, cancer_y
+    yield (
+        "linear digits std float32 full batch C=100",
+        FGNClassifier(batch_size=None, alpha=0.01, **base),
+        Xs.astype(np.float32),
+        digits_y,
+    )
+    yield (
+        "linear cancer cholesky",
+        FGNClassifier(batch_size=None, solver="cholesky", **base),
+        cancer_X,
+        cancer_y,
+    )
+    yield (
+        "linear cancer ggn identity",
+        FGNClassifier(batch_size=None, curvature="ggn", damping_metric="identity", **base),
+        cancer_X,
+        cancer_y,
+    )
     yield "linear 300 classes full batch", FGNClassifier(batch_size=None, alpha=0.1, **base), X300, y300
-    yield "linear 60000 rows curvature sample", FGNClassifier(
-        batch_size=None, alpha=1e-3, **base), Xbig, ybig
+    yield "linear 60000 rows curvature sample", FGNClassifier(batch_size=None, alpha=1e-3, **base), Xbig, ybig
     yield "linear mini-batch early stopping", FGNClassifier(batch_size=256, **base), Xmb, ymb
-    yield "linear class_weight balanced", FGNClassifier(
-        batch_size=None, class_weight="balanced", **base), Xmb[:2000], ymb[:2000]
+    yield (
+        "linear class_weight balanced",
+        FGNClassifier(batch_size=None, class_weight="balanced", **base),
+        Xmb[:2000],
+        ymb[:2000],
+    )
 
 
 def mlp_cases():
     digits_X, digits_y = load_digits(return_X_y=True)
     Xs = StandardScaler().fit_transform(digits_X)
     base = {"device": "cpu", "verbose": 1, "random_state": 0}
-    yield "mlp digits full batch", FGNClassifier(
-        hidden_layer_sizes=(32,), batch_size=None, max_iter=15, **base), Xs, digits_y
-    yield "mlp digits mini-batch", FGNClassifier(
-        hidden_layer_sizes=(32, 16), activation="tanh", batch_size=128, max_iter=4, **base), Xs, digits_y
-    yield "mlp digits float32 ggn", FGNClassifier(
-        hidden_layer_sizes=(16,), curvature="ggn", batch_size=256, max_iter=3, **base), Xs.astype(np.float32), digits_y
+    yield (
+        "mlp digits full batch",
+        FGNClassifier(hidden_layer_sizes=(32,), batch_size=None, max_iter=15, **base),
+        Xs,
+        digits_y,
+    )
+    yield (
+        "mlp digits mini-batch",
+        FGNClassifier(hidden_layer_sizes=(32, 16), activation="tanh", batch_size=128, max_iter=4, **base),
+        Xs,
+        digits_y,
+    )
+    yield (
+        "mlp digits float32 ggn",
+        FGNClassifier(hidden_layer_sizes=(16,), curvature="ggn", batch_size=256, max_iter=3, **base),
+        Xs.astype(np.float32),
+        digits_y,
+    )
 
 
 def incremental_cases():
@@ -111,7 +139,9 @@ def incremental_cases():
     m = FGNClassifier(batch_size=200, device="cpu", random_state=0, verbose=1)
     lines = []
     for start in range(0, 3000, 1000):
-        lines += _fit_lines(m, X[start:start + 1000], y[start:start + 1000], "partial_fit", classes=np.arange(5))
+        lines += _fit_lines(
+            m, X[start : start + 1000], y[start : start + 1000], "partial_fit", classes=np.arange(5)
+        )
     _report("partial_fit three chunks", m, lines)
     m = FGNClassifier(batch_size=None, warm_start=True, max_iter=3, device="cpu", random_state=0, verbose=1)
     lines = _fit_lines(m, X, y) + _fit_lines(m, X, y)
@@ -140,8 +170,15 @@ def skorch_case():
     X = StandardScaler().fit_transform(X).astype(np.float32)
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
-    net = FGNNeuralNetClassifier(module, max_epochs=3, batch_size=256, verbose=0,
-                                 iterator_train__shuffle=False, train_split=None, device="cpu")
+    net = FGNNeuralNetClassifier(
+        module,
+        max_epochs=3,
+        batch_size=256,
+        verbose=0,
+        iterator_train__shuffle=False,
+        train_split=None,
+        device="cpu",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net.fit(X, y)

@@ -60,7 +60,7 @@ def _instrument():
     def counted_step(*args, **kwargs):
         result = compute_step(*args, **kwargs)
         counts["steps"] += 1
-        counts["cg"] += result.cg.n_iter
+        counts["cg"] += result.solve.n_iter
         return result
 
     def counted_sum(self, tensor):

@@ -31,9 +31,9 @@ from _common import flatten, fmt, machine_description, markdown_table, parse_arg
 
 import torch
 
-from sklearn_fgn._heads import Head, forward, init_params, is_penalized
-from sklearn_fgn._margin import curvature_weight, margin, margin_direction
-from sklearn_fgn._step import compute_step, normalized_weights, objective
+from sklearn_fgn.core import Head, forward, init_params, is_penalized
+from sklearn_fgn.core import curvature_weight, margin, margin_direction
+from sklearn_fgn.core import StepOptions, compute_step, normalized_weights, objective
 
 DTYPE, ALPHA, N_FEATURES, HIDDEN = torch.float64, 1e-3, 20, (16,)
 
@@ -81,11 +81,21 @@ def compare(label: str, head, params, X, y, damping: float) -> dict:
     kw = {"alpha": ALPHA, "damping": damping}
     fgn = flatten(
         compute_step(
-            head, params, X, y, curvature="fgn", solver="cholesky", cg_tol=1e-13, cg_max_iter=50, **kw
+            head,
+            params,
+            X,
+            y,
+            None,
+            StepOptions(curvature="fgn", solver="cholesky", cg_tol=1e-13, cg_max_iter=50, **kw),
         ).step
     )
     ggn_res = compute_step(
-        head, params, X, y, curvature="ggn", solver="cg", cg_tol=1e-13, cg_max_iter=2000, **kw
+        head,
+        params,
+        X,
+        y,
+        None,
+        StepOptions(curvature="ggn", solver="cg", cg_tol=1e-13, cg_max_iter=2000, **kw),
     )
     ggn = flatten(ggn_res.step)
 
@@ -100,7 +110,7 @@ def compare(label: str, head, params, X, y, damping: float) -> dict:
         "FGN vs GGN step": rel(fgn, ggn),
         "FGN vs dense GGN": rel(fgn, dense_step),
         "GGN-CG vs dense GGN": rel(ggn, dense_step),
-        "GGN-CG iters": ggn_res.cg.n_iter,
+        "GGN-CG iters": ggn_res.solve.n_iter,
     }
 
 

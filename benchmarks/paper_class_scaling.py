@@ -54,7 +54,7 @@ import sys
 
 import torch
 
-from sklearn_fgn._step import compute_step
+from sklearn_fgn.core import StepOptions, compute_step
 
 METHODS = {"FGN-CG": ("fgn", "cg"), "FGN-Cholesky": ("fgn", "cholesky"), "GGN-CG": ("ggn", "cg")}
 DAMPING, ITERS, CHOL_TOL = 1e-6, 10, 1e-5
@@ -80,16 +80,14 @@ def worker(method: str, n: int, d: int, k: int, repeats: int) -> dict:
             params,
             X,
             y,
-            alpha=1e-4,
-            damping=DAMPING,
-            curvature=curvature,
-            solver=solver,
-            cg_tol=tol,
-            cg_max_iter=ITERS,
+            None,
+            StepOptions(
+                alpha=1e-4, damping=DAMPING, curvature=curvature, solver=solver, cg_tol=tol, cg_max_iter=ITERS
+            ),
         )
 
     result = step()  # warm-up
-    iters = result.cg.n_iter
+    iters = result.solve.n_iter
     if result.solver != solver or (solver == "cg" and iters != ITERS):
         raise RuntimeError(f"{method}: solver {result.solver}, {iters} CG iterations")
     del result

@@ -56,8 +56,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from sklearn_fgn._heads import Head, forward, init_params
-from sklearn_fgn._step import compute_step, normalized_weights, objective
+from sklearn_fgn.core import Head, forward, init_params
+from sklearn_fgn.core import StepOptions, compute_step, normalized_weights, objective
 
 DTYPE, ALPHA = torch.float64, 1e-4
 # curvature name -> compute_step arguments; "ggn-pcg" is the full GGN by CG preconditioned
@@ -99,13 +99,18 @@ def run_second_order(head, data, curvature: str, damping: float, n_steps: int) -
     for _ in range(n_steps):
         start = now()
         res = compute_step(
-            head, params, X, y, alpha=ALPHA, damping=damping, curvature=curvature[:3], **solver_kw
+            head,
+            params,
+            X,
+            y,
+            None,
+            StepOptions(alpha=ALPHA, damping=damping, curvature=curvature[:3], **solver_kw),
         )
         params = {k: params[k] + res.step[k] for k in params}
         elapsed += now() - start
         losses.append(float(res.loss))
         times.append(elapsed)
-        iters.append(res.cg.n_iter)
+        iters.append(res.solve.n_iter)
         if not math.isfinite(losses[-1]):
             break
     return {**finish(head, params, data, losses, times, n_steps), "cg_iters": float(np.mean(iters))}

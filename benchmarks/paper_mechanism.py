@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from sklearn_fgn._heads import Head, forward
-from sklearn_fgn._margin import competitor_log_proba, curvature_weight, margin, margin_direction
-from sklearn_fgn._step import compute_step, normalized_weights
+from sklearn_fgn.core import Head, forward
+from sklearn_fgn.core import competitor_log_proba, curvature_weight, margin, margin_direction
+from sklearn_fgn.core import StepOptions, compute_step, normalized_weights
 
 DTYPE = torch.float64
 
@@ -106,10 +106,20 @@ def dense_terms(head, params, X, y, jac):
 def one_config(head, params, X, y, G_F, D, lam_diag, damping):
     """Steps and all deviation / size measures for one damping."""
     res_f = compute_step(
-        head, params, X, y, damping=damping, curvature="fgn", solver="cholesky", cg_tol=1e-12, cg_max_iter=50
+        head,
+        params,
+        X,
+        y,
+        None,
+        StepOptions(damping=damping, curvature="fgn", solver="cholesky", cg_tol=1e-12, cg_max_iter=50),
     )
     res_g = compute_step(
-        head, params, X, y, damping=damping, curvature="ggn", solver="cg", cg_tol=1e-12, cg_max_iter=5000
+        head,
+        params,
+        X,
+        y,
+        None,
+        StepOptions(damping=damping, curvature="ggn", solver="cg", cg_tol=1e-12, cg_max_iter=5000),
     )
     d_f, d_g = flatten(res_f.step), flatten(res_g.step)
     A = G_F + torch.diag(lam_diag)

@@ -67,8 +67,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from sklearn_fgn._heads import Head, forward, init_params
-from sklearn_fgn._step import compute_step, normalized_weights, objective
+from sklearn_fgn.core import Head, forward, init_params
+from sklearn_fgn.core import StepOptions, compute_step, normalized_weights, objective
 
 DTYPE, ALPHA, HIDDEN, BATCH = torch.float32, 1e-4, 128, 128
 HEAD = Head(n_features=64, n_logits=10, hidden_layer_sizes=(HIDDEN,), activation="tanh")
@@ -222,7 +222,12 @@ def fgn_run(curvature: str, damping: float, data, budget, eval_every) -> dict:
 
     def step(idx):
         res = compute_step(
-            HEAD, state["params"], X[idx], y[idx], alpha=ALPHA, damping=damping, curvature=curvature, **solver
+            HEAD,
+            state["params"],
+            X[idx],
+            y[idx],
+            None,
+            StepOptions(alpha=ALPHA, damping=damping, curvature=curvature, **solver),
         )
         state["params"] = {k: t + res.step[k] for k, t in state["params"].items()}
 

@@ -45,9 +45,9 @@ import statistics
 
 import torch
 
-from sklearn_fgn._curvature import linearize, make_fgn_operator, make_ggn_operator
-from sklearn_fgn._heads import Head
-from sklearn_fgn._step import compute_step, normalized_weights
+from sklearn_fgn.core import linearize, make_fgn_operator, make_ggn_operator
+from sklearn_fgn.core import Head
+from sklearn_fgn.core import StepOptions, compute_step, normalized_weights
 
 # Small damping keeps CG far from convergence, so cg_tol=0 runs exactly FIXED_ITERS iterations.
 # The Cholesky step's CG is preconditioned by the exact FGN solve: it stops at CHOL_TOL (1-2 iterations).
@@ -107,14 +107,17 @@ def step_fn(head, params, X, y, curvature: str, solver: str, iters: int, tol: fl
             params,
             X,
             y,
-            alpha=ALPHA,
-            damping=DAMPING,
-            curvature=curvature,
-            solver=solver,
-            cg_tol=tol,
-            cg_max_iter=iters,
+            None,
+            StepOptions(
+                alpha=ALPHA,
+                damping=DAMPING,
+                curvature=curvature,
+                solver=solver,
+                cg_tol=tol,
+                cg_max_iter=iters,
+            ),
         )
-        record["iters"] = result.cg.n_iter if result.cg is not None else 0
+        record["iters"] = result.solve.n_iter
         record["solver"] = result.solver
         return result
 

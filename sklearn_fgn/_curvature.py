@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._heads import Head, Params, activation_slope, forward, forward_with_cache, is_penalized
-from ._margin import MarginStats, curvature_weight, log_curvature_weight, margin
+from ._margin import MarginStats, log_curvature_weight, margin
 
 __all__ = [
     "FunctionHead",
@@ -45,7 +45,6 @@ __all__ = [
     "LogitsLinearization",
     "RowSpaceOperator",
     "as_head",
-    "class_curvature",
     "damping_diagonal",
     "fgn_gram",
     "fgn_row_scale",
@@ -412,26 +411,6 @@ def make_ggn_operator(
         return lin.vjp(torch.sub(jv, coupling, out=buf).mul_(weighted_proba))
 
     return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec, lin.jvp, curvature_from_jvp)
-
-
-def class_curvature(stats: MarginStats, weights: Tensor, curvature: str) -> Tensor:
-    r"""Return the logit-space factor ``S`` of the Kronecker model ``G ~ A kron S`` of a linear head.
-
-    ``S = sum_i omega_i H_i`` with ``H_i`` the curvature of example ``i`` in
-    logit space: ``diag(p_i) - p_i p_i^T`` for the full GGN, ``w_i a_i a_i^T``
-    for FGN (and for a single logit, where both are ``p (1 - p)``). Cost
-    O(n K^2).
-
-    Returns
-    -------
-    Tensor of shape (K, K)
-        Symmetric positive semidefinite.
-    """
-    if curvature == "fgn" or stats.logits.shape[1] == 1:
-        a = stats.direction
-        return (a * (weights * curvature_weight(stats.margin))[:, None]).T @ a
-    proba = stats.proba
-    return torch.diag(weights @ proba) - (proba * weights[:, None]).T @ proba
 
 
 def _margin_gradients_by_layer(

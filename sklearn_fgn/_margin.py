@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "LogitCurvature",
     "MarginStats",
     "competitor_log_proba",
     "curvature_weight",
@@ -195,3 +196,86 @@ def curvature_weight(m: Tensor) -> Tensor:
 def log_curvature_weight(m: Tensor) -> Tensor:
     """``log w = logsigmoid(m) + logsigmoid(-m)``, finite for all finite m."""
     return F.logsigmoid(m) + F.logsigmoid(-m)
+
+
+class LogitCurvature:
+    r"""Each row's weighted curvature in logit space, ``omega_i H_i``, and what steps read of it.
+
+    ``H_i`` is ``w_i a_i a_i^T`` for FGN (and for a single logit, where FGN
+    and the full GGN agree: ``p (1 - p)``), ``diag(p_i) - p_i p_i^T`` for
+    the full GGN (docs/design.md §2). The one owner of that formula: the
+    Kronecker factor, the class-means model's diagonal, the curvature
+    sample's traces and the model along a step all read it here.
+
+    Parameters
+    ----------
+    stats : MarginStats
+        The batch's margin quantities (logits of shape (n, K)).
+    weights : Tensor of shape (n,)
+        Normalised example weights ``omega``.
+    curvature : {"fgn", "ggn"}
+    """
+
+    def __init__(self, stats: MarginStats, weights: Tensor, curvature: str):
+        self.stats, self.weights, self.curvature = stats, weights, curvature
+        self.rank_one = curvature == "fgn" or stats.logits.shape[1] == 1
+
+    def matrix(self) -> Tensor:
+        """Return ``S = sum_i omega_i H_i``, shape (K, K), symmetric PSD: the Kronecker model's class factor.
+
+        Cost ``O(n K^2)``.
+
+        Returns
+        -------
+        Tensor of shape (K, K)
+        """
+        stats, weights = self.stats, self.weights
+        if self.rank_one:
+            a = stats.direction
+            return (a * (weights * curvature_weight(stats.margin))[:, None]).T @ a
+        proba = stats.proba
+        return torch.diag(weights @ proba) - (proba * weights[:, None]).T @ proba
+
+    def diagonal(self) -> Tensor:
+        """Return ``omega_i (H_i)_kk``, shape (n, K). Cost ``O(n K)``.
+
+        Returns
+        -------
+        Tensor of shape (n, K)
+        """
+        stats, weights = self.stats, self.weights
+        if self.rank_one:
+            a = stats.direction
+            return (weights * curvature_weight(stats.margin))[:, None] * a * a
+        proba = stats.proba
+        return weights[:, None] * proba * (1.0 - proba)
+
+    def trace(self) -> Tensor:
+        """Return ``omega_i tr H_i``, shape (n,): each row's share of ``tr S``. Cost ``O(n K)``.
+
+        Returns
+        -------
+        Tensor of shape (n,)
+        """
+        stats, weights = self.stats, self.weights
+        if self.rank_one:
+            return weights * curvature_weight(stats.margin) * (stats.direction * stats.direction).sum(1)
+        return weights * (1.0 - (stats.proba * stats.proba).sum(1))
+
+    def along(self, u: Tensor) -> Tensor:
+        """Return ``omega_i u_i' H_i u_i`` for logit changes ``u`` of shape (n, K), shape (n,).
+
+        Summed over the rows it is ``delta' G delta`` for ``u = J delta``,
+        with no product with ``X``. Cost ``O(n K)``.
+
+        Returns
+        -------
+        Tensor of shape (n,)
+        """
+        stats = self.stats
+        if self.rank_one:
+            per_row = curvature_weight(stats.margin) * (stats.direction * u).sum(1).square()
+        else:
+            proba = stats.proba
+            per_row = (proba * u * u).sum(1) - (proba * u).sum(1).square()
+        return self.weights * per_row

@@ -21,7 +21,9 @@ from torch import Tensor
 from ._curvature import Alpha, LogitsFn, logits_function
 from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params, forward
-from ._step import CurvatureSample, StepResult, compute_step, normalized_weights, objective_from_logits
+from ._objective import normalized_weights, objective_from_logits
+from ._step import StepOptions, StepResult, compute_step
+from ._system import CurvatureSample
 
 __all__ = [
     "CURVATURE_OPTIONS",
@@ -171,7 +173,7 @@ class Batch:
     """One batch of tensors on the compute device.
 
     ``weight_total`` divides ``sample_weight`` instead of its sum (see
-    :func:`._step.normalized_weights`). ``n_rows``: the rows of the whole
+    :func:`._objective.normalized_weights`). ``n_rows``: the rows of the whole
     batch when these are one rank's share of it (``X``'s rows otherwise).
     """
 
@@ -429,7 +431,7 @@ def take_step(
     trial, trial_logits, new_loss = _evaluate_step(head, params, batch, result, 1.0, weights, alpha, comm)
     loss, predicted = float(result.loss), float(result.predicted_decrease)
     record = functools.partial(
-        StepRecord, loss, damping=damping, curvature=result.curvature, cg_iter=result.cg.n_iter,
+        StepRecord, loss, damping=damping, curvature=result.curvature, cg_iter=result.solve.n_iter,
         cg_tol=result.cg_tol, reachable_decrease=_reachable_decrease(result),
     )  # fmt: skip
     if schedule == "constant":
@@ -490,12 +492,15 @@ def step_on_batch(
     record : StepRecord
         The per-step record.
     """
+    options = StepOptions(
+        alpha=cfg.alpha, damping=damping, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
+        cg_max_iter=_cg_max_iter(cfg, extend), weight_total=batch.weight_total,
+        structured=cfg.kronecker and extend, mixed_precision=extend, comm=cfg.comm,
+        curvature_sample=curvature_sample,
+    )
     result: StepResult = compute_step(
-        head, params, batch.X, batch.y, batch.sample_weight, alpha=cfg.alpha, damping=damping,
-        curvature=curvature, solver=cfg.solver, cg_tol=cg_tol, cg_max_iter=_cg_max_iter(cfg, extend),
-        logits=logits, weight_total=batch.weight_total, kronecker=cfg.kronecker and extend,
-        mixed_precision=extend, comm=cfg.comm, cache=cache, curvature_sample=curvature_sample,
-    )  # fmt: skip
+        head, params, batch.X, batch.y, batch.sample_weight, options, logits=logits, cache=cache
+    )
     with torch.no_grad():  # a logits function's trial forward passes need no graph
         params, logits, record = take_step(
             head, params, batch, result, damping, cfg.alpha, cfg.damping_schedule, min_damping, extend,
@@ -545,7 +550,7 @@ def iter_batches(
     """Shuffled batches moved to ``device`` one at a time (``X`` may stay on the host).
 
     A batch's weights are divided by its size times the mean of
-    ``sample_weight`` (see :func:`._step.normalized_weights`); ``transform``
+    ``sample_weight`` (see :func:`._objective.normalized_weights`); ``transform``
     (the feature whitening) is applied to each batch's ``X`` on ``device``.
     With ``shard`` the rows are one rank's share of a data-parallel fit
     (see :func:`_shard_batches`).
@@ -885,7 +890,7 @@ def _curvature_sample(
 ) -> CurvatureSample | None:
     """How many of a full batch's rows the next step's curvature is estimated on; None for all of them.
 
-    Only for a linear head (:func:`._step.sample_curvature_rows`). The
+    Only for a linear head (:func:`._system.sample_curvature_rows`). The
     sample starts at ``CURVATURE_SAMPLE_SHARE`` of the rows, at least
     ``CURVATURE_SAMPLE_MIN_ROWS`` and ``CURVATURE_ROWS_PER_LOGIT`` per
     logit, and grows by :func:`_grow_curvature_sample`; beyond

@@ -20,7 +20,7 @@ from conftest import SEEDS
 from torch import Tensor
 
 from sklearn_fgn._heads import Head, Params, forward
-from sklearn_fgn._step import flatten, unflatten  # noqa: F401  (re-exported: one flat layout)
+from sklearn_fgn._objective import flatten, unflatten  # noqa: F401  (re-exported: one flat layout)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ the fitted parameters, or the error it raised. A fit may ask for
 (rank ``r`` raises at its ``k``-th step; the others' next collective then fails;
 ``"error": "KeyboardInterrupt"`` raises that instead of a RuntimeError, and
 ``"stay": s`` keeps the failed rank alive ``s`` seconds after its fit),
-``"step_constants": {...}`` (of ``sklearn_fgn._step``), ``"solver_constants": {...}`` (of
+``"step_constants": {...}`` (of ``sklearn_fgn._preconditioners``), ``"solver_constants": {...}`` (of
 ``sklearn_fgn._solver``) or ``"metric_max_features": m``
 (the diagonal metric beyond ``m`` features).
 """
@@ -47,8 +47,8 @@ def _inject_failure(call, error):
 
 def _fit(fit, data, rank, bounds):
     import sklearn_fgn._metric as metric
+    import sklearn_fgn._preconditioners as step
     import sklearn_fgn._solver as solver
-    import sklearn_fgn._step as step
 
     constants = [(step, name, value) for name, value in fit.get("step_constants", {}).items()]
     constants += [(solver, name, value) for name, value in fit.get("solver_constants", {}).items()]

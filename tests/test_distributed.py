@@ -23,6 +23,7 @@ from sklearn.datasets import make_classification
 import sklearn_fgn._distributed as distributed
 import sklearn_fgn._estimator as estimator_module
 import sklearn_fgn._metric as metric_module
+import sklearn_fgn._preconditioners as preconditioners
 import sklearn_fgn._solver as solver_module
 import sklearn_fgn._step as step
 from sklearn_fgn import FGNClassifier
@@ -135,7 +136,7 @@ def _single(name, monkeypatch):
     model = FGNClassifier(**fit["params"])
     weights = sample_weight if fit.get("weighted") else None
     for constant, value in fit.get("step_constants", {}).items():
-        monkeypatch.setattr(step, constant, value)
+        monkeypatch.setattr(preconditioners, constant, value)
     for constant, value in fit.get("solver_constants", {}).items():
         monkeypatch.setattr(solver_module, constant, value)
     moments = []
@@ -150,9 +151,11 @@ def _single(name, monkeypatch):
     drawn, draw = [], step.sample_curvature_rows
     monkeypatch.setattr(step, "sample_curvature_rows", lambda *a: drawn.append(draw(*a)) or drawn[-1])
     built = []
-    original = step.make_hard_row_preconditioner
+    original = preconditioners.make_hard_row_preconditioner
     monkeypatch.setattr(
-        step, "make_hard_row_preconditioner", lambda system: built.append(original(system)) or built[-1]
+        preconditioners,
+        "make_hard_row_preconditioner",
+        lambda system: built.append(original(system)) or built[-1],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

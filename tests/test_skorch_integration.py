@@ -15,7 +15,8 @@ from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_sp
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from skorch.callbacks import Checkpoint, EarlyStopping, EpochScoring  # noqa: E402
 
-from sklearn_fgn._step import compute_step, objective  # noqa: E402
+from sklearn_fgn._objective import objective  # noqa: E402
+from sklearn_fgn._step import StepOptions, compute_step  # noqa: E402
 from sklearn_fgn.skorch import FGNNeuralNetClassifier, _make_logits_fn  # noqa: E402
 
 BATCH_KEYS = {"loss", "damping", "cg_iter", "step_norm", "accepted", "step_size", "train_loss"}
@@ -81,9 +82,15 @@ def test_train_step_is_core_compute_step(digits, curvature, class_weight):
     y_t = torch.as_tensor(y)
     sample_weight = None if weight is None else weight[y_t]
     ref = compute_step(
-        logits_fn, before, torch.as_tensor(X), y_t, sample_weight, alpha=1e-2 / len(y), damping=0.3,
-        curvature=curvature, solver="cg", cg_tol=1e-8, cg_max_iter=15,
-    )  # fmt: skip
+        logits_fn,
+        before,
+        torch.as_tensor(X),
+        y_t,
+        sample_weight,
+        StepOptions(
+            alpha=1e-2 / len(y), damping=0.3, curvature=curvature, solver="cg", cg_tol=1e-8, cg_max_iter=15
+        ),
+    )
     for name, param in net.module_.named_parameters():
         assert torch.equal(param.detach(), before[name] + ref.step[name])  # bit for bit
     assert float(out["loss"]) == float(ref.loss)
@@ -119,7 +126,9 @@ def test_ignored_rows_drop_out_of_the_step_as_in_torch(digits, ignore_index, cla
     # The step is the one on the labelled rows alone.
     kept = y_t != ignore_index
     sample_weight = None if weight is None else weight[y_t[kept]]
-    ref = compute_step(logits_fn, before, X_t[kept], y_t[kept], sample_weight, solver="cg", **settings)
+    ref = compute_step(
+        logits_fn, before, X_t[kept], y_t[kept], sample_weight, StepOptions(solver="cg", **settings)
+    )
     for name, param in net.module_.named_parameters():
         torch.testing.assert_close(param.detach(), before[name] + ref.step[name], rtol=1e-9, atol=1e-12)
 
@@ -143,8 +152,10 @@ def test_alpha_penalizes_weights_not_biases(digits):
     module = mlp(dtype=torch.float64)
     params = {k: p.detach() for k, p in module.named_parameters()}
     logits_fn = lambda p, X: torch.func.functional_call(module, p, (X,))  # noqa: E731
-    plain = compute_step(logits_fn, params, X, y, alpha=0.0, solver="cg", cg_max_iter=1)
-    penalized = compute_step(logits_fn, params, X, y, alpha=0.5, solver="cg", cg_max_iter=1)
+    plain = compute_step(logits_fn, params, X, y, None, StepOptions(alpha=0.0, solver="cg", cg_max_iter=1))
+    penalized = compute_step(
+        logits_fn, params, X, y, None, StepOptions(alpha=0.5, solver="cg", cg_max_iter=1)
+    )
     for name, t in params.items():
         expected = 0.5 * t if t.ndim >= 2 else torch.zeros_like(t)
         torch.testing.assert_close(penalized.gradient[name] - plain.gradient[name], expected)
@@ -175,7 +186,14 @@ def test_overshooting_step_is_cut_back_like_the_core(digits):
     module = mlp(dtype=torch.float64)
     logits_fn = lambda p, X: torch.func.functional_call(module, p, (X,))  # noqa: E731
     X_t, y_t = torch.as_tensor(X), torch.as_tensor(y)
-    ref = compute_step(logits_fn, before, X_t, y_t, damping=1e-4, solver="cg", cg_tol=1e-10, cg_max_iter=50)
+    ref = compute_step(
+        logits_fn,
+        before,
+        X_t,
+        y_t,
+        None,
+        StepOptions(damping=1e-4, solver="cg", cg_tol=1e-10, cg_max_iter=50),
+    )
     weights = torch.full((64,), 1 / 64, dtype=torch.float64)
 
     def f(t):

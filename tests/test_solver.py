@@ -36,7 +36,7 @@ from sklearn_fgn._solver import (
     levenberg_marquardt,
     step_on_batch,
 )
-from sklearn_fgn._step import compute_step
+from sklearn_fgn._step import StepOptions, compute_step
 
 EXACT = 1e-12
 
@@ -54,9 +54,15 @@ def _setup(case: Case, damping: float):
     cfg = LoopConfig(alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_max_iter=200)
     fn = dense_objective_fn(head, params, X, y, reference_weights(sw, X.shape[0], X), case.alpha)
     step = compute_step(
-        head, params, X, y, sw, alpha=case.alpha, damping=damping, curvature="ggn", solver="cg",
-        cg_tol=EXACT, cg_max_iter=200,
-    )  # fmt: skip
+        head,
+        params,
+        X,
+        y,
+        sw,
+        StepOptions(
+            alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_tol=EXACT, cg_max_iter=200
+        ),
+    )
     return problem, cfg, fn, flatten(step.step)
 
 

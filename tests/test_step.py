@@ -25,18 +25,17 @@ from cases import (
 )
 from conftest import SEEDS
 
-from sklearn_fgn._cg import CGResult
-from sklearn_fgn._curvature import class_curvature, damping_diagonal, fgn_gram, linearize, make_fgn_operator
+from sklearn_fgn._curvature import damping_diagonal, fgn_gram, linearize, make_fgn_operator
 from sklearn_fgn._heads import Head, forward, init_params
-from sklearn_fgn._margin import MarginStats, margin
-from sklearn_fgn._step import (
+from sklearn_fgn._inner import SolveRecord
+from sklearn_fgn._margin import LogitCurvature, MarginStats, margin
+from sklearn_fgn._objective import normalized_weights, objective
+from sklearn_fgn._preconditioners import (
     CHOLESKY_MAX_ROWS,
-    compute_step,
     make_fgn_preconditioner,
     make_kronecker_preconditioner,
-    normalized_weights,
-    objective,
 )
+from sklearn_fgn._step import StepOptions, compute_step
 
 cases = pytest.mark.parametrize("case", CASES, ids=case_id)
 # The damping varies with the seed, so each base case is checked at three of them.
@@ -67,7 +66,9 @@ def _damping(case):
 
 def _step(problem, case, damping, **kwargs):
     head, params, X, y, sample_weight = problem
-    return compute_step(head, params, X, y, sample_weight, alpha=case.alpha, damping=damping, **kwargs)
+    return compute_step(
+        head, params, X, y, sample_weight, StepOptions(alpha=case.alpha, damping=damping, **kwargs)
+    )
 
 
 def _new_loss(problem, case, step):
@@ -88,9 +89,9 @@ def test_step_and_predicted_decrease_match_dense(case, curvature, solver):
     delta = flatten(result.step)
     assert rel_err(delta, expected) <= 1e-8
     assert result.solver == solver
-    assert isinstance(result.cg, CGResult) and result.cg.reason == "converged"
+    assert isinstance(result.solve, SolveRecord) and result.solve.reason == "converged"
     if (curvature, solver) == ("fgn", "cholesky"):  # exact FGN inverse as preconditioner (+ refinement)
-        assert result.cg.n_iter <= 2
+        assert result.solve.n_iter <= 2
     torch.testing.assert_close(
         result.logits, forward(problem.head, problem.params, problem.X), rtol=0, atol=0
     )
@@ -167,7 +168,7 @@ def test_repeated_steps_are_bit_identical(case, solver):
     second = _step(problem, case, 0.1, solver=solver, cg_tol=1e-6)
     assert all(torch.equal(first.step[k], second.step[k]) for k in first.step)
     assert torch.equal(first.predicted_decrease, second.predicted_decrease)
-    assert first.cg.n_iter == second.cg.n_iter
+    assert first.solve.n_iter == second.solve.n_iter
 
 
 @cases
@@ -187,7 +188,7 @@ def test_fgn_preconditioner_is_exact_damped_inverse(case):
 def test_cholesky_with_logits_function_raises():
     head, params, X, y, _ = make_problem(CASES[0])
     with pytest.raises(ValueError, match="cholesky"):
-        compute_step(lambda p, X: forward(head, p, X), params, X, y, solver="cholesky")
+        compute_step(lambda p, X: forward(head, p, X), params, X, y, None, StepOptions(solver="cholesky"))
 
 
 def test_auto_solver_uses_cg_past_cholesky_max_rows():
@@ -201,7 +202,7 @@ def test_auto_solver_uses_cg_past_cholesky_max_rows():
     }
     X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=gen)
-    result = compute_step(head, params, X, y, solver="auto", cg_tol=1e-8)
+    result = compute_step(head, params, X, y, None, StepOptions(solver="auto", cg_tol=1e-8))
     assert result.solver == "cg"
 
 
@@ -241,7 +242,12 @@ def test_logits_function_step_matches_dense(seed, n_logits, curvature):
     G = (dense_fgn if curvature == "fgn" else dense_ggn)(logits_fn, params, X, y, weights)
     expected = dense_step(G, grad, dense_damping(params, damping, alpha))
     result = compute_step(
-        logits_fn, params, X, y, alpha=alpha, damping=damping, curvature=curvature, solver="auto", **EXACT_CG
+        logits_fn,
+        params,
+        X,
+        y,
+        None,
+        StepOptions(alpha=alpha, damping=damping, curvature=curvature, solver="auto", **EXACT_CG),
     )
     assert result.solver == "cg"
     assert rel_err(flatten(result.step), expected) <= 1e-8
@@ -264,7 +270,9 @@ def _hazard_problem(seed, dtype, device="cpu", param_scale=0.01):
 
 
 def _hazard_step(head, params, X, y, solver, **kwargs):
-    return compute_step(head, params, X, y, alpha=HAZARD_CASE.alpha, damping=1.0, solver=solver, **kwargs)
+    return compute_step(
+        head, params, X, y, None, StepOptions(alpha=HAZARD_CASE.alpha, damping=1.0, solver=solver, **kwargs)
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -310,9 +318,9 @@ def test_extreme_features_float32_cholesky_stops_in_few_iterations():
             reference = flatten(_hazard_step(head, params64, X64, y, "cholesky", **EXACT_CG).step)
             head, params, X, y = _hazard_problem(seed, torch.float32, param_scale=param_scale)
             result = _hazard_step(head, params, X, y, "cholesky", cg_tol=1e-4, cg_max_iter=100)
-            assert result.cg.reason in ("converged", "stagnated") and result.cg.n_iter <= 3
+            assert result.solve.reason in ("converged", "stagnated") and result.solve.n_iter <= 3
             assert rel_err(flatten(result.step).double(), reference) <= 2e-6
-            reasons.add(result.cg.reason)
+            reasons.add(result.solve.reason)
     assert reasons == {"converged", "stagnated"}  # both stops are exercised
 
 
@@ -336,14 +344,19 @@ def test_step_on_device_matches_cpu_dense(case, solver, device):
     _, _, _, _, _, _, expected = _dense(case, 1.0)
     head, params, X, y, sample_weight = make_problem(case, device=device)
     result = compute_step(
-        head, params, X, y, sample_weight, alpha=case.alpha, damping=1.0, solver=solver, **EXACT_CG
+        head,
+        params,
+        X,
+        y,
+        sample_weight,
+        StepOptions(alpha=case.alpha, damping=1.0, solver=solver, **EXACT_CG),
     )
     assert all(t.device.type == device.type for t in result.step.values())
     assert rel_err(flatten({k: t.cpu() for k, t in result.step.items()}), expected) <= 1e-8
 
 
 def test_failed_factorisation_warns_only_when_cholesky_was_asked_for(monkeypatch):
-    import sklearn_fgn._step as step_module
+    import sklearn_fgn._preconditioners as step_module
 
     monkeypatch.setattr(step_module, "make_fgn_preconditioner", lambda *args: None)
     monkeypatch.setattr(step_module, "_gram_pays_off", lambda *args: True)
@@ -351,10 +364,10 @@ def test_failed_factorisation_warns_only_when_cholesky_was_asked_for(monkeypatch
     head = Head(3, 3, (), "relu", True)
     params = init_params(head, torch.Generator().manual_seed(0), torch.float64, "cpu")
     with pytest.warns(RuntimeWarning, match="Cholesky factorisation"):
-        explicit = compute_step(head, params, X, y, solver="cholesky")
+        explicit = compute_step(head, params, X, y, None, StepOptions(solver="cholesky"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        auto = compute_step(head, params, X, y, solver="auto")
+        auto = compute_step(head, params, X, y, None, StepOptions(solver="auto"))
     assert explicit.solver == auto.solver == "cg"
     torch.testing.assert_close(explicit.step, auto.step, rtol=0, atol=0)
 
@@ -368,7 +381,7 @@ def test_kronecker_preconditioner_is_the_exact_inverse_of_its_model(seed, curvat
     logits = torch.randn(n, K, generator=g, dtype=torch.float64)
     y = torch.randint(0, K, (n,), generator=g)
     weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    S = class_curvature(MarginStats(logits, y), weights, curvature)
+    S = LogitCurvature(MarginStats(logits, y), weights, curvature).matrix()
     p = torch.softmax(logits, 1)
     dense_ggn = (weights[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])).sum(0)
     if curvature == "ggn":
@@ -390,7 +403,7 @@ def test_kronecker_preconditioner_is_the_exact_inverse_of_its_model(seed, curvat
 
 
 def _system(seed, curvature="ggn", n=300, K=5, d=6):
-    from sklearn_fgn._step import build_system
+    from sklearn_fgn._system import build_system
 
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -410,7 +423,7 @@ def _system(seed, curvature="ggn", n=300, K=5, d=6):
 def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed, curvature, monkeypatch):
     # M = sum over the m rows of largest omega_i tr H_i of omega_i w_i g_i g_i' + Lambda, inverted
     # exactly: against a dense float64 solve, rows picked by their curvature trace.
-    import sklearn_fgn._step as step
+    import sklearn_fgn._preconditioners as step
 
     monkeypatch.setattr(step, "HARD_ROWS_MIN", 8)
     monkeypatch.setattr(step, "HARD_ROWS_SHARE", 0.0)
@@ -447,8 +460,8 @@ def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed
 
 def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(monkeypatch):
     # Uniform probabilities: every row carries the same curvature, m rows carry m / n of it.
-    import sklearn_fgn._step as step
-    from sklearn_fgn._step import build_system
+    import sklearn_fgn._preconditioners as step
+    from sklearn_fgn._system import build_system
 
     monkeypatch.setattr(step, "HARD_ROWS_MIN", 8)
     n, K, d = 400, 4, 5
@@ -487,9 +500,7 @@ def _class_means_model(system, intercept=True):
     lam[:, :d] += system.damping["coef_0"]
     if intercept:
         lam[:, d] += system.damping["intercept_0"]
-    blocks = [
-        torch.diag(shares[:, k].sum() * within + lam[k]) + (mu.T * shares[:, k]) @ mu for k in range(K)
-    ]
+    blocks = [torch.diag(shares[:, k].sum() * within + lam[k]) + (mu.T * shares[:, k]) @ mu for k in range(K)]
     return blocks, lam
 
 
@@ -507,7 +518,7 @@ def test_class_means_preconditioner_is_the_exact_inverse_of_its_model(seed, curv
     # Per logit k: c_k diag(Sigma_W) + sum_y C_yk mu_y mu_y' + Lambda_k, blocks between logits dropped,
     # and along the classes' shared direction (which the softmax curvature does not see) Lambda alone:
     # M^-1 = P blockdiag^-1 P + (I - P) Lambda^-1, P removing the mean over classes. Dense float64.
-    from sklearn_fgn._step import make_class_means_preconditioner
+    from sklearn_fgn._preconditioners import make_class_means_preconditioner
 
     system = _system(seed, curvature)
     K, d = system.gradient["coef_0"].shape
@@ -532,7 +543,8 @@ def test_class_means_preconditioner_is_the_exact_inverse_of_its_model(seed, curv
 @pytest.mark.parametrize("seed", SEEDS)
 def test_class_means_preconditioner_without_intercept_and_with_one_logit(seed):
     # No intercept column; a single logit (binary): two groups by label, no shared direction.
-    from sklearn_fgn._step import build_system, make_class_means_preconditioner
+    from sklearn_fgn._preconditioners import make_class_means_preconditioner
+    from sklearn_fgn._system import build_system
 
     g = torch.Generator().manual_seed(seed)
     n, d = 200, 5
@@ -575,12 +587,13 @@ def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch):
     # The Kronecker model spreads every row's curvature over every class's features; the
     # class-means model keeps that a class's own fitted rows carry little of its curvature.
     # The same optimum, measured: 142 against 43 CG iterations.
-    import sklearn_fgn._step as step
+    import sklearn_fgn._inner as inner
+    import sklearn_fgn._preconditioners as step
     from sklearn_fgn import FGNClassifier
 
     X, y = _raw_embeddings(2000, 32, 10)
     counts, losses = [], []
-    original = step.conjugate_gradient
+    original = inner.conjugate_gradient
     for cap in [0, step.CLASS_MEANS_MAX_LOGITS]:
         total = [0]
 
@@ -589,7 +602,7 @@ def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch):
             total[0] += result.n_iter
             return result
 
-        monkeypatch.setattr(step, "conjugate_gradient", counted)
+        monkeypatch.setattr(inner, "conjugate_gradient", counted)
         monkeypatch.setattr(step, "CLASS_MEANS_MAX_LOGITS", cap)
         est = FGNClassifier(alpha=1 / 3, batch_size=None, tol=1e-6, device="cpu").fit(X, y)
         counts.append(total[0])
@@ -599,7 +612,7 @@ def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch):
 
 
 def test_full_batch_fit_computes_the_group_moments_once(monkeypatch):
-    import sklearn_fgn._step as step
+    import sklearn_fgn._preconditioners as step
     from sklearn_fgn import FGNClassifier
 
     X, y = _raw_embeddings(600, 12, 5)
@@ -627,7 +640,7 @@ def test_mixed_precision_step_solves_the_float64_system_to_its_tolerance(case, c
     # CG's products in float32, the residual it returns measured in float64: the step
     # meets cg_tol on the float64 system, and the residual, J delta and the quadratic
     # model are those of the dense float64 reference.
-    import sklearn_fgn._step as step
+    import sklearn_fgn._inner as step
 
     calls = []
     low = step.low_precision_operator
@@ -637,12 +650,12 @@ def test_mixed_precision_step_solves_the_float64_system_to_its_tolerance(case, c
     result = _step(
         problem, case, damping, curvature=curvature, solver="cg", cg_tol=1e-3, mixed_precision=True
     )
-    assert calls == [1] and result.cg.reason == "converged"
+    assert calls == [1] and result.solve.reason == "converged"
     residual, grad_norm = _true_residual(case, damping, curvature, result)
     assert torch.linalg.vector_norm(residual) <= 1e-3 * grad_norm
-    torch.testing.assert_close(result.cg.residual, residual, rtol=1e-8, atol=1e-14 * float(grad_norm))
+    torch.testing.assert_close(result.solve.residual, residual, rtol=1e-8, atol=1e-14 * float(grad_norm))
     relative = float(torch.linalg.vector_norm(residual) / grad_norm)
-    assert result.cg.residual_norm == pytest.approx(relative, rel=1e-6)
+    assert result.solve.residual_norm == pytest.approx(relative, rel=1e-6)
     head, params, X = problem.head, problem.params, problem.X
     trial = forward(head, {k: params[k] + result.step[k] for k in params}, X)
     torch.testing.assert_close(result.logits + result.logits_step, trial, rtol=1e-10, atol=1e-12)
@@ -673,7 +686,7 @@ def test_mixed_precision_keeps_the_intercepts_shift_at_float64_accuracy(seed, cu
 def test_mixed_precision_finishes_in_float64_below_float32_resolution(case, monkeypatch):
     # A tolerance that float32 products cannot reach: CG goes on in float64 from the
     # float32 pass's step and meets it on the float64 system.
-    import sklearn_fgn._step as step
+    import sklearn_fgn._inner as step
 
     monkeypatch.setattr(step, "MIXED_MIN_TOL", 0.0)
     damping = _damping(case)
@@ -681,7 +694,7 @@ def test_mixed_precision_finishes_in_float64_below_float32_resolution(case, monk
     result = _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=1e-11, cg_max_iter=500,
                    mixed_precision=True)  # fmt: skip
     plain = _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=1e-11, cg_max_iter=500)
-    assert result.cg.reason == "converged" and result.cg.n_iter > plain.cg.n_iter
+    assert result.solve.reason == "converged" and result.solve.n_iter > plain.solve.n_iter
     residual, grad_norm = _true_residual(case, damping, "ggn", result)
     assert torch.linalg.vector_norm(residual) <= 1.01e-11 * grad_norm
     assert rel_err(flatten(result.step), flatten(plain.step)) <= 1e-9
@@ -691,7 +704,7 @@ def test_mixed_precision_finishes_in_float64_below_float32_resolution(case, monk
 def test_mixed_precision_overflowing_float32_solves_in_float64(seed, monkeypatch):
     # Features beyond float32's range: the float32 products overflow, and the step is
     # the plain float64 solve, bit for bit.
-    import sklearn_fgn._step as step
+    import sklearn_fgn._inner as step
 
     head, params, X, y = _hazard_problem(seed, torch.float64, param_scale=1e-36)
     X = X * 1e36
@@ -709,7 +722,7 @@ def test_mixed_precision_overflowing_float32_solves_in_float64(seed, monkeypatch
 
 @pytest.mark.parametrize("case", LINEAR_CASES[:2], ids=case_id)
 def test_mixed_precision_leaves_float32_features_and_tight_tolerances_alone(case, monkeypatch):
-    import sklearn_fgn._step as step
+    import sklearn_fgn._inner as step
 
     monkeypatch.setattr(step, "low_precision_operator", lambda system: pytest.fail("float32 products used"))
     damping = _damping(case)
@@ -723,15 +736,23 @@ def test_mixed_precision_leaves_float32_features_and_tight_tolerances_alone(case
     finally:
         torch.set_float32_matmul_precision(precision)
     head, params, X, y, sample_weight = make_problem(case, torch.float32)
-    compute_step(head, params, X, y, sample_weight, alpha=case.alpha, damping=damping, curvature="ggn",
-                 solver="cg", cg_tol=1e-2, mixed_precision=True)  # fmt: skip
+    compute_step(
+        head,
+        params,
+        X,
+        y,
+        sample_weight,
+        StepOptions(
+            alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_tol=1e-2, mixed_precision=True
+        ),
+    )
 
 
 @pytest.mark.parametrize("n, K, d", [(16000, 100, 256), (400, 4, 5), (3000, 10, 2000), (50000, 200, 768)])
 def test_hard_row_budget_is_the_most_rows_whose_gram_and_factor_cost_the_budget(n, K, d):
     # Gram 2 m^2 (d + 1) plus the Cholesky factor's m^3 / 3 counted twice, against
     # HARD_ROWS_BUILD_CG curvature products of 4 n K (d + 1) flops each.
-    import sklearn_fgn._step as step
+    import sklearn_fgn._preconditioners as step
 
     m = step._hard_row_budget(n, K, d)
     work = step.HARD_ROWS_BUILD_CG * 4.0 * n * K * (d + 1)

@@ -1,7 +1,7 @@
 """Subsampled curvature in full-batch fits of the linear head (issue 33).
 
 The step's curvature is estimated on rows drawn by their share of it
-(``_step.sample_curvature_rows``); the gradient, the objective and the step's
+(``_system.sample_curvature_rows``); the gradient, the objective and the step's
 model along its own direction stay the whole batch's, so a fit converges to
 the same optimum. Checked against dense float64 references and against
 scikit-learn.
@@ -20,15 +20,14 @@ from test_step import _system
 
 import sklearn_fgn._solver as solver
 from sklearn_fgn import FGNClassifier
-from sklearn_fgn._step import (
+from sklearn_fgn._objective import unflatten
+from sklearn_fgn._step import StepOptions, compute_step
+from sklearn_fgn._system import (
     CurvatureSample,
-    _curvature_trace,
     _poisson_threshold,
-    compute_step,
     curvature_along,
     sample_curvature_rows,
     subsampled_system,
-    unflatten,
 )
 
 
@@ -70,7 +69,7 @@ def test_subsampled_operator_is_the_dense_curvature_of_its_rows(seed, curvature)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sample_is_unbiased_and_takes_the_hardest_rows(seed):
     system = _system(seed, "ggn", n=400)
-    trace = _curvature_trace(system) * (system.X.square().sum(1) + 1.0)
+    trace = system.logit_curvature().trace() * (system.X.square().sum(1) + 1.0)
     tau = _poisson_threshold(trace, 80)
     prob = (trace / tau).clamp(max=1.0)
     # E[sum_{i in S} G_i / p_i] = G: weights of the drawn rows average to the batch's over many draws.
@@ -111,8 +110,8 @@ def test_subsampled_step_keeps_the_gradient_and_the_model_along_the_step_exact(s
     sample = CurvatureSample(60, torch.Generator().manual_seed(seed))
     kwargs = dict(alpha=system.coefficients, damping=1e-3, curvature="ggn", solver="cg", cg_tol=1e-10,
                   cg_max_iter=500)  # fmt: skip
-    full = compute_step(head, params, X, y, **kwargs)
-    sub = compute_step(head, params, X, y, curvature_sample=sample, **kwargs)
+    full = compute_step(head, params, X, y, None, StepOptions(**kwargs))
+    sub = compute_step(head, params, X, y, None, StepOptions(curvature_sample=sample, **kwargs))
     torch.testing.assert_close(flatten(sub.gradient), flatten(full.gradient), rtol=0, atol=0)
     # The step's image in the logits is J delta on every row, and its model is the whole batch's.
     logits_step = system.lin.jvp(sub.step)
