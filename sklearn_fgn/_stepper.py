@@ -7,7 +7,7 @@ from step to step. Whether the steps are full-batch is decided once, when
 the Stepper is built (:attr:`Stepper.full_batch`), and every rule reads it
 there:
 
-* the damping floor and step-length control (:meth:`Stepper.damping_rule`,
+* the damping floor and step-length control (:attr:`Stepper.damping_rule`,
   ``docs/design.md`` section 7);
 * the curvature, FGN or full GGN (:meth:`Stepper.curvature`, sections 2-3);
 * CG's tolerance, the forcing term (:meth:`Stepper.forcing_term`, sections
