@@ -52,10 +52,10 @@ FITS = {
 def _instrument():
     """Count steps and CG iterations, and the all-reduces by size; return the counters."""
     import sklearn_fgn._distributed as distributed
-    import sklearn_fgn._solver as solver
+    import sklearn_fgn._stepper as stepper
 
     counts = {"steps": 0, "cg": 0, "sizes": []}
-    compute_step, sum_ = solver.compute_step, distributed.ProcessGroupCommunicator.sum_
+    compute_step, sum_ = stepper.compute_step, distributed.ProcessGroupCommunicator.sum_
 
     def counted_step(*args, **kwargs):
         result = compute_step(*args, **kwargs)
@@ -67,7 +67,7 @@ def _instrument():
         counts["sizes"].append(tensor.numel())
         return sum_(self, tensor)
 
-    solver.compute_step = counted_step
+    stepper.compute_step = counted_step
     distributed.ProcessGroupCommunicator.sum_ = counted_sum
     return counts
 

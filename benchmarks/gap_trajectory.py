@@ -114,7 +114,8 @@ from exact_fit import objective as multinomial_objective  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression, _linear_loss  # noqa: E402
 
-import sklearn_fgn._solver as fgn_solver  # noqa: E402
+import sklearn_fgn._damping as fgn_damping  # noqa: E402
+import sklearn_fgn._stepper as fgn_stepper  # noqa: E402
 from sklearn_fgn import FGNClassifier  # noqa: E402
 
 GAPS = (1e-2, 1e-3, 1e-4, 1e-6, 1e-8)
@@ -137,7 +138,7 @@ class Recorder:
         self.start = 0.0
         cls = _linear_loss.LinearModelLoss
         self._loss, self._loss_gradient = cls.loss, cls.loss_gradient
-        self._fgn = fgn_solver.objective_from_logits
+        self._fgn = fgn_damping.objective_from_logits
 
     def note(self, value) -> None:
         """Log one evaluation of ``f``: seconds since the start, the value, the passes counted so far."""
@@ -162,14 +163,14 @@ class Recorder:
             return value
 
         cls.loss, cls.loss_gradient = loss, loss_gradient
-        fgn_solver.objective_from_logits = fgn_objective
+        fgn_damping.objective_from_logits = fgn_objective
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         cls = _linear_loss.LinearModelLoss
         cls.loss, cls.loss_gradient = self._loss, self._loss_gradient
-        fgn_solver.objective_from_logits = self._fgn
+        fgn_damping.objective_from_logits = self._fgn
 
 
 def objective(coef: np.ndarray, intercept: np.ndarray, X, y_enc, alpha: float) -> float:
@@ -347,7 +348,7 @@ def main() -> None:
     ))  # fmt: skip
     print(_common.machine_description())
     if args.no_curvature_sample:
-        fgn_solver.CURVATURE_SAMPLE_SHARE = 1.0
+        fgn_stepper.CURVATURE_SAMPLE_SHARE = 1.0
     wanted_methods = [w.lower() for w in args.methods.split(",") if w]
     methods = [m for m in METHODS if not wanted_methods or any(w in m.lower() for w in wanted_methods)]
     if not methods:

@@ -1,9 +1,9 @@
 """Fast Gauss-Newton classifier heads for scikit-learn and PyTorch."""
 
+from ._batches import prime_host_allocator
 from ._cv import FGNClassifierCV
 from ._distributed import DistributedFitError
 from ._estimator import DeviceMemoryError, FGNClassifier
-from ._solver import prime_host_allocator
 
 __all__ = [
     "DeviceMemoryError",

@@ -39,6 +39,8 @@ from ._arrays import (
     numpy_dtype,
     random_access,
 )
+from ._batches import RowSubset, Shard, TrainingData
+from ._damping import DAMPING_BOUNDS, DAMPING_SCHEDULES
 from ._distributed import SINGLE, Communicator, communicator
 from ._heads import ACTIVATIONS, Head, forward, init_params
 from ._metric import (
@@ -50,18 +52,9 @@ from ._metric import (
     unwhitened_params,
     whitened_params,
 )
-from ._solver import (
-    CURVATURE_OPTIONS,
-    DAMPING_BOUNDS,
-    DAMPING_SCHEDULES,
-    LoopConfig,
-    LoopState,
-    RowSubset,
-    Shard,
-    TrainingData,
-    run_epochs,
-)  # fmt: skip
+from ._solver import LoopConfig, LoopState, run_epochs
 from ._step import SOLVERS
+from ._stepper import CURVATURE_OPTIONS
 
 __all__ = ["FGNClassifier"]
 

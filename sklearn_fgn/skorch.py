@@ -29,22 +29,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without skorch
         "or `pip install 'sklearn-fgn[skorch]'`."
     ) from exc
 
+from ._batches import Batch
 from ._curvature import LogitsFn
+from ._damping import DAMPING_SCHEDULES, StepRecord
 from ._heads import Params
-from ._solver import (
-    DAMPING_BOUNDS,
-    DAMPING_SCHEDULES,
-    Batch,
-    LoopConfig,
-    LoopState,
-    StepRecord,
-    _forcing_term,
-    _resolve_curvature,
-    check_step_options,
-    step_on_batch,
-    track_full_batch_step,
-)
+from ._solver import LoopConfig
 from ._step import StepResult
+from ._stepper import Stepper, StepperState, check_step_options
 
 __all__ = ["DAMPING_SCHEDULES", "SOLVERS", "FGNNeuralNetClassifier"]
 
@@ -230,7 +221,7 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         """
         super().initialize()  # checks the settings through check_training_readiness
         self.damping_ = float(self.damping)
-        self._step_state = LoopState({}, self.damping_)  # what the forcing term reads of the last step
+        self._step_state = StepperState()  # what the next step reads of the last ones (full batch)
         return self
 
     def check_training_readiness(self):
@@ -292,29 +283,24 @@ class FGNNeuralNetClassifier(NeuralNetClassifier):
         X = to_tensor(Xi, device=self.device)
         y, sample_weight, n_labels = _labels_and_weights(self.criterion_, to_tensor(yi, device=self.device))
         params = _trainable_params(self.module_)
-        device = next(iter(params.values())).device
-        logits_fn = _make_logits_fn(self.module_, fit_params, _draw_seed(), device)
+        first = next(iter(params.values()))
+        logits_fn = _make_logits_fn(self.module_, fit_params, _draw_seed(), first.device)
         logits_fn = _checked_logits_fn(logits_fn, n_labels, self.criterion_.weight)
         _update_running_stats(self.module_, logits_fn, params, X)
         damping = self.damping_ if self.damping_schedule == "adaptive" else float(self.damping)
-        # FGNClassifier's step path (sklearn_fgn._solver.step_on_batch) and its "auto" rules.
-        full_batch = self.batch_size == -1
-        floor = DAMPING_BOUNDS[0] if full_batch else float(self.damping)  # see damping_schedule
-        cfg = self._loop_config(y)
-        state = getattr(self, "_step_state", None) or LoopState({}, damping)
-        curvature = _resolve_curvature(cfg, n_labels, full_batch)
-        cg_tol = _forcing_term(cfg, state, full_batch, next(iter(params.values())).dtype)
+        # FGNClassifier's step path and "auto" rules (sklearn_fgn._stepper), built from this step's
+        # settings (set_params may change them between steps; alpha scales with the epoch's split);
+        # the state the next step reads is kept from step to step.
+        stepper = Stepper(self._loop_config(y), self.batch_size == -1, n_labels, first.dtype)
+        state = getattr(self, "_step_state", None) or StepperState()
         with _no_running_stats(self.module_), _clear_buffer_errors(), _nonfinite_input_named(X):
-            result, new_params, _, record = step_on_batch(
-                logits_fn, params, Batch(X, y, sample_weight), damping, cfg, curvature, cg_tol, floor,
-                extend=full_batch,
-            )  # fmt: skip
+            result, new_params, _, record = stepper.step(
+                logits_fn, params, Batch(X, y, sample_weight), damping, state
+            )
         if self.damping_schedule == "adaptive":
             self.damping_ = record.next_damping
         if record.accepted:
             _write_params(self.module_, new_params)
-        if full_batch:
-            track_full_batch_step(state, record)
         self._step_state = state
         self._record_step(result, record)
         return {"loss": result.loss, "y_pred": result.logits}

@@ -12,8 +12,8 @@ the fitted parameters, or the error it raised. A fit may ask for
 (rank ``r`` raises at its ``k``-th step; the others' next collective then fails;
 ``"error": "KeyboardInterrupt"`` raises that instead of a RuntimeError, and
 ``"stay": s`` keeps the failed rank alive ``s`` seconds after its fit),
-``"step_constants": {...}`` (of ``sklearn_fgn._preconditioners``), ``"solver_constants": {...}`` (of
-``sklearn_fgn._solver``) or ``"metric_max_features": m``
+``"step_constants": {...}`` (of ``sklearn_fgn._step``), ``"stepper_constants": {...}`` (of
+``sklearn_fgn._stepper``) or ``"metric_max_features": m``
 (the diagonal metric beyond ``m`` features).
 """
 
@@ -30,9 +30,9 @@ torch.set_num_threads(1)
 
 
 def _inject_failure(call, error):
-    import sklearn_fgn._solver as solver
+    import sklearn_fgn._stepper as stepper
 
-    original, calls = solver.compute_step, [0]
+    original, calls = stepper.compute_step, [0]
 
     def failing(*args, **kwargs):
         calls[0] += 1
@@ -42,16 +42,16 @@ def _inject_failure(call, error):
             )
         return original(*args, **kwargs)
 
-    solver.compute_step = failing
+    stepper.compute_step = failing
 
 
 def _fit(fit, data, rank, bounds):
     import sklearn_fgn._metric as metric
     import sklearn_fgn._preconditioners as step
-    import sklearn_fgn._solver as solver
+    import sklearn_fgn._stepper as stepper
 
     constants = [(step, name, value) for name, value in fit.get("step_constants", {}).items()]
-    constants += [(solver, name, value) for name, value in fit.get("solver_constants", {}).items()]
+    constants += [(stepper, name, value) for name, value in fit.get("stepper_constants", {}).items()]
     if "metric_max_features" in fit:
         value = fit["metric_max_features"]
         constants.append((metric, "FULL_METRIC_MAX_FEATURES", value))

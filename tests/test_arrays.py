@@ -338,9 +338,9 @@ def test_mini_batch_fit_reads_a_memmap_page_by_page_and_gives_the_advice_back(ir
 
 
 def test_order_free_passes_read_a_row_subset_in_row_order():
+    from sklearn_fgn._batches import RowSubset
     from sklearn_fgn._estimator import _in_row_order
     from sklearn_fgn._metric import feature_moments
-    from sklearn_fgn._solver import RowSubset
 
     X = torch.randn(50, 3, dtype=torch.float64)
     rows = torch.randperm(50)[:30]

@@ -24,8 +24,8 @@ import sklearn_fgn._distributed as distributed
 import sklearn_fgn._estimator as estimator_module
 import sklearn_fgn._metric as metric_module
 import sklearn_fgn._preconditioners as preconditioners
-import sklearn_fgn._solver as solver_module
 import sklearn_fgn._step as step
+import sklearn_fgn._stepper as stepper_module
 from sklearn_fgn import FGNClassifier
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
@@ -49,7 +49,7 @@ FITS = {
     # (tau from every rank's traces, one shared draw), so the same steps
     "full_batch_curvature_sample": {
         "params": {**LINEAR, "batch_size": None, "tol": 1e-10, "max_iter": 200},
-        "solver_constants": {"CURVATURE_SAMPLE_MIN_ROWS": 20, "CURVATURE_SAMPLE_MAX_SHARE": 0.5},
+        "stepper_constants": {"CURVATURE_SAMPLE_MIN_ROWS": 20, "CURVATURE_SAMPLE_MAX_SHARE": 0.5},
     },
     # the diagonal metric (wide features): the ranks' per-feature variances, summed
     "full_batch_diagonal_metric": {
@@ -137,8 +137,8 @@ def _single(name, monkeypatch):
     weights = sample_weight if fit.get("weighted") else None
     for constant, value in fit.get("step_constants", {}).items():
         monkeypatch.setattr(preconditioners, constant, value)
-    for constant, value in fit.get("solver_constants", {}).items():
-        monkeypatch.setattr(solver_module, constant, value)
+    for constant, value in fit.get("stepper_constants", {}).items():
+        monkeypatch.setattr(stepper_module, constant, value)
     moments = []
     if "metric_max_features" in fit:
         monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", fit["metric_max_features"])
@@ -165,7 +165,7 @@ def _single(name, monkeypatch):
         else:
             model.fit(X, y, sample_weight=weights)
     params = model.coefs_ + model.intercepts_ if hasattr(model, "coefs_") else [model.coef_, model.intercept_]
-    if "solver_constants" in fit:  # the curvature was sampled
+    if "stepper_constants" in fit:  # the curvature was sampled
         assert any(d is not None for d in drawn)
     if "step_constants" in fit:  # the fit took hard-row steps, not only Kronecker ones
         assert any(p is not None for p in built)

@@ -490,13 +490,13 @@ def test_failed_refit_leaves_the_previous_fit():
 @pytest.mark.parametrize("refit", [False, True])
 def test_interrupted_fit_keeps_a_consistent_model(monkeypatch, refit):
     # As MLPClassifier: Ctrl-C ends the fit with a warning and the last accepted parameters.
-    import sklearn_fgn._solver as solver_module
+    from sklearn_fgn._stepper import Stepper
 
     X, y = make_classification(600, 8, n_informative=6, n_classes=5, random_state=0)
     est = FGNClassifier(batch_size=32, max_iter=20, random_state=0, device="cpu")
     if refit:
         est.fit(*load_iris(return_X_y=True)[:1], [0, 1, 2] * 50)  # 3 classes, 4 features
-    calls, update = [], solver_module.step_on_batch
+    calls, update = [], Stepper.step
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -504,7 +504,7 @@ def test_interrupted_fit_keeps_a_consistent_model(monkeypatch, refit):
             raise KeyboardInterrupt
         return update(*args, **kwargs)
 
-    monkeypatch.setattr(solver_module, "step_on_batch", interrupted)
+    monkeypatch.setattr(Stepper, "step", interrupted)
     with pytest.warns(UserWarning, match="Training interrupted by user"):
         est.fit(X, y)
     assert est.coef_.shape == (5, 8) and len(est.classes_) == 5
@@ -687,7 +687,7 @@ def test_mini_batch_fits_follow_the_sample_weights(batch_size):
 def test_mini_batch_weights_are_measured_against_the_data_mean():
     # Each batch divides its weights by (batch size x mean weight of the
     # data), so over an epoch the weights of all batches sum to one.
-    from sklearn_fgn._solver import iter_batches
+    from sklearn_fgn._batches import iter_batches
 
     sw = torch.tensor(np.random.RandomState(0).uniform(0, 5, 100))
     X, y = torch.zeros(100, 2), torch.zeros(100, dtype=torch.long)

@@ -8,9 +8,9 @@ import torch
 from sklearn.datasets import make_classification
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
-import sklearn_fgn._solver as solver_module
 from sklearn_fgn import FGNClassifier, FGNClassifierCV
 from sklearn_fgn._metric import feature_moments
+from sklearn_fgn._stepper import Stepper
 
 
 def _data(n=400, d=6, seed=0):
@@ -18,7 +18,7 @@ def _data(n=400, d=6, seed=0):
 
 
 def _interrupt_after(monkeypatch, calls_before):
-    calls, update = [], solver_module.step_on_batch
+    calls, update = [], Stepper.step
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -26,7 +26,7 @@ def _interrupt_after(monkeypatch, calls_before):
             raise KeyboardInterrupt
         return update(*args, **kwargs)
 
-    monkeypatch.setattr(solver_module, "step_on_batch", interrupted)
+    monkeypatch.setattr(Stepper, "step", interrupted)
     return calls
 
 

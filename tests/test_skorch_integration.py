@@ -541,7 +541,7 @@ def test_zero_cg_tol_runs_cg_max_iter_iterations(digits):
     ],
 )
 def test_auto_step_settings_mean_what_they_mean_for_fgnclassifier(digits, batch_size, explicit):
-    """The net's defaults are FGNClassifier's "auto" rules (sklearn_fgn._solver), resolved per step."""
+    """The net's defaults are FGNClassifier's "auto" rules (sklearn_fgn._stepper), resolved per step."""
     X_train, _, y_train, _ = digits
     X, y = X_train[:256], y_train[:256]
     auto = make_net(

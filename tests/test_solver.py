@@ -1,4 +1,7 @@
-"""Tests of the outer loop's step-length control (sklearn_fgn._solver) against dense float64 references."""
+"""Tests of the step-length control (sklearn_fgn._damping, _stepper) and the stopping rules (_stopping).
+
+The steps are checked against dense float64 references.
+"""
 
 import math
 import platform
@@ -18,33 +21,38 @@ from cases import (
     reference_weights,
 )
 
+from sklearn_fgn._batches import Batch
+from sklearn_fgn._damping import ARMIJO, LENGTHEN_MIN, StepRecord, levenberg_marquardt
 from sklearn_fgn._heads import forward
-from sklearn_fgn._solver import (
-    ARMIJO,
-    EXTEND_MIN,
+from sklearn_fgn._solver import LoopConfig
+from sklearn_fgn._step import StepOptions, compute_step
+from sklearn_fgn._stepper import Stepper, StepperState
+from sklearn_fgn._stopping import (
     PATH_MISS,
     PATH_SCALE_FLOOR,
-    Batch,
-    LoopConfig,
-    LoopState,
-    StepRecord,
-    _forcing_term,
-    _full_batch_converged,
     _geometric_tail,
-    _path_gap_tol,
-    _remaining_gap,
-    levenberg_marquardt,
-    step_on_batch,
+    full_batch_converged,
+    path_gap_tol,
+    remaining_gap,
 )
-from sklearn_fgn._step import StepOptions, compute_step
 
 EXACT = 1e-12
 
 
-def damped_update(*args, **kwargs):
-    """:func:`step_on_batch` without the step: ``(params, next damping, record, logits)``."""
-    _, params, logits, record = step_on_batch(*args, **kwargs)
+def damped_update(head, params, batch, damping, cfg, curvature, cg_tol, full_batch=False):
+    """:meth:`Stepper.step` with fixed curvature and CG tolerance: ``(params, next damping, record, logits)``.
+
+    ``full_batch`` lets a trusted step be lengthened and drops the damping floor.
+    """
+    cfg = replace(cfg, curvature=curvature, cg_tol=cg_tol)
+    stepper = Stepper(cfg, full_batch, head.n_logits, batch.X.dtype)
+    _, params, logits, record = stepper.step(head, params, batch, damping, StepperState())
     return params, record.next_damping, record, logits
+
+
+def forcing_term(cfg, state, full_batch, dtype):
+    """CG's tolerance for the next step of a fit with ``cfg`` (:meth:`Stepper.forcing_term`)."""
+    return Stepper(cfg, full_batch, n_logits=3, dtype=dtype).forcing_term(state)
 
 
 def _setup(case: Case, damping: float):
@@ -53,16 +61,10 @@ def _setup(case: Case, damping: float):
     head, params, X, y, sw = problem
     cfg = LoopConfig(alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_max_iter=200)
     fn = dense_objective_fn(head, params, X, y, reference_weights(sw, X.shape[0], X), case.alpha)
-    step = compute_step(
-        head,
-        params,
-        X,
-        y,
-        sw,
-        StepOptions(
-            alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_tol=EXACT, cg_max_iter=200
-        ),
+    options = StepOptions(
+        alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_tol=EXACT, cg_max_iter=200
     )
+    step = compute_step(head, params, X, y, sw, options)
     return problem, cfg, fn, flatten(step.step)
 
 
@@ -84,17 +86,17 @@ def _ray(problem, case, fn, delta):
     ],
     ids=["linear", "mlp"],
 )
-def test_trusted_full_batch_step_is_extended_to_the_model_minimiser(case):
+def test_trusted_full_batch_step_is_lengthened_to_the_model_minimiser(case):
     damping = 1.0  # dominates the curvature: the step is far too short
     problem, cfg, fn, delta = _setup(case, damping)
     slope, curvature, f = _ray(problem, case, fn, delta)
     t_star = -slope / curvature
     predicted = -(t_star * slope + 0.5 * t_star**2 * curvature)
     ratio = (f(0.0) - f(t_star)) / predicted
-    assert t_star >= EXTEND_MIN and ratio > 0.75  # the precondition of the extension
+    assert t_star >= LENGTHEN_MIN and ratio > 0.75  # the precondition of the extension
     head, params, X, y, sw = problem
     new_params, next_damping, record, logits = damped_update(
-        head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, extend=True
+        head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, full_batch=True
     )
     assert record.accepted and record.step_size == pytest.approx(t_star, rel=1e-8)
     torch.testing.assert_close(flatten(new_params), flatten(params) + t_star * delta, rtol=1e-8, atol=1e-12)
@@ -108,25 +110,25 @@ def test_trusted_full_batch_step_is_extended_to_the_model_minimiser(case):
     torch.testing.assert_close(logits, forward(head, new_params, X), rtol=1e-10, atol=1e-12)
 
 
-def test_step_is_not_extended_when_the_model_disagrees_or_without_extend():
+def test_step_is_not_lengthened_when_the_model_disagrees_or_on_mini_batches():
     case = Case(n_classes=3, n_samples=16, alpha=0.01, seed=1)
     problem, cfg, fn, delta = _setup(case, 1.0)
     slope, curvature, f = _ray(problem, case, fn, delta)
     t_star = -slope / curvature
     ratio = (f(0.0) - f(t_star)) / -(t_star * slope + 0.5 * t_star**2 * curvature)
-    assert not (t_star >= EXTEND_MIN and ratio > 0.75)  # the extension's test fails here
+    assert not (t_star >= LENGTHEN_MIN and ratio > 0.75)  # the extension's test fails here
     head, params, X, y, sw = problem
-    for extend in (True, False):
+    for full_batch in (True, False):
         new_params, _, record, _ = damped_update(
-            head, params, Batch(X, y, sw), 1.0, cfg, "ggn", EXACT, extend=extend
+            head, params, Batch(X, y, sw), 1.0, cfg, "ggn", EXACT, full_batch=full_batch
         )
         assert record.step_size == 1.0
         torch.testing.assert_close(flatten(new_params), flatten(params) + delta, rtol=1e-8, atol=1e-12)
-    # A case that would extend does not when extend=False (mini-batches: the damping is a step size).
+    # A case that would be lengthened is not on mini-batches (there the damping is a step size).
     case = Case(n_classes=3, n_samples=16, alpha=0.01, seed=0)
     problem, cfg, _, _ = _setup(case, 1.0)
     head, params, X, y, sw = problem
-    _, _, record, _ = damped_update(head, params, Batch(X, y, sw), 1.0, cfg, "ggn", EXACT, extend=False)
+    _, _, record, _ = damped_update(head, params, Batch(X, y, sw), 1.0, cfg, "ggn", EXACT, full_batch=False)
     assert record.step_size == 1.0
 
 
@@ -142,7 +144,7 @@ def test_rejected_step_is_cut_back_by_armijo_backtracking(hidden, seed):
     t = next(0.5**k for k in range(1, 11) if armijo(0.5**k))
     head, params, X, y, sw = problem
     new_params, next_damping, record, logits = damped_update(
-        head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, extend=True
+        head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, full_batch=True
     )
     assert record.accepted and record.step_size == t and record.ratio < 0
     assert record.new_loss == pytest.approx(f(t), rel=1e-10) and record.new_loss < record.loss
@@ -169,14 +171,14 @@ def _record(ratio=1.001, step_size=1.0, accepted=True, cg_tol=0.05, predicted=3e
 
 def test_remaining_gap_is_left_out_decrease_plus_model_error():
     relative = 1e-4
-    assert _remaining_gap(_record(), relative) == pytest.approx(relative * (0.05**2 + 0.001))
+    assert remaining_gap(_record(), relative) == pytest.approx(relative * (0.05**2 + 0.001))
     for record in (
         _record(step_size=2.0),
         _record(step_size=0.5),
         _record(ratio=0.3),
         _record(accepted=False),
     ):
-        assert _remaining_gap(record, relative) == math.inf
+        assert remaining_gap(record, relative) == math.inf
 
 
 @pytest.mark.parametrize("relative, ratio, dtype, expected", [
@@ -188,7 +190,7 @@ def test_remaining_gap_is_left_out_decrease_plus_model_error():
 ])  # fmt: skip
 def test_full_batch_stop_at_the_objectives_roundoff(relative, ratio, dtype, expected):
     record = _record(ratio=ratio, cg_tol=0.01, predicted=3.0 * relative)  # loss 3.0
-    assert _full_batch_converged(record, LoopConfig(alpha=0.0, tol=1e-4), dtype) is expected
+    assert full_batch_converged(record, LoopConfig(alpha=0.0, tol=1e-4), dtype) is expected
 
 
 @pytest.mark.parametrize("tol, gap, expected", [
@@ -203,28 +205,30 @@ def test_full_batch_stop_at_the_objectives_roundoff(relative, ratio, dtype, expe
 ])  # fmt: skip
 def test_forcing_term_asks_what_the_stop_rule_needs(tol, gap, expected):
     cfg = LoopConfig(alpha=0.0, tol=tol)
-    state = LoopState(params={}, damping=1.0, last_relative_decrease=1e-4, gap_estimate=gap)
-    eta = _forcing_term(cfg, state, full_batch=True, dtype=torch.float64)
+    state = StepperState(last_relative_decrease=1e-4, gap_estimate=gap)
+    eta = forcing_term(cfg, state, full_batch=True, dtype=torch.float64)
     assert eta == pytest.approx(expected)
     # The Eisenstat-Walker term alone is sqrt(1e-4) = 0.01; a fixed cg_tol and mini-batches ignore the gap.
-    assert _forcing_term(LoopConfig(alpha=0.0, cg_tol=1e-3), state, True, torch.float64) == 1e-3
-    assert _forcing_term(cfg, state, False, torch.float64) == 1e-2
+    assert forcing_term(LoopConfig(alpha=0.0, cg_tol=1e-3), state, True, torch.float64) == 1e-3
+    assert forcing_term(cfg, state, False, torch.float64) == 1e-2
 
 
 def test_forcing_term_of_path_fits_is_not_tightened_for_the_last_step():
     # FGNClassifierCV's path fits (gap_tol) end on the linear rule, which asks nothing of the last solve.
-    state = LoopState(params={}, damping=1.0, last_relative_decrease=1e-4, gap_estimate=5e-4)
-    assert _forcing_term(LoopConfig(alpha=0.0, tol=1e-4), state, True, torch.float64) < 0.01
+    state = StepperState(last_relative_decrease=1e-4, gap_estimate=5e-4)
+    assert forcing_term(LoopConfig(alpha=0.0, tol=1e-4), state, True, torch.float64) < 0.01
     path = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4)
-    assert _forcing_term(path, state, True, torch.float64) == pytest.approx(0.01)  # Eisenstat-Walker
+    assert forcing_term(path, state, True, torch.float64) == pytest.approx(0.01)  # Eisenstat-Walker
     state.gap_estimate = 1e-12  # far below tol: still loosened, as before
-    assert _forcing_term(path, state, True, torch.float64) == pytest.approx(0.5)
+    assert forcing_term(path, state, True, torch.float64) == pytest.approx(0.5)
 
 
 _FAULTS_PER_STEP = """
 import resource, sys, torch
 from sklearn_fgn._heads import Head, init_params
-from sklearn_fgn._solver import Batch, LoopConfig, prime_host_allocator, step_on_batch
+from sklearn_fgn._batches import Batch, prime_host_allocator
+from sklearn_fgn._solver import LoopConfig
+from sklearn_fgn._stepper import Stepper, StepperState
 torch.set_num_threads(1)
 if sys.argv[1] == "prime":
     prime_host_allocator()
@@ -232,7 +236,8 @@ g = torch.Generator().manual_seed(0)
 X, y = torch.randn(512, 256, generator=g), torch.randint(0, 1000, (512,), generator=g)
 head = Head(256, 1000, (), "relu", True)
 params, cfg = init_params(head, g, torch.float32, "cpu"), LoopConfig(alpha=1e-4, batch_size=512)
-step = lambda: step_on_batch(head, params, Batch(X, y, None), 1.0, cfg, "fgn", 1e-2, 1.0)
+stepper = Stepper(cfg, False, head.n_logits, torch.float32)  # mini-batch: FGN, cg_tol 1e-2, floor 1.0
+step = lambda: stepper.step(head, params, Batch(X, y, None), 1.0, StepperState())
 for _ in range(3):
     step()
 faults = []
@@ -269,18 +274,18 @@ def test_primed_allocator_keeps_a_steps_memory_for_the_next():
 def test_full_batch_does_not_stop_while_converging_linearly(previous, expected):
     record = _record(ratio=1.0, cg_tol=0.01, predicted=3.0 * 3e-6)  # relative decrease 3e-6, loss 3.0
     cfg = LoopConfig(alpha=0.0, tol=1e-4)
-    assert _full_batch_converged(record, cfg, torch.float64, previous) is expected
+    assert full_batch_converged(record, cfg, torch.float64, previous) is expected
 
 
 _ALLOCATOR_UNTOUCHED = """
 import warnings
-import sklearn_fgn._solver as solver
+import sklearn_fgn._batches as batches
 from sklearn.datasets import load_iris
 from sklearn_fgn import FGNClassifier
 X, y = load_iris(return_X_y=True)
 warnings.simplefilter("ignore")
 FGNClassifier(batch_size=32, max_iter=2, device="cpu").fit(X, y)
-print(solver.prime_host_allocator.cache_info().currsize)
+print(batches.prime_host_allocator.cache_info().currsize)
 """
 
 
@@ -303,16 +308,16 @@ def test_gap_tol_stops_a_linear_end_game_at_its_estimated_tail(gap_tol, previous
     cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=gap_tol)
     tail = _geometric_tail(3e-6, previous)
     assert (tail <= (gap_tol or 0.0)) is expected
-    assert _full_batch_converged(record, cfg, torch.float64, previous) is expected
+    assert full_batch_converged(record, cfg, torch.float64, previous) is expected
 
 
 def test_scored_path_gap_is_measured_against_the_decrease_from_the_null_model():
     # loss 3.0; null_loss 3.3: the coefficients lower the objective by 0.3, a tenth of it.
     cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4, null_loss=3.3)
-    assert _path_gap_tol(cfg, 3.0) == pytest.approx(1e-4 * 0.3 / 3.0)
-    assert _path_gap_tol(replace(cfg, null_loss=9.0), 3.0) == pytest.approx(1e-4)  # the objective is smaller
+    assert path_gap_tol(cfg, 3.0) == pytest.approx(1e-4 * 0.3 / 3.0)
+    assert path_gap_tol(replace(cfg, null_loss=9.0), 3.0) == pytest.approx(1e-4)  # the objective is smaller
     # Not yet below the null model (a drawn start): the floor.
-    assert _path_gap_tol(replace(cfg, null_loss=2.0), 3.0) == pytest.approx(1e-4 * PATH_SCALE_FLOOR)
+    assert path_gap_tol(replace(cfg, null_loss=2.0), 3.0) == pytest.approx(1e-4 * PATH_SCALE_FLOOR)
 
 
 @pytest.mark.parametrize("null_loss, cg_tol, relative, expected", [
@@ -325,24 +330,22 @@ def test_scored_path_gap_is_measured_against_the_decrease_from_the_null_model():
 def test_scored_path_fits_stop_at_their_gap_tolerance(null_loss, cg_tol, relative, expected):
     record = _record(ratio=1.0, cg_tol=cg_tol, predicted=3.0 * relative)  # loss 3.0
     cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4, null_loss=null_loss)
-    assert _full_batch_converged(record, cfg, torch.float64, previous=math.inf) is expected
+    assert full_batch_converged(record, cfg, torch.float64, previous=math.inf) is expected
 
 
 def test_forcing_term_of_scored_path_fits_asks_their_gap_only():
     # eta^2 p <= PATH_MISS gap_tol with p the present gap estimate, not the Eisenstat-Walker sqrt(p).
-    state = LoopState(
-        params={}, damping=1.0, last_relative_decrease=1e-3, gap_estimate=1e-3, loss_curve=[3.0]
-    )
+    state = StepperState(last_relative_decrease=1e-3, gap_estimate=1e-3, last_loss=3.0)
     cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4, null_loss=30.0)
-    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx((PATH_MISS * 1e-4 / 1e-3) ** 0.5)
+    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx((PATH_MISS * 1e-4 / 1e-3) ** 0.5)
     state.gap_estimate = 1e-5
-    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
+    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
     state.gap_estimate = 1e-1  # far: Eisenstat-Walker's sqrt(1e-3) is looser
-    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(1e-3**0.5)
+    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx(1e-3**0.5)
     # After an untrusted step (no gap estimate) its decrease stands for the gap: a decrease of
     # 2.5e-7 asks no tight solve of the next step (Eisenstat-Walker's term would be 5e-4).
     state.gap_estimate, state.last_relative_decrease = math.inf, 2.5e-7
-    assert _forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
-    assert _forcing_term(LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4), state, True, torch.float64) == (
+    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
+    assert forcing_term(LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4), state, True, torch.float64) == (
         pytest.approx(2.5e-7**0.5)
     )

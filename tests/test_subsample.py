@@ -18,7 +18,7 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from test_step import _system
 
-import sklearn_fgn._solver as solver
+import sklearn_fgn._stepper as stepper
 from sklearn_fgn import FGNClassifier
 from sklearn_fgn._objective import unflatten
 from sklearn_fgn._step import StepOptions, compute_step
@@ -150,9 +150,9 @@ def test_subsampled_fit_reaches_the_optimum_of_the_full_fit_and_of_logistic_regr
                                n_clusters_per_class=1, random_state=n_classes)  # fmt: skip
     if not standardise:
         X = X * np.logspace(-2, 1, 12) + 3.0
-    monkeypatch.setattr(solver, "CURVATURE_SAMPLE_MIN_ROWS", 300)  # sample 600 of 6000 rows
+    monkeypatch.setattr(stepper, "CURVATURE_SAMPLE_MIN_ROWS", 300)  # sample 600 of 6000 rows
     sampled = _fit(X, y, 1.0 / C)
-    monkeypatch.setattr(solver, "CURVATURE_SAMPLE_SHARE", 1.0)
+    monkeypatch.setattr(stepper, "CURVATURE_SAMPLE_SHARE", 1.0)
     full = _fit(X, y, 1.0 / C)
     reference = LogisticRegression(C=C, solver="newton-cholesky", tol=1e-12, max_iter=500).fit(X, y)
     f_sampled, f_full = _objective(sampled, X, y, 1.0 / C), _objective(full, X, y, 1.0 / C)
@@ -164,16 +164,16 @@ def test_subsampled_fit_reaches_the_optimum_of_the_full_fit_and_of_logistic_regr
 
 def test_subsampled_fit_is_deterministic_under_random_state(monkeypatch):
     X, y = make_classification(n_samples=5000, n_features=10, n_informative=6, n_classes=4, random_state=1)
-    monkeypatch.setattr(solver, "CURVATURE_SAMPLE_MIN_ROWS", 200)
+    monkeypatch.setattr(stepper, "CURVATURE_SAMPLE_MIN_ROWS", 200)
     calls = []
-    original = solver._curvature_sample
+    original = stepper._curvature_sample
 
     def spy(*args):
         out = original(*args)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(solver, "_curvature_sample", spy)
+    monkeypatch.setattr(stepper, "_curvature_sample", spy)
     first, second = _fit(X, y, 1.0, max_iter=6), _fit(X, y, 1.0, max_iter=6)
     assert any(calls)  # the curvature was sampled
     np.testing.assert_array_equal(first.coef_, second.coef_)

@@ -1,0 +1,381 @@
+"""The Stepper: one fit's per-step rules and its step call, shared by ``FGNClassifier`` and the skorch net.
+
+Both front ends take their steps here: ``_solver.run_epochs`` builds one
+:class:`Stepper` per fit (:meth:`Stepper.for_fit`), the skorch net one per
+``train_step`` from its current settings; each keeps a :class:`StepperState`
+from step to step. Whether the steps are full-batch is decided once, when
+the Stepper is built (:attr:`Stepper.full_batch`), and every rule reads it
+there:
+
+* the damping floor and step-length control (:attr:`Stepper.damping_rule`,
+  ``docs/design.md`` section 7);
+* the curvature, FGN or full GGN (:meth:`Stepper.curvature`, sections 2-3);
+* CG's tolerance, the forcing term (:meth:`Stepper.forcing_term`, sections
+  7-8) and its iteration cap (:meth:`Stepper.cg_max_iter`);
+* the rows the curvature is sampled on (``_curvature_sample``,
+  ``_grow_curvature_sample``, section 6);
+* in full batch: the logits and the cache carried from step to step, the
+  preconditioners and the mixed precision of :func:`._step.compute_step`,
+  the lengthening of trusted steps.
+
+:meth:`Stepper.step` computes the step (:func:`._step.compute_step`), takes
+it (:func:`._damping.take_step`) and updates the state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._batches import Batch, TrainingData
+from ._curvature import LogitsFn
+from ._damping import DAMPING_BOUNDS, DAMPING_SCHEDULES, DampingRule, StepRecord, take_step
+from ._heads import Head, Params
+from ._step import StepOptions, StepResult, compute_step
+from ._stopping import PATH_MISS, path_gap_tol, relative_decrease, remaining_gap
+from ._system import CurvatureSample
+
+if TYPE_CHECKING:  # the loop's settings; the loop imports this module
+    from ._solver import LoopConfig
+
+__all__ = [
+    "CURVATURE_OPTIONS",
+    "StepOutcome",
+    "Stepper",
+    "StepperState",
+    "check_step_options",
+]
+
+CURVATURE_OPTIONS = ("fgn", "ggn", "auto")
+# cg_tol="auto" on mini-batches: a batch's step is noisy anyway, and a
+# tighter solve buys no accuracy per epoch (benchmarks/RESULTS.md).
+AUTO_CG_TOL = 1e-2
+# cg_max_iter="auto": on mini-batches, and in full batch (where the forcing term ends the solve).
+AUTO_CG_MAX_ITER = 100
+AUTO_CG_MAX_ITER_FULL_BATCH = 1000
+# Full batch: a step whose estimated gap is below this many times tol may
+# be the last one, and is solved accurately enough to end the fit
+# (``Stepper.forcing_term``).
+LAST_STEP_GAP = 10.0
+# ... from this tol up: below it tol^2 is near float64's round-off, and the
+# step after the one that meets the stop's bounds is what makes the
+# coefficients exact where the objective is flat (the refits of FGNClassifierCV).
+LAST_STEP_MIN_TOL = 1e-6
+# Full-batch fits of a linear head take their curvature on a sample of the
+# rows (_curvature_sample): this share of them to start with, at least this
+# many rows and this many per logit; the sample doubles after a step along
+# which its curvature was off the whole batch's by more than this factor, and
+# beyond this share of the rows every row is used.
+CURVATURE_SAMPLE_SHARE = 0.1
+CURVATURE_SAMPLE_MIN_ROWS = 4096
+CURVATURE_ROWS_PER_LOGIT = 10
+CURVATURE_SAMPLE_ERROR = 1.5
+CURVATURE_SAMPLE_MAX_SHARE = 0.125
+
+
+def check_step_options(
+    *, damping: object, damping_schedule: object, curvature: object, cg_tol: object, cg_max_iter: object,
+    alpha: object,
+) -> None:  # fmt: skip
+    """Check the step settings shared by ``FGNClassifier`` and the skorch net (plain values).
+
+    Raises
+    ------
+    ValueError
+        Naming the first setting out of range.
+    """
+    if damping_schedule not in DAMPING_SCHEDULES:
+        raise ValueError(f"damping_schedule must be one of {DAMPING_SCHEDULES}; got {damping_schedule!r}.")
+    if curvature not in CURVATURE_OPTIONS:
+        raise ValueError(f"curvature must be one of {CURVATURE_OPTIONS}; got {curvature!r}.")
+    if not (_is_number(damping) and 0.0 < damping < math.inf):
+        raise ValueError(f"damping must be a finite float > 0; got {damping!r}.")
+    if cg_tol != "auto" and not (_is_number(cg_tol) and 0.0 <= cg_tol < 1.0):
+        raise ValueError(
+            f"cg_tol must be a float in [0, 1) or 'auto' (CG's relative-residual tolerance: 1 or more "
+            f"stops CG before its first iteration, so no step is taken); got {cg_tol!r}."
+        )
+    if cg_max_iter != "auto" and not (_is_number(cg_max_iter, Integral) and cg_max_iter >= 1):
+        raise ValueError(f"cg_max_iter must be an int >= 1 or 'auto'; got {cg_max_iter!r}.")
+    if not (_is_number(alpha) and 0.0 <= alpha < math.inf):
+        raise ValueError(f"alpha must be a finite float >= 0; got {alpha!r}.")
+
+
+def _is_number(value: object, kind: type = Real) -> bool:
+    # ``bool`` is an ``Integral`` (hence a ``Real``) in Python; a setting of True is a mistake.
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+@dataclass
+class StepperState:
+    """What the next step reads of the steps before it (full batch; mini-batch steps leave it alone).
+
+    ``last_relative_decrease`` and ``previous_relative_decrease``: the
+    predicted decreases of the last two steps relative to the objective
+    before them (:func:`._stopping.relative_decrease`); ``gap_estimate``:
+    the relative gap estimated after the last step
+    (:func:`._stopping.remaining_gap`); ``last_loss``: the objective after
+    it (None before the first step). The forcing term reads them, the
+    stopping rule the previous decrease. ``curvature_sample``: how many rows
+    the curvature is sampled on (linear heads; 0 until the first step decides).
+    """
+
+    last_relative_decrease: float = math.inf
+    previous_relative_decrease: float = math.inf
+    gap_estimate: float = math.inf
+    last_loss: float | None = None
+    curvature_sample: int = 0
+
+
+class StepOutcome(NamedTuple):
+    """One step: as computed (``result``, which also holds the loss and logits before it) and as taken."""
+
+    result: StepResult
+    params: Params
+    logits: Tensor
+    record: StepRecord
+
+
+@dataclass(frozen=True)
+class Stepper:
+    """One fit's per-step rules and its step call (see the module's docstring).
+
+    Parameters
+    ----------
+    cfg : LoopConfig
+        The fit's settings (damping, schedule, curvature, solver, CG, tolerances).
+    full_batch : bool
+        Every step sees the whole training data: the steps may carry logits
+        and a cache, are lengthened when trusted, have no damping floor and
+        take the full-batch "auto" rules.
+    n_logits : int
+        The head's logits (the skorch net: the classes its labels need), for
+        ``curvature="auto"``.
+    dtype : torch.dtype
+        The dtype the objective is computed in: the forcing term is floored
+        where it can still resolve it.
+    generator : torch.Generator, optional
+        Draws the rows the curvature of a full-batch linear fit is sampled on;
+        None: the curvature is never sampled.
+    cache : dict, optional
+        What full-batch steps on the same rows share (``compute_step``'s ``cache``).
+    """
+
+    cfg: LoopConfig
+    full_batch: bool
+    n_logits: int
+    dtype: torch.dtype
+    generator: torch.Generator | None = None
+    cache: dict | None = None
+
+    @classmethod
+    def for_fit(
+        cls, head: Head, data: TrainingData, cfg: LoopConfig, generator: torch.Generator, cache: dict
+    ) -> Stepper:
+        """Build the Stepper of an ``FGNClassifier`` fit of ``head`` on ``data``.
+
+        The fit is full-batch when ``cfg.batch_size`` is None or covers every
+        training row (over all ranks).
+
+        Returns
+        -------
+        Stepper
+        """
+        full_batch = cfg.batch_size is None or cfg.batch_size >= data.n_total
+        return cls(cfg, full_batch, head.n_logits, data.X.dtype, generator, cache)
+
+    @property
+    def damping_rule(self) -> DampingRule:
+        """How a computed step is taken.
+
+        Mini-batches: with fewer rows than parameters an exact step on its
+        own batch always lowers that batch's loss, so the reduction ratio
+        cannot see a step that memorises the batch; lambda then acts as a
+        step size and the user's damping is its floor (Levenberg-Marquardt
+        may only raise it after a bad step). Full batch: no floor, and a
+        trusted step may be lengthened.
+
+        Returns
+        -------
+        DampingRule
+        """
+        floor = DAMPING_BOUNDS[0] if self.full_batch else self.cfg.damping
+        return DampingRule(self.cfg.damping_schedule, floor, self.full_batch)
+
+    def curvature(self) -> str:
+        """FGN or full GGN for the next step (``curvature="auto"`` decides here).
+
+        Mini-batches take FGN steps (the n-row system solved exactly is FGN's
+        edge; the full GGN has n * K rows); binary heads take FGN steps (exact
+        Gauss-Newton). Full-batch multiclass fits take full-GGN (exact Newton for
+        the linear head) steps: FGN steps there converge linearly once the
+        competitor mass is dispersed (``docs/design.md`` sections 2-3).
+
+        Returns
+        -------
+        str
+            ``"fgn"`` or ``"ggn"``.
+        """
+        if self.cfg.curvature != "auto":
+            return self.cfg.curvature
+        return "ggn" if self.full_batch and self.n_logits > 2 else "fgn"
+
+    def cg_max_iter(self) -> int:
+        """Return ``cfg.cg_max_iter``, or what ``"auto"`` means in full batch or on mini-batches."""
+        if self.cfg.cg_max_iter != "auto":
+            return int(self.cfg.cg_max_iter)
+        return AUTO_CG_MAX_ITER_FULL_BATCH if self.full_batch else AUTO_CG_MAX_ITER
+
+    def forcing_term(self, state: StepperState) -> float:
+        """CG's relative tolerance for the next step.
+
+        A number ``cfg.cg_tol`` is used as given. ``"auto"``: mini-batches use
+        ``AUTO_CG_TOL``; full batch is inexact Newton with the forcing term
+        ``min(0.5, sqrt(last predicted relative decrease))`` (Eisenstat-Walker;
+        ``sqrt`` of the decrease is O(||grad||), which keeps the end game
+        quadratic), floored where the dtype can still resolve it. A step that
+        can be the last (estimated gap within ``LAST_STEP_GAP * tol``) is
+        solved to what the stopping rule asks of it instead (``docs/design.md``
+        sections 7-8).
+
+        Returns
+        -------
+        float
+            The relative residual at which CG stops.
+        """
+        cfg = self.cfg
+        if cfg.cg_tol != "auto":
+            return float(cfg.cg_tol)
+        if not self.full_batch:
+            return AUTO_CG_TOL
+        floor = max(1e-10, 10 * torch.finfo(self.dtype).eps)
+        eta = min(0.5, max(state.last_relative_decrease, 0.0) ** 0.5)
+        if cfg.null_loss is not None:
+            # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present
+            # gap: the last step's estimate, or its decrease after an untrusted step (near round-off).
+            present = (
+                state.gap_estimate if math.isfinite(state.gap_estimate) else state.last_relative_decrease
+            )
+            if state.last_loss is not None and math.isfinite(present):
+                gap_tol = path_gap_tol(cfg, state.last_loss)
+                eta = max(eta, min(0.5, (PATH_MISS * gap_tol / max(present, 1e-300)) ** 0.5))
+        elif cfg.tol > 0 and state.gap_estimate <= LAST_STEP_GAP * cfg.tol:
+            # This step can be the last: full_batch_converged then asks
+            # eta^2 p <= tol^2 with p about the present gap. Solve to that, no
+            # looser (a step solved too loosely to end the fit costs a whole
+            # step more) and no tighter (that over-solves the last step). Half
+            # of that bound: the gap estimate is not a bound.
+            # Path fits (gap_tol) end on the linear rule, which asks nothing of
+            # the last solve: there the tighter solves only cost CG iterations.
+            last = min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5)
+            if cfg.tol >= LAST_STEP_MIN_TOL and cfg.gap_tol is None:
+                eta = last
+            elif state.gap_estimate <= cfg.tol:
+                eta = max(eta, last)
+        return max(eta, floor)
+
+    def step(
+        self,
+        head: Head | LogitsFn,
+        params: Params,
+        batch: Batch,
+        damping: float,
+        state: StepperState,
+        logits: Tensor | None = None,
+    ) -> StepOutcome:
+        """Compute a damped step on ``batch`` and take it: ``compute_step``, then ``take_step``.
+
+        (:func:`._step.compute_step`, :func:`._damping.take_step`.) ``head``
+        is a :class:`Head` or a logits function; ``damping`` the
+        damping to compute the step with (the record's ``next_damping`` is
+        the next step's). ``logits``, when known, are the logits at ``params``
+        on ``batch`` (full batch only: a mini-batch's rows change from step
+        to step). In full batch, ``state`` is updated with what the next
+        step's forcing term, curvature sample and the stopping rule read.
+
+        Returns
+        -------
+        StepOutcome
+            The step as computed, the parameters after it, the logits at
+            them on ``batch`` and the step's record.
+        """
+        cfg, full_batch = self.cfg, self.full_batch
+        curvature = self.curvature()
+        cg_tol = self.forcing_term(state)
+        sample = None
+        if full_batch and self.generator is not None:
+            sample = _curvature_sample(state, batch, head, self.generator)
+        options = StepOptions(
+            alpha=cfg.alpha, damping=damping, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
+            cg_max_iter=self.cg_max_iter(), weight_total=batch.weight_total,
+            structured=cfg.kronecker and full_batch, mixed_precision=full_batch, comm=cfg.comm,
+            curvature_sample=sample,
+        )
+        result: StepResult = compute_step(
+            head, params, batch.X, batch.y, batch.sample_weight, options,
+            logits=logits if full_batch else None, cache=self.cache if full_batch else None,
+        )  # fmt: skip
+        with torch.no_grad():  # a logits function's trial forward passes need no graph
+            params, logits, record = take_step(
+                head, params, batch, result, damping, cfg.alpha, self.damping_rule, cfg.comm
+            )
+        if full_batch:
+            _track_full_batch_step(state, record)
+            _grow_curvature_sample(state, result)
+        return StepOutcome(result, params, logits, record)
+
+
+def _track_full_batch_step(state: StepperState, record: StepRecord) -> None:
+    """Keep what the next full-batch step's forcing term and the stopping rule read from this one."""
+    state.previous_relative_decrease = state.last_relative_decrease
+    state.last_relative_decrease = relative_decrease(record)
+    state.gap_estimate = remaining_gap(record, state.last_relative_decrease)
+    state.last_loss = record.new_loss
+
+
+def _curvature_sample(
+    state: StepperState, batch: Batch, head: Head, generator: torch.Generator
+) -> CurvatureSample | None:
+    """How many of a full batch's rows the next step's curvature is estimated on; None for all of them.
+
+    Only for a linear head (:func:`._step.sample_curvature_rows`). The
+    sample starts at ``CURVATURE_SAMPLE_SHARE`` of the rows, at least
+    ``CURVATURE_SAMPLE_MIN_ROWS`` and ``CURVATURE_ROWS_PER_LOGIT`` per
+    logit, and grows by :func:`_grow_curvature_sample`; beyond
+    ``CURVATURE_SAMPLE_MAX_SHARE`` of the rows every row is used (a larger
+    sample saves too little per CG product to pay for the slower, linear
+    convergence of sampled Newton steps). A data-parallel fit draws the sample one
+    process would draw on the concatenated rows (each rank keeps its own).
+
+    Returns
+    -------
+    CurvatureSample or None
+    """
+    if not head.is_linear:
+        return None
+    n = batch.size
+    if state.curvature_sample == 0:
+        floor = max(CURVATURE_SAMPLE_MIN_ROWS, CURVATURE_ROWS_PER_LOGIT * head.n_logits)
+        state.curvature_sample = max(floor, math.ceil(CURVATURE_SAMPLE_SHARE * n))
+    if state.curvature_sample > CURVATURE_SAMPLE_MAX_SHARE * n:
+        return None
+    return CurvatureSample(state.curvature_sample, generator)
+
+
+def _grow_curvature_sample(state: StepperState, result: StepResult) -> None:
+    """Double the curvature sample after a step along which it was far from the whole batch's curvature.
+
+    ``result.sampled_curvature`` is ``delta' G_S delta / delta' G delta``
+    along the step just computed: outside ``[1 / CURVATURE_SAMPLE_ERROR,
+    CURVATURE_SAMPLE_ERROR]`` the sample misjudged the very direction it
+    chose, and more rows are taken. (The reduction ratio cannot tell: the
+    step's model along its direction is the whole batch's.)
+    """
+    error = result.sampled_curvature
+    if state.curvature_sample and not (1.0 / CURVATURE_SAMPLE_ERROR <= error <= CURVATURE_SAMPLE_ERROR):
+        state.curvature_sample *= 2
