@@ -1,8 +1,9 @@
 """Fast Gauss-Newton classifier heads for scikit-learn and PyTorch."""
 
 from ._cv import FGNClassifierCV
+from ._device import DeviceMemoryError
 from ._distributed import DistributedFitError
-from ._estimator import DeviceMemoryError, FGNClassifier
+from ._estimator import FGNClassifier
 from ._solver import prime_host_allocator
 
 __all__ = [
