@@ -268,7 +268,7 @@ class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         Cs = self._grid()
         splitter = check_cv(self.cv, y, classifier=True)
         folds = list(splitter.split(np.empty((len(y), 0)), y, **split_params))
-        scorer = _scorer_told_every_class(self._get_scorer(), classes)
+        scorer = _scorer_given_every_class(self._get_scorer(), classes)
         n_jobs = effective_n_jobs(self.n_jobs)
         path = self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER)
         results = Parallel(n_jobs=n_jobs)(
@@ -420,7 +420,7 @@ class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         return X, lambda rows: rows @ coef.T + intercept
 
 
-def _scorer_told_every_class(scorer, classes):
+def _scorer_given_every_class(scorer, classes):
     """Return ``scorer`` with ``labels=classes`` where its metric takes them, as LogisticRegressionCV does.
 
     A fold's validation rows may lack a class; a metric of probabilities
@@ -438,12 +438,12 @@ def _scorer_told_every_class(scorer, classes):
     parameters = inspect.signature(metric).parameters if metric is not None else {}
     if "labels" not in parameters:
         return scorer
-    told = {"labels": classes}
+    given = {"labels": classes}
     if len(classes) <= 2 and "pos_label" in parameters:
-        told["pos_label"] = classes[-1]
+        given["pos_label"] = classes[-1]
     return make_scorer(
         metric, greater_is_better=scorer._sign == 1, response_method=scorer._response_method,
-        **(told | getattr(scorer, "_kwargs", {})),
+        **(given | getattr(scorer, "_kwargs", {})),
     )  # fmt: skip
 
 
@@ -500,7 +500,7 @@ def _fit_fold_path(estimator, rows, fold, Cs, scoring, threads):
         large = _work(X, train, y_train) >= PATH_LARGE_WORK
         X_train = _path_features(X[train], estimator.tol) if large else X[train]
         # the rows of what the search validated (X_train perhaps cast to float32)
-        search = SearchFit(gap_tol=estimator.tol, scored=large, classes=classes, validated=True)
+        search = SearchFit(gap_tol=estimator.tol, scored_only=large, classes=classes, validated=True)
         for state in estimator._fit_path(X_train, y_train, w_train, 1.0 / Cs, search=search):
             scores.append(float(scorer(estimator, X[test], y_test, **score_params)))
             coef = estimator.coef_

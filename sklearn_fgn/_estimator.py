@@ -568,7 +568,7 @@ class FGNClassifier(LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixin
         head, comm, search = plan.head, plan.comm, plan.search
         sample_weight, data, metric = plan.prepared.sample_weight, plan.prepared.data, plan.prepared.metric
         with out_of_memory_advice("fit", plan.batch_size):
-            scored_gap = search.scored and search.gap_tol is not None
+            scored_gap = search.scored_only and search.gap_tol is not None
             cfg = LoopConfig(
                 alpha=penalty_coefficients(float(self.alpha), head, metric, data),
                 damping=float(self.damping),

@@ -30,6 +30,7 @@ __all__ = [
     "AUTO_GPU_MEMORY_SHARE",
     "AUTO_MLP_FULL_BATCH_MAX_SAMPLES",
     "AUTO_VALIDATION_ROWS",
+    "PLAIN_FIT",
     "FitPlan",
     "SearchFit",
     "full_batch_fits_gpu",
@@ -67,8 +68,8 @@ class SearchFit:
         Full-batch fits whose end game converges only linearly stop at this
         estimated relative gap (see ``LoopConfig``) instead of running to
         Newton's rate; None: a plain fit.
-    scored : bool
-        The fits are only scored (a fold of FGNClassifierCV) and need a gap
+    scored_only : bool
+        The fits are only scored (a fold's path in FGNClassifierCV) and need a gap
         of ``gap_tol`` and no more (``LoopConfig.null_loss``).
     classes : ndarray or None
         Every class of the search, a superset of ``y``'s (a fold may lack a
@@ -81,14 +82,14 @@ class SearchFit:
     """
 
     gap_tol: float | None = None
-    scored: bool = False
+    scored_only: bool = False
     classes: np.ndarray | None = None
     validated: bool = False
 
     @property
     def in_search(self):
         """Whether this is a search's fit at all (which an interrupt ends at once)."""
-        return self.gap_tol is not None or self.scored
+        return self.gap_tol is not None or self.scored_only
 
 
 PLAIN_FIT = SearchFit()

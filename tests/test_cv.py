@@ -161,11 +161,12 @@ def test_large_folds_fit_their_paths_in_float32_to_the_gap_and_refit_in_float64(
     reference = FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
     seen = []
     original = FGNClassifier._fit_path
-    monkeypatch.setattr(
-        FGNClassifier,
-        "_fit_path",
-        lambda self, X, *a, **k: seen.append((X.dtype, k["search"].scored)) or original(self, X, *a, **k),
-    )
+
+    def spy(self, X, *args, **kwargs):
+        seen.append((X.dtype, kwargs["search"].scored_only))
+        return original(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(FGNClassifier, "_fit_path", spy)
     FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
     assert seen == [(np.float64, False)] * (len(folds) + 1)  # small folds: Newton's rule in float64
     seen.clear()
