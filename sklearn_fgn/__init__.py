@@ -2,8 +2,9 @@
 
 from ._batches import prime_host_allocator
 from ._cv import FGNClassifierCV
+from ._device import DeviceMemoryError
 from ._distributed import DistributedFitError
-from ._estimator import DeviceMemoryError, FGNClassifier
+from ._estimator import FGNClassifier
 
 __all__ = [
     "DeviceMemoryError",

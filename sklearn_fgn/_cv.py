@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import warnings
@@ -23,15 +24,12 @@ from sklearn.utils.parallel import Parallel, delayed
 from sklearn.utils.validation import _check_method_params, check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from ._arrays import check_features, check_training_data, is_tensor, numpy_dtype
-from ._estimator import (
-    DAMPING_METRICS,
-    FGNClassifier,
-    _LogitsPredictionMixin,
-    _restored_on_error,
-    _thread_limit,
-    _to_tensor,
-)
+from ._arrays import check_training_data, is_tensor, numpy_dtype
+from ._device import thread_limit
+from ._estimator import DAMPING_METRICS, FGNClassifier
+from ._fitted import restored_on_error
+from ._plan import SearchFit
+from ._predict import LogitsPredictionMixin, fitted_features
 
 __all__ = ["FGNClassifierCV"]
 
@@ -55,7 +53,7 @@ PATH_FLOAT32_MIN_TOL = 1e-6
 PATH_LARGE_WORK = 1e8
 
 
-class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
+class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
     r"""Multinomial logistic regression with ``C`` chosen by cross-validation, fitted by FGN steps.
 
     The counterpart of ``LogisticRegressionCV`` for linear probes: for every
@@ -260,7 +258,7 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             The fitted estimator.
         """
         _raise_for_params(params, self, "fit")
-        with _restored_on_error(self):  # an error or an interrupt leaves the estimator as it was
+        with restored_on_error(self):  # an error or an interrupt leaves the estimator as it was
             return self._fit(X, y, sample_weight, params)
 
     def _fit(self, X, y, sample_weight, params):
@@ -270,12 +268,12 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         Cs = self._grid()
         splitter = check_cv(self.cv, y, classifier=True)
         folds = list(splitter.split(np.empty((len(y), 0)), y, **split_params))
-        scorer = _told_every_class(self._get_scorer(), classes)
+        scorer = _scorer_given_every_class(self._get_scorer(), classes)
         n_jobs = effective_n_jobs(self.n_jobs)
         path = self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER)
         results = Parallel(n_jobs=n_jobs)(
             delayed(_fit_fold_path)(
-                path, X, y, classes, sample_weight, train, test, Cs,
+                path, _SearchRows(X, y, sample_weight, classes), (train, test), Cs,
                 (scorer, _check_method_params(y, score_params, indices=test)), _worker_threads(n_jobs),
             )
             for train, test in folds
@@ -375,7 +373,8 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         init = (coef, intercept if self.fit_intercept else None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # the fold fits already warned
-            for _ in best_estimator._fit_path(X, y, sample_weight, [1.0 / C], REFIT_GAP_TOL, init):
+            refit = SearchFit(gap_tol=REFIT_GAP_TOL, validated=True)  # X, y and sample_weight: this fit's
+            for _ in best_estimator._fit_path(X, y, sample_weight, [1.0 / C], init=init, search=refit):
                 pass
         return best_estimator.coef_, best_estimator.intercept_, best_estimator
 
@@ -414,16 +413,14 @@ class FGNClassifierCV(_LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         return self._get_scorer()(self, X, y, **score_params)
 
     def _logits_map(self, X):
-        check_is_fitted(self)
-        X = check_features(self, X, reset=False)
-        X = X if is_tensor(X) else _to_tensor(X, "cpu", host=True)
+        X = fitted_features(self, X)
         coef, intercept = (
             torch.as_tensor(a, dtype=X.dtype, device=X.device) for a in (self.coef_, self.intercept_)
         )
         return X, lambda rows: rows @ coef.T + intercept
 
 
-def _told_every_class(scorer, classes):
+def _scorer_given_every_class(scorer, classes):
     """Return ``scorer`` with ``labels=classes`` where its metric takes them, as LogisticRegressionCV does.
 
     A fold's validation rows may lack a class; a metric of probabilities
@@ -441,12 +438,12 @@ def _told_every_class(scorer, classes):
     parameters = inspect.signature(metric).parameters if metric is not None else {}
     if "labels" not in parameters:
         return scorer
-    told = {"labels": classes}
+    given = {"labels": classes}
     if len(classes) <= 2 and "pos_label" in parameters:
-        told["pos_label"] = classes[-1]
+        given["pos_label"] = classes[-1]
     return make_scorer(
         metric, greater_is_better=scorer._sign == 1, response_method=scorer._response_method,
-        **(told | getattr(scorer, "_kwargs", {})),
+        **(given | getattr(scorer, "_kwargs", {})),
     )  # fmt: skip
 
 
@@ -460,14 +457,28 @@ def _worker_threads(n_jobs):
     -------
     int
     """
-    return max(1, min((os.cpu_count() or 1) // max(1, n_jobs), _thread_limit()))
+    return max(1, min((os.cpu_count() or 1) // max(1, n_jobs), thread_limit()))
 
 
-def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, scoring, threads):
+@dataclasses.dataclass(frozen=True)
+class _SearchRows:
+    """The rows a search validated once for all its folds, and every class of them.
+
+    Every fold fits all ``classes`` (a fold may lack some).
+    """
+
+    X: object
+    y: np.ndarray
+    sample_weight: np.ndarray
+    classes: np.ndarray
+
+
+def _fit_fold_path(estimator, rows, fold, Cs, scoring, threads):
     """Fit ``estimator`` along ``Cs`` on the fold's training rows; score each on its test rows.
 
-    ``classes``: all of the search's, which every fold fits (a fold may lack some).
-    ``scoring``: the scorer and its metadata on the test rows.
+    ``rows``: the search's :class:`_SearchRows`; ``fold``: ``(train, test)``
+    indices into them. ``scoring``: the scorer and its metadata on the test
+    rows. ``threads``: the worker's thread limit.
 
     Returns
     -------
@@ -479,7 +490,8 @@ def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, sco
     scores, coefs, n_iter = [], [], []
     scorer, score_params = scoring
     estimator = clone(estimator)
-    y_train, y_test, w_train = y[train], y[test], sample_weight[train]
+    X, classes, (train, test) = rows.X, rows.classes, fold
+    y_train, y_test, w_train = rows.y[train], rows.y[test], rows.sample_weight[train]
     if is_tensor(X):  # index on the tensor's device
         train, test = (torch.from_numpy(i).to(X.device) for i in (train, test))
     # Numpy predictions whatever the dispatch: the scorer compares them with numpy labels.
@@ -487,9 +499,9 @@ def _fit_fold_path(estimator, X, y, classes, sample_weight, train, test, Cs, sco
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
         large = _work(X, train, y_train) >= PATH_LARGE_WORK
         X_train = _path_features(X[train], estimator.tol) if large else X[train]
-        for state in estimator._fit_path(
-            X_train, y_train, w_train, 1.0 / Cs, estimator.tol, scored=large, classes=classes
-        ):
+        # the rows of what the search validated (X_train perhaps cast to float32)
+        search = SearchFit(gap_tol=estimator.tol, scored_only=large, classes=classes, validated=True)
+        for state in estimator._fit_path(X_train, y_train, w_train, 1.0 / Cs, search=search):
             scores.append(float(scorer(estimator, X[test], y_test, **score_params)))
             coef = estimator.coef_
             if estimator.fit_intercept:

@@ -16,7 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_fgn import FGNClassifier, FGNClassifierCV
-from sklearn_fgn._estimator import DeviceMemoryError
+from sklearn_fgn._device import DeviceMemoryError
 
 METHODS = ("decision_function", "predict_proba", "predict_log_proba", "predict")
 
@@ -212,37 +212,40 @@ def test_cuda_mini_batch_fit_from_cuda_tensor_with_early_stopping(iris32):
 
 
 def test_gpu_auto_batch_is_full_batch_where_it_fits_in_half_the_memory():
-    from sklearn_fgn._estimator import _full_batch_fits
     from sklearn_fgn._heads import Head
+    from sklearn_fgn._plan import full_batch_fits_gpu
 
     imagenet = Head(1024, 1000, (), "relu", True)
     # 12 (n, K) float32 arrays of 1281167 x 1000 and X: 66.7 GB.
-    assert _full_batch_fits(1281167, imagenet, 4, 150e9)  # H200 (139.8 GiB)
-    assert not _full_batch_fits(1281167, imagenet, 4, 80e9)
-    assert not _full_batch_fits(1281167, imagenet, 8, 150e9)  # float64 doubles it
+    assert full_batch_fits_gpu(1281167, imagenet, 4, 150e9)  # H200 (139.8 GiB)
+    assert not full_batch_fits_gpu(1281167, imagenet, 4, 80e9)
+    assert not full_batch_fits_gpu(1281167, imagenet, 8, 150e9)  # float64 doubles it
     probe = Head(512, 1000, (), "relu", True)
-    assert _full_batch_fits(100000, probe, 4, 24e9)  # 1.4 GB: any recent GPU
-    assert not _full_batch_fits(100000, probe, 4, 2e9)
+    assert full_batch_fits_gpu(100000, probe, 4, 24e9)  # 1.4 GB: any recent GPU
+    assert not full_batch_fits_gpu(100000, probe, 4, 2e9)
 
 
 def test_cpu_auto_batch_size_is_unchanged(iris32):
+    from sklearn_fgn._plan import resolve_batch_size
+
     X, y = iris32
     est = FGNClassifier(device="cpu")
     est.classes_ = np.unique(y)
     head = est._make_head((), 4)
-    assert est._resolve_batch_size(150, head, torch.from_numpy(X)) is None
-    assert est._resolve_batch_size(2**24, head, X) == 512  # 3 logits: above 2**24 entries
+    cpu = torch.device("cpu")
+    assert resolve_batch_size(est.batch_size, 150, head, torch.from_numpy(X), cpu) is None
+    assert resolve_batch_size(est.batch_size, 2**24, head, X, cpu) == 512  # 3 logits: above 2**24 entries
 
 
 def test_read_only_memmap_is_read_in_place_and_fits_as_the_array(iris32, tmp_path):
     """A read-only memmap is shared, not copied; a mini-batch fit with a validation split reads its rows."""
-    from sklearn_fgn._estimator import _to_tensor
+    from sklearn_fgn._device import to_tensor
 
     X, y = iris32
     path = tmp_path / "X.f32"
     X.tofile(path)
     X_map = np.memmap(path, dtype=np.float32, mode="r", shape=X.shape)
-    assert _to_tensor(X_map, "cpu", host=True).data_ptr() == X_map.ctypes.data
+    assert to_tensor(X_map, "cpu", host=True).data_ptr() == X_map.ctypes.data
     params = {"batch_size": 32, "early_stopping": True, "max_iter": 4, "device": "cpu", "random_state": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "array is not writable" warning either
@@ -339,13 +342,13 @@ def test_mini_batch_fit_reads_a_memmap_page_by_page_and_gives_the_advice_back(ir
 
 def test_order_free_passes_read_a_row_subset_in_row_order():
     from sklearn_fgn._batches import RowSubset
-    from sklearn_fgn._estimator import _in_row_order
     from sklearn_fgn._metric import feature_moments
+    from sklearn_fgn._prepare import in_row_order
 
     X = torch.randn(50, 3, dtype=torch.float64)
     rows = torch.randperm(50)[:30]
     weights = torch.rand(30, dtype=torch.float64)
-    sorted_X, sorted_w = _in_row_order(RowSubset(X, rows), weights)
+    sorted_X, sorted_w = in_row_order(RowSubset(X, rows), weights)
     assert torch.equal(sorted_X.rows, torch.sort(rows).values)
     assert torch.equal(sorted_X.materialize(), X[torch.sort(rows).values])
     before, after = feature_moments(RowSubset(X, rows), weights), feature_moments(sorted_X, sorted_w)
@@ -358,7 +361,7 @@ def test_predictions_in_row_chunks_equal_the_whole(iris32, monkeypatch, hidden):
     X, y = iris32
     est = FGNClassifier(hidden_layer_sizes=hidden, device="cpu", random_state=0).fit(X, y)
     whole = {m: getattr(est, m)(X) for m in METHODS}
-    monkeypatch.setattr("sklearn_fgn._estimator.PREDICT_CHUNK_ROWS", 7)  # 150 rows: 22 chunks
+    monkeypatch.setattr("sklearn_fgn._predict.PREDICT_CHUNK_ROWS", 7)  # 150 rows: 22 chunks
     for method in METHODS:
         np.testing.assert_allclose(getattr(est, method)(X), whole[method], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(est.predict(X), whole["predict"])

@@ -161,11 +161,12 @@ def test_large_folds_fit_their_paths_in_float32_to_the_gap_and_refit_in_float64(
     reference = FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
     seen = []
     original = FGNClassifier._fit_path
-    monkeypatch.setattr(
-        FGNClassifier,
-        "_fit_path",
-        lambda self, X, *a, **k: seen.append((X.dtype, k.get("scored", False))) or original(self, X, *a, **k),
-    )
+
+    def spy(self, X, *args, **kwargs):
+        seen.append((X.dtype, kwargs["search"].scored_only))
+        return original(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(FGNClassifier, "_fit_path", spy)
     FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
     assert seen == [(np.float64, False)] * (len(folds) + 1)  # small folds: Newton's rule in float64
     seen.clear()
@@ -208,8 +209,8 @@ def test_null_loss_is_the_objective_of_the_intercept_only_model(fit_intercept):
     # shares (zero logits, log K, without intercept); here against scikit-learn's log_loss.
     from sklearn.metrics import log_loss
 
-    from sklearn_fgn._estimator import _null_loss
     from sklearn_fgn._heads import Head
+    from sklearn_fgn._prepare import null_loss
 
     rng = np.random.RandomState(0)
     y = rng.randint(0, 4, 200)
@@ -217,7 +218,7 @@ def test_null_loss_is_the_objective_of_the_intercept_only_model(fit_intercept):
     shares = np.bincount(y, weights=w) / w.sum()
     proba = np.tile(shares if fit_intercept else np.full(4, 0.25), (200, 1))
     head = Head(n_features=3, n_logits=4, fit_intercept=fit_intercept)
-    assert _null_loss(head, y, w) == pytest.approx(log_loss(y, proba, sample_weight=w))
+    assert null_loss(head, y, w) == pytest.approx(log_loss(y, proba, sample_weight=w))
 
 
 def test_a_path_starts_each_C_from_the_last_fits_logits_and_coordinates(monkeypatch):
@@ -228,7 +229,7 @@ def test_a_path_starts_each_C_from_the_last_fits_logits_and_coordinates(monkeypa
 
     X, y = _standardized("breast_cancer")
     calls = {"forward": 0, "to_fit": 0}
-    forward, to_fit = curvature.forward, estimator._to_fit_coordinates
+    forward, to_fit = curvature.forward, estimator.to_fit_coordinates
 
     def counted_forward(*args, **kwargs):
         calls["forward"] += 1
@@ -239,7 +240,7 @@ def test_a_path_starts_each_C_from_the_last_fits_logits_and_coordinates(monkeypa
         return to_fit(*args, **kwargs)
 
     monkeypatch.setattr(curvature, "forward", counted_forward)
-    monkeypatch.setattr(estimator, "_to_fit_coordinates", counted_to_fit)
+    monkeypatch.setattr(estimator, "to_fit_coordinates", counted_to_fit)  # where _train looks it up
     path = FGNClassifier(batch_size=None, tol=1e-10, device="cpu")
     coefs = [path.coef_.copy() for _ in path._fit_path(X, y, np.ones(len(y)), [10.0, 1.0, 0.1])]
     assert calls == {"forward": 1, "to_fit": 1}

@@ -21,9 +21,9 @@ import pytest
 from sklearn.datasets import make_classification
 
 import sklearn_fgn._distributed as distributed
-import sklearn_fgn._estimator as estimator_module
 import sklearn_fgn._metric as metric_module
 import sklearn_fgn._preconditioners as preconditioners
+import sklearn_fgn._prepare as prepare_module
 import sklearn_fgn._step as step
 import sklearn_fgn._stepper as stepper_module
 from sklearn_fgn import FGNClassifier
@@ -142,9 +142,9 @@ def _single(name, monkeypatch):
     moments = []
     if "metric_max_features" in fit:
         monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", fit["metric_max_features"])
-        original_moments = estimator_module.feature_moments
+        original_moments = prepare_module.feature_moments
         monkeypatch.setattr(
-            estimator_module,
+            prepare_module,
             "feature_moments",
             lambda *a, **k: moments.append(original_moments(*a, **k)) or moments[-1],
         )
@@ -267,15 +267,19 @@ def test_torchrun_example_fits_what_one_process_fits():
 
 def test_auto_batch_size_weighs_the_rows_one_device_holds():
     """Full batch where the largest shard's logits fit the rule, though all ranks' do not."""
-    from sklearn_fgn._estimator import AUTO_BATCH_SIZE, AUTO_FULL_BATCH_MAX_ENTRIES, _RowLayout
+    import torch
+
+    from sklearn_fgn._plan import AUTO_BATCH_SIZE, AUTO_FULL_BATCH_MAX_ENTRIES, resolve_batch_size
+    from sklearn_fgn._ranks import RowLayout
 
     est = FGNClassifier(device="cpu")
     est.classes_ = np.arange(100)
     head = est._make_head((), 8)
     n = 2 * AUTO_FULL_BATCH_MAX_ENTRIES // 100  # twice the entries one process fits full batch
     X = np.zeros((1, 8), dtype=np.float32)
-    assert est._resolve_batch_size(n, head, X) == AUTO_BATCH_SIZE
-    halves = _RowLayout(distributed.SINGLE, 0, largest_share=0.5)
-    assert est._resolve_batch_size(n, head, X, halves) is None
-    uneven = _RowLayout(distributed.SINGLE, 0, largest_share=0.6)
-    assert est._resolve_batch_size(n, head, X, uneven) == AUTO_BATCH_SIZE
+    cpu = torch.device("cpu")
+    assert resolve_batch_size(est.batch_size, n, head, X, cpu) == AUTO_BATCH_SIZE
+    halves = RowLayout(distributed.SINGLE, 0, largest_share=0.5)
+    assert resolve_batch_size(est.batch_size, n, head, X, cpu, halves) is None
+    uneven = RowLayout(distributed.SINGLE, 0, largest_share=0.6)
+    assert resolve_batch_size(est.batch_size, n, head, X, cpu, uneven) == AUTO_BATCH_SIZE

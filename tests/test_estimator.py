@@ -79,8 +79,8 @@ def test_wide_features_take_the_diagonal_metric_from_the_variances_alone(monkeyp
     # Beyond FULL_METRIC_MAX_FEATURES (lowered here to 8) the metric is diagonal: the
     # fit accumulates only the per-feature variances (O(n d), no d x d moment) and
     # whitens by a per-feature scaling; the objective and its optimum are unchanged.
-    import sklearn_fgn._estimator as estimator_module
     import sklearn_fgn._metric as metric_module
+    import sklearn_fgn._prepare as prepare_module
 
     X, y = load_wine(return_X_y=True)  # raw: feature scales over three decades, d = 13 > 8
     kw = dict(batch_size=batch_size, max_iter=300, tol=1e-8, random_state=0, device="cpu")
@@ -93,7 +93,7 @@ def test_wide_features_take_the_diagonal_metric_from_the_variances_alone(monkeyp
         seen.append(moments(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(estimator_module, "feature_moments", spy)
+    monkeypatch.setattr(prepare_module, "feature_moments", spy)
     fgn = _quiet_fit(FGNClassifier(**kw), X, y)
     assert len(seen) == 1 and seen[0].diagonal and seen[0].outer.shape == (13,)
     if batch_size is None:  # the optimum of LogisticRegression(C=1), as the full metric finds it
@@ -631,7 +631,7 @@ def test_progress_bar_renders_a_fit(capsys):
 
 
 def test_batch_size_auto_takes_mini_batches_for_mlp_heads_past_the_sample_limit():
-    from sklearn_fgn._estimator import AUTO_MLP_FULL_BATCH_MAX_SAMPLES
+    from sklearn_fgn._plan import AUTO_MLP_FULL_BATCH_MAX_SAMPLES
 
     n = AUTO_MLP_FULL_BATCH_MAX_SAMPLES
     X, y = make_classification(n + 1, n_features=6, n_informative=4, n_classes=3, random_state=0)

@@ -1,0 +1,274 @@
+"""The fit plan: what ``"auto"`` means for this data, head and device, decided once per fit.
+
+:func:`make_fit_plan` resolves the device, the batch size
+(:func:`resolve_batch_size`), early stopping (:func:`resolve_early_stopping`)
+and the held-out rows (:func:`validation_rows`), then prepares the data
+(:func:`._prepare.prepare_data`); the frozen :class:`FitPlan` carries all of
+it through the fit, and through every ``alpha`` of a regularisation path.
+:class:`SearchFit` says how a fit of FGNClassifierCV's search differs from
+a plain one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from ._arrays import is_memory_mapped, numpy_dtype
+from ._device import out_of_memory_advice, resolve_device
+from ._heads import Head
+from ._prepare import PreparedData, can_stratify, prepare_data
+from ._ranks import RowLayout, comm_of
+
+__all__ = [
+    "AUTO_BATCH_SIZE",
+    "AUTO_FULL_BATCH_MAX_ENTRIES",
+    "AUTO_GPU_FULL_BATCH_ARRAYS",
+    "AUTO_GPU_MEMORY_SHARE",
+    "AUTO_MLP_FULL_BATCH_MAX_SAMPLES",
+    "AUTO_VALIDATION_ROWS",
+    "PLAIN_FIT",
+    "FitPlan",
+    "SearchFit",
+    "full_batch_fits_gpu",
+    "make_fit_plan",
+    "resolve_batch_size",
+    "resolve_early_stopping",
+    "validation_rows",
+]
+
+# batch_size="auto": full batch while n_samples * n_logits stays below this
+# (the full-GGN step keeps a few (n, K) arrays), else AUTO_BATCH_SIZE rows:
+# with the damping as step size, progress per epoch grows with the steps per
+# epoch until the per-step overheads dominate. MLP heads also need n_samples
+# <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES: full-batch MLP fits run many near-Newton
+# steps on a nonconvex objective for no better accuracy. The measurements
+# behind these values are in benchmarks/RESULTS.md ("Design measurements").
+AUTO_FULL_BATCH_MAX_ENTRIES = 2**24
+AUTO_BATCH_SIZE = 512
+# early_stopping="auto" holds out at most this many rows (or two per class).
+AUTO_VALIDATION_ROWS = 2048
+AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
+# On a GPU a linear head fits full batch wherever its arrays take at most
+# this share of the device's memory (see ``full_batch_fits_gpu``).
+AUTO_GPU_FULL_BATCH_ARRAYS = 12
+AUTO_GPU_MEMORY_SHARE = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchFit:
+    """How a fit of FGNClassifierCV's search (a fold's path, or the refit) differs from a plain fit.
+
+    Attributes
+    ----------
+    gap_tol : float or None
+        Full-batch fits whose end game converges only linearly stop at this
+        estimated relative gap (see ``LoopConfig``) instead of running to
+        Newton's rate; None: a plain fit.
+    scored_only : bool
+        The fits are only scored (a fold's path in FGNClassifierCV) and need a gap
+        of ``gap_tol`` and no more (``LoopConfig.null_loss``).
+    classes : ndarray or None
+        Every class of the search, a superset of ``y``'s (a fold may lack a
+        rare class: its logits are fitted with no rows, as
+        ``LogisticRegressionCV`` does, so every fold has the same classes).
+    validated : bool
+        ``X``, ``y`` and ``sample_weight`` were validated by the search
+        (rows of what it validated, features perhaps cast to float32): the
+        fit does not validate them again.
+    """
+
+    gap_tol: float | None = None
+    scored_only: bool = False
+    classes: np.ndarray | None = None
+    validated: bool = False
+
+    @property
+    def in_search(self):
+        """Whether this is a search's fit at all (which an interrupt ends at once)."""
+        return self.gap_tol is not None or self.scored_only
+
+
+PLAIN_FIT = SearchFit()
+
+
+@dataclasses.dataclass(frozen=True)
+class FitPlan:
+    """Everything a fit decides before its loop, once (a path: once for all its ``alpha``).
+
+    Attributes
+    ----------
+    head : Head
+    X : ndarray or Tensor of shape (n_local, n_features)
+        The features as validated; in a data-parallel fit this rank's shard.
+    y_enc : ndarray of int of shape (n_samples,)
+        Encoded labels of all rows (every rank's, in rank order).
+    device : torch.device
+        Where the fit computes.
+    batch_size : int or None
+        The loop's batch size, decided on all rows (None: full batch).
+    full_batch_rows : bool
+        The batch-size rule, applied to the training rows alone (after the
+        hold-out), says full batch: they are gathered and whitened once.
+        Where the hold-out takes a fit just below the rule's limit this
+        holds though ``batch_size`` is not None; the loop then draws its
+        mini-batches from the whitened rows.
+    early_stopping : bool
+        Whether ``n_validation`` rows are held out and the fit stops on them.
+    n_validation : int
+        Rows held out (0 without early stopping).
+    layout : RowLayout or None
+        This rank's rows among all ranks' (None in a single process).
+    search : SearchFit
+    prepared : PreparedData
+        The class weights, tensors and feature metric.
+    """
+
+    head: Head
+    X: object
+    y_enc: np.ndarray
+    device: torch.device
+    batch_size: int | None
+    full_batch_rows: bool
+    early_stopping: bool
+    n_validation: int
+    layout: RowLayout | None = None
+    search: SearchFit = PLAIN_FIT
+    prepared: PreparedData | None = None
+
+    @property
+    def comm(self):
+        """The communicator of the fit (the single process without a layout)."""
+        return comm_of(self.layout)
+
+    @property
+    def local_rows(self):
+        """The slice of all rows that this rank's ``X`` holds."""
+        if self.layout is None:
+            return slice(None)
+        return slice(self.layout.offset, self.layout.offset + self.X.shape[0])
+
+    @property
+    def mini_batch(self):
+        """Whether the loop's steps see fewer than all training rows."""
+        return self.batch_size is not None and self.batch_size < self.prepared.data.n_total
+
+
+def make_fit_plan(
+    estimator, X, y_enc, sample_weight, head, layout=None, early_stopping=None, search=PLAIN_FIT
+):
+    """Resolve ``estimator``'s ``"auto"`` settings for this data, then prepare it (see :class:`FitPlan`).
+
+    ``sample_weight``: of all rows, before class weights. ``early_stopping``:
+    None resolves ``estimator.early_stopping``; ``partial_fit`` passes False.
+    Preparing draws the validation split from ``estimator._rng``; running
+    out of GPU memory there raises a :class:`._device.DeviceMemoryError`.
+
+    Returns
+    -------
+    FitPlan
+    """
+    device = resolve_device(estimator.device, X)
+    n_samples, n_classes = y_enc.shape[0], len(estimator.classes_)
+    batch_size = resolve_batch_size(estimator.batch_size, n_samples, head, X, device, layout)
+    n_validation = validation_rows(
+        n_samples, estimator.validation_fraction, estimator.early_stopping, n_classes
+    )
+    if early_stopping is None:
+        early_stopping = resolve_early_stopping(
+            estimator.early_stopping, y_enc, batch_size, n_validation, n_classes
+        )
+    n_validation = n_validation if early_stopping else 0
+    n_train = n_samples - n_validation
+    # The batch size of the training rows alone: only a hold-out under "auto" can change it.
+    train_batch_size = batch_size
+    if n_validation and estimator.batch_size == "auto":
+        train_batch_size = resolve_batch_size(estimator.batch_size, n_train, head, X, device, layout)
+    full_batch_rows = train_batch_size is None or train_batch_size >= n_train
+    plan = FitPlan(
+        head, X, y_enc, device, batch_size, full_batch_rows, early_stopping, n_validation, layout, search,
+    )  # fmt: skip
+    with out_of_memory_advice("fit", batch_size):
+        return dataclasses.replace(plan, prepared=prepare_data(estimator, plan, sample_weight))
+
+
+def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None):
+    """Return ``batch_size``, or what ``"auto"`` means for this data, head and device (None: full).
+
+    In a data-parallel fit (``layout``) the rules weigh the rows of the
+    largest shard, what one device holds and computes on per step
+    (the same on every rank).
+
+    Returns
+    -------
+    int or None
+        The batch size; None for full batch.
+    """
+    if batch_size != "auto":
+        return batch_size
+    if is_memory_mapped(X):  # full batch would hold a whitened copy of it; batches read it in place
+        return AUTO_BATCH_SIZE
+    if layout is not None:
+        n_samples = math.ceil(n_samples * layout.largest_share)
+    if head.is_linear and device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+        full = full_batch_fits_gpu(n_samples, head, np.dtype(numpy_dtype(X.dtype)).itemsize, memory)
+    else:
+        full = n_samples * head.n_logits <= AUTO_FULL_BATCH_MAX_ENTRIES
+    if not head.is_linear:
+        full = full and n_samples <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES
+    return None if full else AUTO_BATCH_SIZE
+
+
+def full_batch_fits_gpu(n_samples, head, itemsize, device_memory):
+    """Return whether a linear head's full-batch fit fits in half of a GPU's ``device_memory`` bytes.
+
+    A full-batch step holds about ten (n_samples, n_logits) arrays at once
+    (logits, probabilities, CG vectors, products), counted with a margin as
+    ``AUTO_GPU_FULL_BATCH_ARRAYS``, beside the features themselves. On a GPU
+    a full-batch step costs little more than a mini-batch step's overheads
+    (kernel launches, host reads), so full batch wins wherever it fits
+    (``benchmarks/RESULTS.md``). The device's total memory, not its free
+    memory, keeps the choice reproducible.
+
+    Returns
+    -------
+    bool
+    """
+    arrays = AUTO_GPU_FULL_BATCH_ARRAYS * n_samples * head.n_logits + n_samples * head.n_features
+    return arrays * itemsize <= AUTO_GPU_MEMORY_SHARE * device_memory
+
+
+def validation_rows(n_samples, validation_fraction, early_stopping, n_classes):
+    """Rows held out: ``validation_fraction``, capped for ``early_stopping="auto"``.
+
+    A few thousand rows rank epochs as well as a tenth of a large data
+    set does; the rest is worth more as training data.
+
+    Returns
+    -------
+    int
+        The number of validation rows.
+    """
+    n_val = int(np.ceil(validation_fraction * n_samples))
+    if early_stopping == "auto":
+        n_val = min(n_val, max(AUTO_VALIDATION_ROWS, 2 * n_classes))
+    return n_val
+
+
+def resolve_early_stopping(early_stopping, y_enc, batch_size, n_validation, n_classes):
+    """Return whether to stop early: ``"auto"`` does for mini-batch fits whose split can be stratified.
+
+    Returns
+    -------
+    bool
+    """
+    if early_stopping != "auto":
+        return bool(early_stopping)
+    n_samples = y_enc.shape[0]
+    if batch_size is None or batch_size >= n_samples:
+        return False
+    return can_stratify(y_enc, n_validation, n_classes)
