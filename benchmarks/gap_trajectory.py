@@ -115,8 +115,8 @@ from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import LogisticRegression, _linear_loss  # noqa: E402
 
 import sklearn_fgn._damping as fgn_damping  # noqa: E402
-import sklearn_fgn._stepper as fgn_stepper  # noqa: E402
 from sklearn_fgn import FGNClassifier  # noqa: E402
+from sklearn_fgn.core import tuning_context  # noqa: E402
 
 GAPS = (1e-2, 1e-3, 1e-4, 1e-6, 1e-8)
 RATIO_GAP = 1e-6  # the gap of the ratio to torch's L-BFGS
@@ -347,8 +347,8 @@ def main() -> None:
                        help="FGN takes its curvature on every row (the fit before issue 33), for an A/B"),
     ))  # fmt: skip
     print(_common.machine_description())
-    if args.no_curvature_sample:
-        fgn_stepper.CURVATURE_SAMPLE_SHARE = 1.0
+    if args.no_curvature_sample:  # for the rest of the run
+        tuning_context(curvature_sample_share=1.0).__enter__()
     wanted_methods = [w.lower() for w in args.methods.split(",") if w]
     methods = [m for m in METHODS if not wanted_methods or any(w in m.lower() for w in wanted_methods)]
     if not methods:

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._tuning import get_tuning
+
 __all__ = ["CG_STOP_REASONS", "CGResult", "conjugate_gradient"]
 
 CG_STOP_REASONS = ("converged", "max_iter", "zero_rhs", "nonpositive_curvature", "stagnated", "nonfinite")
-# An update below this many ulps of the iterate (in its dtype) ends CG: "stagnated".
-STAGNATION_ULPS = 10.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,8 @@ def conjugate_gradient(
     tol : float, default=1e-5
         Stop when ``||rhs - A x|| <= tol * ||rhs||``. CG also stops
         ("stagnated") when an update moves the iterate by less than
-        ``STAGNATION_ULPS`` units of round-off of its dtype,
-        ``||step * p|| <= STAGNATION_ULPS * eps * ||x||``: further
+        ``stagnation_ulps`` units of round-off of its dtype,
+        ``||step * p|| <= stagnation_ulps * eps * ||x||``: further
         iterations then change ``x`` only at round-off level while a residual
         computed in that precision may not reach ``tol``.
     max_iter : int, default=100
@@ -122,7 +122,7 @@ def conjugate_gradient(
     precond_res = apply_m(residual)
     direction = precond_res.clone()
     rz = torch.dot(residual.flatten(), precond_res.flatten())
-    ulps = STAGNATION_ULPS * torch.finfo(rhs.dtype).eps
+    ulps = get_tuning().stagnation_ulps * torch.finfo(rhs.dtype).eps
     for n_iter in range(1, max_iter + 1):
         if image_matvec is None:
             a_dir, b_dir = matvec(direction), None

@@ -30,27 +30,9 @@ from ._estimator import DAMPING_METRICS, FGNClassifier
 from ._fitted import restored_on_error
 from ._plan import SearchFit
 from ._predict import LogitsPredictionMixin, fitted_features
+from ._tuning import get_tuning
 
 __all__ = ["FGNClassifierCV"]
-
-# The refit of the chosen C runs to at most this tol (see ``tol``), or, where
-# its end game converges only linearly, to this estimated relative gap.
-REFIT_TOL = 1e-8
-REFIT_GAP_TOL = 1e-6
-# CG iterations per step of a path fit: path fits stop at a gap of tol, which
-# truncated Newton steps reach sooner than solves run to the forcing term.
-PATH_CG_MAX_ITER = 100
-# Path fits only score their solutions, to a gap of tol. On folds where a
-# logits product (rows x features x classes) is at least PATH_LARGE_WORK,
-# their steps are solved only as accurately as that gap asks (the scored
-# fits of FGNClassifier._fit_path), and from PATH_FLOAT32_MIN_TOL up
-# float64 features are fitted in float32 there (half the memory traffic, a
-# faster GEMM), far above float32's resolution of the objective; the refit
-# runs in the data's dtype. Smaller folds keep float64 and Newton's rule:
-# their fits are cheap, and a loose fit or float32's rounding could break
-# the ties of their validation scores differently.
-PATH_FLOAT32_MIN_TOL = 1e-6
-PATH_LARGE_WORK = 1e8
 
 
 class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
@@ -270,7 +252,7 @@ class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         folds = list(splitter.split(np.empty((len(y), 0)), y, **split_params))
         scorer = _scorer_given_every_class(self._get_scorer(), classes)
         n_jobs = effective_n_jobs(self.n_jobs)
-        path = self._base_estimator(Cs[0], cg_max_iter=PATH_CG_MAX_ITER)
+        path = self._base_estimator(Cs[0], cg_max_iter=get_tuning().path_cg_max_iter)
         results = Parallel(n_jobs=n_jobs)(
             delayed(_fit_fold_path)(
                 path, _SearchRows(X, y, sample_weight, classes), (train, test), Cs,
@@ -355,7 +337,7 @@ class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
         """Return ``(coef, intercept, best_estimator)`` at the chosen ``C``.
 
         The folds' mean solution; with ``refit``, the fit on all rows started
-        from it (to ``min(tol, REFIT_TOL)``, or ``REFIT_GAP_TOL`` where the end
+        from it (to ``min(tol, refit_tol)``, or ``refit_gap_tol`` where the end
         game is linear), else ``best_estimator`` is None.
 
         Returns
@@ -369,11 +351,12 @@ class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             coef, intercept = mean, np.zeros(mean.shape[0], dtype=mean.dtype)
         if not self.refit:
             return coef, intercept, None
-        best_estimator = self._base_estimator(C, tol=min(self.tol, REFIT_TOL))
+        best_estimator = self._base_estimator(C, tol=min(self.tol, get_tuning().refit_tol))
         init = (coef, intercept if self.fit_intercept else None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # the fold fits already warned
-            refit = SearchFit(gap_tol=REFIT_GAP_TOL, validated=True)  # X, y and sample_weight: this fit's
+            # X, y and sample_weight: this fit's
+            refit = SearchFit(gap_tol=get_tuning().refit_gap_tol, validated=True)
             for _ in best_estimator._fit_path(X, y, sample_weight, [1.0 / C], init=init, search=refit):
                 pass
         return best_estimator.coef_, best_estimator.intercept_, best_estimator
@@ -497,7 +480,7 @@ def _fit_fold_path(estimator, rows, fold, Cs, scoring, threads):
     # Numpy predictions whatever the dispatch: the scorer compares them with numpy labels.
     with threadpool_limits(threads), warnings.catch_warnings(), config_context(array_api_dispatch=False):
         warnings.simplefilter("ignore", ConvergenceWarning)  # short paths on purpose; the refit warns
-        large = _work(X, train, y_train) >= PATH_LARGE_WORK
+        large = _work(X, train, y_train) >= get_tuning().path_large_work
         X_train = _path_features(X[train], estimator.tol) if large else X[train]
         # the rows of what the search validated (X_train perhaps cast to float32)
         search = SearchFit(gap_tol=estimator.tol, scored_only=large, classes=classes, validated=True)
@@ -519,7 +502,7 @@ def _work(X, train, y_train):
 def _path_features(X, tol):
     """Return a large fold's training rows for its path fits: float64 rows in float32 where that pays.
 
-    From ``tol >= PATH_FLOAT32_MIN_TOL`` on, and when every value is finite
+    From ``tol >= path_float32_min_tol`` on, and when every value is finite
     in float32; otherwise ``X`` itself. Cost: one cast of the fold's rows.
 
     Returns
@@ -527,7 +510,7 @@ def _path_features(X, tol):
     ndarray or Tensor
         ``X`` or its float32 copy.
     """
-    if tol < PATH_FLOAT32_MIN_TOL:
+    if tol < get_tuning().path_float32_min_tol:
         return X
     if is_tensor(X):
         if X.dtype != torch.float64:

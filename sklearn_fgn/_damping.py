@@ -24,9 +24,9 @@ from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params
 from ._objective import normalized_weights, objective_from_logits
 from ._step import StepResult
+from ._tuning import get_tuning
 
 __all__ = [
-    "DAMPING_BOUNDS",
     "DAMPING_SCHEDULES",
     "DampingRule",
     "StepRecord",
@@ -35,18 +35,6 @@ __all__ = [
 ]
 
 DAMPING_SCHEDULES = ("constant", "adaptive")
-# Levenberg-Marquardt: lambda stays inside these bounds.
-DAMPING_BOUNDS = (1e-8, 1e8)
-# Backtracking along a rejected step: sufficient-decrease constant and the
-# most halvings tried (t >= 2**-MAX_BACKTRACKS).
-ARMIJO = 1e-4
-MAX_BACKTRACKS = 10
-# Full batch: a trusted step is lengthened to the model's minimiser along it
-# when that lies at least this far out (``_lengthen``).
-LENGTHEN_MIN = 1.25
-# A step whose damping term is this share of its slope (the damping a
-# thousand times the curvature along it) cannot end the fit (``_reachable_decrease``).
-DAMPING_DOMINATED = 0.999
 
 
 def levenberg_marquardt(
@@ -58,7 +46,7 @@ def levenberg_marquardt(
     doubles, above 0.75 it is divided by 10 (Nocedal & Wright 4.1, Martens
     2010), by 100 when the ratio is within 2 % of 1 (the quadratic model is
     exact there, so damping only shortens the step),
-    within ``[min_damping, DAMPING_BOUNDS[1]]``. The step is accepted
+    within ``[min_damping, damping_bounds[1]]``. The step is accepted
     when the objective did not go up.
 
     Returns
@@ -75,7 +63,8 @@ def levenberg_marquardt(
         damping /= 100.0
     elif ratio > 0.75:
         damping /= 10.0
-    damping = min(max(damping, min_damping, DAMPING_BOUNDS[0]), DAMPING_BOUNDS[1])
+    low, high = get_tuning().damping_bounds
+    damping = min(max(damping, min_damping, low), high)
     return math.isfinite(new_loss) and new_loss <= loss, ratio, damping
 
 
@@ -123,7 +112,7 @@ class DampingRule:
     """
 
     schedule: str = "adaptive"
-    min_damping: float = DAMPING_BOUNDS[0]
+    min_damping: float = 0.0
     may_lengthen: bool = False
 
 
@@ -173,17 +162,17 @@ def _backtrack(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float] | 
     -------
     tuple or None
         ``(t, params, logits, objective)`` for the first ``t`` with
-        ``f(theta + t delta) <= f(theta) + ARMIJO t g' delta``; None after
-        ``MAX_BACKTRACKS`` halvings or when ``delta`` is not a descent direction.
+        ``f(theta + t delta) <= f(theta) + armijo t g' delta``; None after
+        ``max_backtracks`` halvings or when ``delta`` is not a descent direction.
     """
     slope = float(ray.result.slope)
     if not slope < 0.0:
         return None
     t = 1.0
-    for _ in range(MAX_BACKTRACKS):
+    for _ in range(get_tuning().max_backtracks):
         t *= 0.5
         trial, logits, new_loss = ray.at(t)
-        if new_loss <= loss + ARMIJO * t * slope:  # False for NaN
+        if new_loss <= loss + get_tuning().armijo * t * slope:  # False for NaN
             return t, trial, logits, new_loss
     return None
 
@@ -200,11 +189,11 @@ def _lengthen(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float, flo
     -------
     tuple or None
         ``(t*, params, logits, objective, predicted decrease, ratio)`` when
-        ``t* >= LENGTHEN_MIN`` and the objective there agrees with the model
+        ``t* >= lengthen_min`` and the objective there agrees with the model
         (reduction ratio above 0.75); None otherwise.
     """
     slope, curvature = float(ray.result.slope), float(ray.result.step_curvature)
-    if not (slope < 0.0 and curvature > 0.0) or -slope < LENGTHEN_MIN * curvature:
+    if not (slope < 0.0 and curvature > 0.0) or -slope < get_tuning().lengthen_min * curvature:
         return None
     t = -slope / curvature
     trial, logits, new_loss = ray.at(t)
@@ -229,7 +218,7 @@ def take_step(
 
     ``rule.schedule == "constant"`` takes the step as computed. ``"adaptive"``
     adapts the damping by the Levenberg-Marquardt reduction ratio (within
-    ``[rule.min_damping, DAMPING_BOUNDS[1]]``) and the step length along the
+    ``[rule.min_damping, damping_bounds[1]]``) and the step length along the
     step's direction (for the linear head each trial costs no matmul, for
     other heads one forward pass):
 
@@ -292,7 +281,7 @@ def _reachable_decrease(result: StepResult) -> float:
     damped step ``t* = 1 + damping_term / curvature``, so this exceeds the
     step's own predicted decrease by about ``t* / 2`` when the damping
     dominates, whatever its size. When the damping term is all but
-    ``DAMPING_DOMINATED`` of ``-slope`` the curvature is a difference of
+    ``damping_dominated`` of ``-slope`` the curvature is a difference of
     nearly equal numbers: inf (a step that cannot tell how far the optimum is).
 
     Returns
@@ -305,6 +294,7 @@ def _reachable_decrease(result: StepResult) -> float:
     slope, curvature = float(result.slope), float(result.step_curvature)
     if not slope < 0.0:
         return 0.0
-    if result.damping_term is not None and float(result.damping_term) >= -DAMPING_DOMINATED * slope:
+    dominated = get_tuning().damping_dominated
+    if result.damping_term is not None and float(result.damping_term) >= -dominated * slope:
         return math.inf
     return 0.5 * slope * slope / curvature if curvature > 0.0 else math.inf

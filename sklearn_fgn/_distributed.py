@@ -26,7 +26,7 @@ A rank whose fit raises (an error, or Ctrl-C) and stays alive would leave
 its peers blocked in their next collective until the group's timeout (30
 minutes on gloo). So :meth:`ProcessGroupCommunicator.fit_scope` writes the
 failure to the group's store, and on gloo every collective waits in slices
-of ``PEER_CHECK_SECONDS``, reading the store between them: the peers raise
+of ``peer_check_seconds``, reading the store between them: the peers raise
 a :class:`DistributedFitError` that names the failed rank and its error
 within about that time. (NCCL's collectives do not block the host; a peer
 waits there in its next synchronisation, until NCCL's own timeout.)
@@ -42,11 +42,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._tuning import get_tuning
+
 __all__ = ["Communicator", "CommStats", "DistributedFitError", "ProcessGroupCommunicator", "communicator"]
 
 
-# A rank blocked in a gloo collective looks for a failed peer this often.
-PEER_CHECK_SECONDS = 0.5
 # The store key under which a rank reports that its fit failed (``{fit}``: the fit's number).
 _FAILURE_KEY = "sklearn_fgn/fit{fit}/failed"
 
@@ -221,7 +221,7 @@ class ProcessGroupCommunicator(Communicator):
         """
         while True:
             try:
-                work.wait(datetime.timedelta(seconds=PEER_CHECK_SECONDS))
+                work.wait(datetime.timedelta(seconds=get_tuning().peer_check_seconds))
                 return
             except Exception:
                 if work.is_completed():  # the collective itself failed

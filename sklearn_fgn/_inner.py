@@ -26,20 +26,12 @@ from ._heads import Params
 from ._margin import MarginStats
 from ._metric import float32_matmuls_exact
 from ._objective import flatten, unflatten
+from ._tuning import get_tuning
 
 if TYPE_CHECKING:
     from ._system import DampedSystem
 
-__all__ = ["MIXED_MIN_TOL", "SolveRecord", "low_precision_operator", "mixed_pays_off", "solve", "solve_mixed"]
-
-# Mixed precision (full-batch steps of a linear head on float64 features):
-# CG's curvature products run in float32 (half the memory traffic and a
-# faster GEMM on CPUs, far faster on consumer GPUs) while its
-# vectors, the gradient, the damping and the preconditioner stay in float64,
-# whenever the step's tolerance is at least MIXED_MIN_TOL; one float64
-# product then measures the true residual, and CG goes on in float64 if it
-# is above the tolerance. Newton's end game (tighter tolerances) is float64.
-MIXED_MIN_TOL = 1e-4
+__all__ = ["SolveRecord", "low_precision_operator", "mixed_pays_off", "solve", "solve_mixed"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +130,7 @@ def _damping_vector(grad: Params, lam: dict[str, float | Tensor]) -> Tensor:
 
 
 def mixed_pays_off(system: DampedSystem, cg_tol: float) -> bool:
-    """Return whether a step may run CG's curvature products in float32 (see ``MIXED_MIN_TOL``).
+    """Return whether a step may run CG's curvature products in float32 (see ``mixed_min_tol``).
 
     Not where the user let float32 matmuls use TF32 or bfloat16
     (``torch.set_float32_matmul_precision`` below ``"highest"``): their
@@ -151,7 +143,7 @@ def mixed_pays_off(system: DampedSystem, cg_tol: float) -> bool:
     return (
         system.linear
         and system.X.dtype == torch.float64
-        and cg_tol >= MIXED_MIN_TOL
+        and cg_tol >= get_tuning().mixed_min_tol
         and float32_matmuls_exact()
     )
 

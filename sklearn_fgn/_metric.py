@@ -41,7 +41,7 @@ where. (``eigh(T0^T T0)`` squares that spread: its eigenvectors of the small
 penalties are lost, ``T^T T`` is not diagonal, and the fit converges to
 another point.)
 
-Beyond ``FULL_METRIC_MAX_FEATURES`` features the two ``O(d^3)``
+Beyond ``full_metric_max_features`` features the two ``O(d^3)``
 eigendecompositions are replaced by the diagonal metric ``T = S`` (per-feature
 scaling, ``e = diag(S)^2``): exact for its own model, invariant to
 per-feature scales but not to rotations. It needs only the per-feature
@@ -60,10 +60,9 @@ import torch
 from torch import Tensor
 
 from ._distributed import SINGLE, Communicator
+from ._tuning import get_tuning
 
 __all__ = [
-    "FULL_METRIC_MAX_FEATURES",
-    "METRIC_RIDGE",
     "FeatureMetric",
     "FeatureMoments",
     "feature_moments",
@@ -75,12 +74,6 @@ __all__ = [
     "whitened_params",
 ]
 
-# Up to this many features the metric is the full whitening (two d x d
-# eigendecompositions, O(d^3)); beyond, the diagonal metric.
-FULL_METRIC_MAX_FEATURES = 2048
-# Ridge on the correlation form, relative to its mean eigenvalue (1): the
-# metric treats directions with less than this share of the variance alike.
-METRIC_RIDGE = 1e-4
 # Rows per chunk when accumulating moments: X is never converted whole.
 _CHUNK_ROWS = 4096
 # A feature whose variance is below this share of the largest is treated as constant.
@@ -394,8 +387,8 @@ def float32_matmuls_exact() -> bool:
 
 
 def is_diagonal_metric(n_features: int) -> bool:
-    """Whether features this wide get the diagonal metric (beyond ``FULL_METRIC_MAX_FEATURES``)."""
-    return n_features > FULL_METRIC_MAX_FEATURES
+    """Whether features this wide get the diagonal metric (beyond ``full_metric_max_features``)."""
+    return n_features > get_tuning().full_metric_max_features
 
 
 def _times(A: Tensor, B: Tensor, transpose: bool = False) -> Tensor:
@@ -425,7 +418,7 @@ def _scales(covariance: Tensor) -> Tensor:
 
 
 def make_feature_metric(
-    moments: FeatureMoments, centered: bool = True, ridge: float = METRIC_RIDGE, full: bool | None = None
+    moments: FeatureMoments, centered: bool = True, ridge: float | None = None, full: bool | None = None
 ) -> FeatureMetric:
     """Whitening and penalty weights for the metric ``Sigma + ridge * diag(Sigma)``.
 
@@ -436,11 +429,11 @@ def make_feature_metric(
     centered : bool, default=True
         Whether the layer has an intercept (the metric is then taken about
         the mean, see the module docstring); otherwise about 0.
-    ridge : float, default=METRIC_RIDGE
-        Ridge on the correlation form.
+    ridge : float, optional
+        Ridge on the correlation form (by default the tuning's ``metric_ridge``).
     full : bool, optional
         Full whitening or the diagonal metric; by default full up to
-        ``FULL_METRIC_MAX_FEATURES`` features. Diagonal moments (see
+        ``full_metric_max_features`` features. Diagonal moments (see
         :func:`feature_moments`) give the diagonal metric.
 
     Returns
@@ -454,6 +447,7 @@ def make_feature_metric(
     ValueError
         When ``full`` asks the full metric of diagonal moments.
     """
+    ridge = get_tuning().metric_ridge if ridge is None else ridge
     mean, covariance = moments.covariance(centered)
     scale = _scales(covariance)
     d = scale.shape[0]

@@ -22,14 +22,9 @@ from ._device import out_of_memory_advice, resolve_device
 from ._heads import Head
 from ._prepare import PreparedData, can_stratify, prepare_data
 from ._ranks import RowLayout, comm_of
+from ._tuning import get_tuning
 
 __all__ = [
-    "AUTO_BATCH_SIZE",
-    "AUTO_FULL_BATCH_MAX_ENTRIES",
-    "AUTO_GPU_FULL_BATCH_ARRAYS",
-    "AUTO_GPU_MEMORY_SHARE",
-    "AUTO_MLP_FULL_BATCH_MAX_SAMPLES",
-    "AUTO_VALIDATION_ROWS",
     "PLAIN_FIT",
     "FitPlan",
     "SearchFit",
@@ -39,23 +34,6 @@ __all__ = [
     "resolve_early_stopping",
     "validation_rows",
 ]
-
-# batch_size="auto": full batch while n_samples * n_logits stays below this
-# (the full-GGN step keeps a few (n, K) arrays), else AUTO_BATCH_SIZE rows:
-# with the damping as step size, progress per epoch grows with the steps per
-# epoch until the per-step overheads dominate. MLP heads also need n_samples
-# <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES: full-batch MLP fits run many near-Newton
-# steps on a nonconvex objective for no better accuracy. The measurements
-# behind these values are in benchmarks/RESULTS.md ("Design measurements").
-AUTO_FULL_BATCH_MAX_ENTRIES = 2**24
-AUTO_BATCH_SIZE = 512
-# early_stopping="auto" holds out at most this many rows (or two per class).
-AUTO_VALIDATION_ROWS = 2048
-AUTO_MLP_FULL_BATCH_MAX_SAMPLES = 8192
-# On a GPU a linear head fits full batch wherever its arrays take at most
-# this share of the device's memory (see ``full_batch_fits_gpu``).
-AUTO_GPU_FULL_BATCH_ARRAYS = 12
-AUTO_GPU_MEMORY_SHARE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,17 +188,17 @@ def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None):
     if batch_size != "auto":
         return batch_size
     if is_memory_mapped(X):  # full batch would hold a whitened copy of it; batches read it in place
-        return AUTO_BATCH_SIZE
+        return get_tuning().auto_batch_size
     if layout is not None:
         n_samples = math.ceil(n_samples * layout.largest_share)
     if head.is_linear and device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
         full = full_batch_fits_gpu(n_samples, head, np.dtype(numpy_dtype(X.dtype)).itemsize, memory)
     else:
-        full = n_samples * head.n_logits <= AUTO_FULL_BATCH_MAX_ENTRIES
+        full = n_samples * head.n_logits <= get_tuning().auto_full_batch_max_entries
     if not head.is_linear:
-        full = full and n_samples <= AUTO_MLP_FULL_BATCH_MAX_SAMPLES
-    return None if full else AUTO_BATCH_SIZE
+        full = full and n_samples <= get_tuning().auto_mlp_full_batch_max_samples
+    return None if full else get_tuning().auto_batch_size
 
 
 def full_batch_fits_gpu(n_samples, head, itemsize, device_memory):
@@ -228,7 +206,7 @@ def full_batch_fits_gpu(n_samples, head, itemsize, device_memory):
 
     A full-batch step holds about ten (n_samples, n_logits) arrays at once
     (logits, probabilities, CG vectors, products), counted with a margin as
-    ``AUTO_GPU_FULL_BATCH_ARRAYS``, beside the features themselves. On a GPU
+    ``auto_gpu_full_batch_arrays``, beside the features themselves. On a GPU
     a full-batch step costs little more than a mini-batch step's overheads
     (kernel launches, host reads), so full batch wins wherever it fits
     (``benchmarks/RESULTS.md``). The device's total memory, not its free
@@ -238,8 +216,8 @@ def full_batch_fits_gpu(n_samples, head, itemsize, device_memory):
     -------
     bool
     """
-    arrays = AUTO_GPU_FULL_BATCH_ARRAYS * n_samples * head.n_logits + n_samples * head.n_features
-    return arrays * itemsize <= AUTO_GPU_MEMORY_SHARE * device_memory
+    arrays = get_tuning().auto_gpu_full_batch_arrays * n_samples * head.n_logits + n_samples * head.n_features
+    return arrays * itemsize <= get_tuning().auto_gpu_memory_share * device_memory
 
 
 def validation_rows(n_samples, validation_fraction, early_stopping, n_classes):
@@ -255,7 +233,7 @@ def validation_rows(n_samples, validation_fraction, early_stopping, n_classes):
     """
     n_val = int(np.ceil(validation_fraction * n_samples))
     if early_stopping == "auto":
-        n_val = min(n_val, max(AUTO_VALIDATION_ROWS, 2 * n_classes))
+        n_val = min(n_val, max(get_tuning().auto_validation_rows, 2 * n_classes))
     return n_val
 
 

@@ -29,6 +29,7 @@ from ._heads import Head, Params
 from ._margin import LogitCurvature, MarginStats
 from ._objective import flatten, unflatten
 from ._system import DampedSystem, whole_batch
+from ._tuning import get_tuning
 
 __all__ = [
     "PRECONDITIONERS",
@@ -45,46 +46,6 @@ __all__ = [
     "make_hard_row_preconditioner",
     "make_kronecker_preconditioner",
 ]
-
-# solver="auto" forms the n x n Gram and factorises it up to this many rows
-# (O(n^2) memory), and only while that costs less than GRAM_WORTH_CG_ITERS
-# CG iterations: the Gram solves the FGN system exactly and preconditions
-# the GGN's, where Lambda-preconditioned CG may need tens of iterations.
-CHOLESKY_MAX_ROWS = 4096
-
-
-GRAM_WORTH_CG_ITERS = 20
-
-
-# Full-batch steps on whitened features precondition CG with the exact FGN
-# solve on the hardest rows (make_hard_row_preconditioner) when they carry
-# at least HARD_ROWS_SHARE of the curvature; their Gram costs at most
-# HARD_ROWS_BUILD_CG CG iterations, holds at most HARD_ROWS_MAX rows, and is
-# not worth building for fewer than HARD_ROWS_MIN.
-HARD_ROWS_SHARE = 0.25
-
-
-# ... on a curvature sample (rows drawn by their traces, see sample_curvature_rows),
-# at least this many times the hard rows' share of the sample's rows.
-HARD_ROWS_CONCENTRATION = 2.0
-
-
-HARD_ROWS_BUILD_CG = 4
-
-
-HARD_ROWS_MAX = 4096
-
-
-HARD_ROWS_MIN = 256
-
-
-# Otherwise the class-means model (make_class_means_preconditioner), up to
-# this many logits (its build is O(K^2 (d + K)) work and K^3 memory); the
-# Kronecker model beyond.
-CLASS_MEANS_MAX_LOGITS = 256
-
-
-GRAMS_CHUNK_ENTRIES = 2**24
 
 
 def make_fgn_preconditioner(
@@ -253,14 +214,14 @@ def _weighted_grams(U: Tensor, weights: Tensor) -> Tensor:
     """Return ``U^T diag(weights[k]) U`` for every row ``k`` of ``weights``, shape (K, G, G).
 
     One batched product (a loop of small products costs more than their
-    arithmetic), ``GRAMS_CHUNK_ENTRIES`` entries of ``(k, d, G)`` at a time.
+    arithmetic), ``grams_chunk_entries`` entries of ``(k, d, G)`` at a time.
 
     Returns
     -------
     Tensor of shape (K, G, G)
     """
     d, G = U.shape
-    chunk = max(1, GRAMS_CHUNK_ENTRIES // (d * G))
+    chunk = max(1, get_tuning().grams_chunk_entries // (d * G))
     return torch.cat([
         torch.bmm(U.T[None] * rows[:, None, :], U[None].expand(rows.shape[0], d, G))
         for rows in weights.split(chunk)
@@ -301,7 +262,7 @@ def _gram_pays_off(
     steps of the linear head ``k`` comes from ``_cg_iterations_estimate``;
     with large damping it is a handful. Other heads, and full-GGN steps (where the Gram only
     preconditions, and its Woodbury form loses accuracy at tiny damping),
-    assume ``GRAM_WORTH_CG_ITERS``.
+    assume ``gram_worth_cg_iters``.
 
     Returns
     -------
@@ -316,7 +277,7 @@ def _gram_pays_off(
     # preconditioner, one preconditioned iteration).
     gram_flops = n**2 * (sum(head.layer_sizes[:-1]) + sum(head.layer_sizes[1:])) + n**3 / 3
     cholesky_cost = 3 * gram_flops + 2 * cg_iteration_cost
-    iterations = GRAM_WORTH_CG_ITERS
+    iterations = get_tuning().gram_worth_cg_iters
     if head.is_linear and curvature == "fgn":
         iterations = _cg_iterations_estimate(X, stats, weights, lam, cg_tol, head.fit_intercept)
     return cholesky_cost <= iterations * cg_iteration_cost
@@ -355,7 +316,7 @@ def _cg_iterations_estimate(
 
 
 def _hard_row_budget(n: int, n_logits: int, n_features: int) -> int:
-    """Return how many hard rows to take: their Gram and factor together cost ``HARD_ROWS_BUILD_CG`` products.
+    """Return how many hard rows to take: their Gram and factor together cost ``hard_rows_build_cg`` products.
 
     A curvature product is a JVP and a VJP, ``4 n K (d + 1)`` flops; the
     Gram of ``m`` rows ``2 m^2 (d + 1)``, and its Cholesky factor ``m^3 / 3``
@@ -364,10 +325,10 @@ def _hard_row_budget(n: int, n_logits: int, n_features: int) -> int:
     Returns
     -------
     int
-        ``m``, at most ``HARD_ROWS_MAX`` and ``n``.
+        ``m``, at most ``hard_rows_max`` and ``n``.
     """
-    work = HARD_ROWS_BUILD_CG * 4.0 * n * n_logits * (n_features + 1)
-    limit = int(min(HARD_ROWS_MAX, n))
+    work = get_tuning().hard_rows_build_cg * 4.0 * n * n_logits * (n_features + 1)
+    limit = int(min(get_tuning().hard_rows_max, n))
     if _hard_row_build_cost(limit, n_features) <= work:
         return limit
     low, high = 0, limit  # cost(low) <= work < cost(high)
@@ -387,7 +348,7 @@ def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | 
 
     Picks the ``m`` (:func:`_hard_row_budget`) rows of largest
     ``omega_i tr H_i`` over the whole batch (ties by position), in their
-    order in the batch, when they carry at least ``HARD_ROWS_SHARE`` of
+    order in the batch, when they carry at least ``hard_rows_share`` of
     the total. In a data-parallel fit every rank gets the same rows (one
     all-gather of the ``n`` traces, one of the chosen rows).
 
@@ -399,12 +360,12 @@ def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | 
     comm, X = system.comm, system.X
     every, offset = whole_batch(system.logit_curvature().trace(), comm)
     m = _hard_row_budget(every.shape[0], system.stats.logits.shape[1], X.shape[1])
-    if m < HARD_ROWS_MIN:
+    if m < get_tuning().hard_rows_min:
         return None
     order = torch.argsort(every, descending=True, stable=True)[:m]
-    share = HARD_ROWS_SHARE
+    share = get_tuning().hard_rows_share
     if system.sampled:  # drawn by their traces, which then are alike: ask a share well above m / n
-        share = max(share, HARD_ROWS_CONCENTRATION * m / every.shape[0])
+        share = max(share, get_tuning().hard_rows_concentration * m / every.shape[0])
     if float(every[order].sum()) < share * float(every.sum()):
         return None
     rows = order.sort().values
@@ -427,10 +388,10 @@ def make_hard_row_preconditioner(system: DampedSystem) -> Callable[[Tensor], Ten
     FGN curvature exactly and nothing of the others:
     :func:`make_fgn_preconditioner` (Woodbury with their ``m x m`` Gram) on
     the rows :func:`_hard_rows` picks. Cost: the Gram and its Cholesky
-    factor, ``O(m^2 d + m^3 / 3)`` (at most ``HARD_ROWS_BUILD_CG`` CG
+    factor, ``O(m^2 d + m^3 / 3)`` (at most ``hard_rows_build_cg`` CG
     iterations), then per iteration a JVP and a VJP on ``m`` rows and two
     triangular solves. None when the hard rows carry less than
-    ``HARD_ROWS_SHARE`` of the curvature (strong regularisation, where the
+    ``hard_rows_share`` of the curvature (strong regularisation, where the
     Kronecker model is the better one) or the factorisation fails.
 
     Returns
@@ -499,7 +460,7 @@ class GramCholesky(Preconditioner):
     """The exact FGN solve from the batch's ``n x n`` Gram (:func:`make_fgn_preconditioner`).
 
     Tried when the user asks ``solver="cholesky"``, or under ``"auto"`` in
-    one process for a :class:`Head` of at most ``CHOLESKY_MAX_ROWS`` rows when
+    one process for a :class:`Head` of at most ``cholesky_max_rows`` rows when
     forming and factorising the Gram costs less than the CG iterations it
     saves (:func:`_gram_pays_off`). An explicit request whose factorisation
     fails warns; the next preconditioners are tried then.
@@ -515,7 +476,7 @@ class GramCholesky(Preconditioner):
             request.solver == "auto"
             and not system.comm.distributed
             and as_head(system.head).has_layers
-            and system.y.shape[0] <= CHOLESKY_MAX_ROWS
+            and system.y.shape[0] <= get_tuning().cholesky_max_rows
             and _gram_pays_off(
                 system.head, system.params, system.X, system.stats, system.weights, system.damping,
                 request.cg_tol, system.curvature,
@@ -552,11 +513,11 @@ class HardRows(_LinearHeadModel):
 
 
 class ClassMeans(_LinearHeadModel):
-    """The class-means model (:func:`make_class_means_preconditioner`), to CLASS_MEANS_MAX_LOGITS logits."""
+    """The class-means model (:func:`make_class_means_preconditioner`), to class_means_max_logits logits."""
 
     @classmethod
     def affordable(cls, system: DampedSystem, request: PreconditionerRequest) -> bool:  # noqa: D102
-        return super().affordable(system, request) and system.n_logits <= CLASS_MEANS_MAX_LOGITS
+        return super().affordable(system, request) and system.n_logits <= get_tuning().class_means_max_logits
 
     @classmethod
     def build(cls, system: DampedSystem, request: PreconditionerRequest):  # noqa: D102

@@ -3,7 +3,7 @@
 An estimator that inherits :class:`LogitsPredictionMixin` defines
 ``_logits_map(X)``; the mixin turns it into ``decision_function``,
 ``predict_log_proba``, ``predict_proba`` and ``predict``, computing the
-logits of ``PREDICT_CHUNK_ROWS`` rows (fewer with many classes) at a time.
+logits of ``predict_chunk_rows`` rows (fewer with many classes) at a time.
 """
 
 from __future__ import annotations
@@ -13,19 +13,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._arrays import as_output, check_features, is_tensor
 from ._device import out_of_memory_advice, to_tensor
+from ._tuning import get_tuning
 
 __all__ = [
-    "PREDICT_CHUNK_LOGITS",
-    "PREDICT_CHUNK_ROWS",
     "LogitsPredictionMixin",
     "fitted_features",
     "log_softmax",
 ]
-
-# Rows whose logits the predict methods compute at once.
-PREDICT_CHUNK_ROWS = 2**15
-# ... and at most about this many logits (16 MiB in float32): many classes, fewer rows.
-PREDICT_CHUNK_LOGITS = 2**22
 
 
 class LogitsPredictionMixin:
@@ -35,8 +29,8 @@ class LogitsPredictionMixin:
     and returns it as a tensor (on its device when it was one, see
     :func:`fitted_features`) with the map from rows of it to their logits,
     shape (rows, n_logits) (one column for a binary problem). The methods
-    apply it ``PREDICT_CHUNK_ROWS`` rows (fewer with many classes:
-    ``PREDICT_CHUNK_LOGITS`` logits) at a time, so that their temporaries
+    apply it ``predict_chunk_rows`` rows (fewer with many classes:
+    ``predict_chunk_logits`` logits) at a time, so that their temporaries
     (and ``predict``'s logits) take memory in proportion to a chunk, not to ``X``.
     """
 
@@ -115,7 +109,9 @@ class LogitsPredictionMixin:
         Tensor of shape (rows, n_logits)
         """
         X, logits_of = self._logits_map(X)
-        rows = max(1, min(PREDICT_CHUNK_ROWS, PREDICT_CHUNK_LOGITS // max(len(self.classes_), 1)))
+        tuning = get_tuning()
+        n_classes = max(len(self.classes_), 1)
+        rows = max(1, min(tuning.predict_chunk_rows, tuning.predict_chunk_logits // n_classes))
         with torch.no_grad(), out_of_memory_advice("predict", None):
             for start in range(0, X.shape[0], rows):
                 yield logits_of(X[start : start + rows])

@@ -22,7 +22,6 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from ._arrays import nbytes, random_access
 from ._batches import RowSubset, Shard, TrainingData
-from ._damping import DAMPING_BOUNDS
 from ._device import fits_on, to_tensor
 from ._distributed import SINGLE
 from ._metric import (
@@ -36,6 +35,7 @@ from ._metric import (
     whitened_params,
 )
 from ._ranks import rows_on_this_rank
+from ._tuning import get_tuning
 
 __all__ = [
     "PreparedData",
@@ -331,10 +331,10 @@ def _check_first_layer_can_learn(scale, dtype, damping):
     Raises
     ------
     ValueError
-        When the features' largest variance is below ``eps * min(damping, DAMPING_BOUNDS[0])``.
+        When the features' largest variance is below ``eps * min(damping, damping_bounds[0])``.
     """
     variance = float(scale.double().min()) ** -2  # constant features get the others' scale
-    floor = min(float(damping), DAMPING_BOUNDS[0])
+    floor = min(float(damping), get_tuning().damping_bounds[0])
     if variance < torch.finfo(dtype).eps * floor:
         raise ValueError(
             f"The features' largest variance is {variance:.3g}: an MLP head damped in the identity "

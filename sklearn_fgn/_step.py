@@ -177,7 +177,7 @@ class StepOptions:
         (hard rows, class means, Kronecker; :mod:`._preconditioners`).
     mixed_precision : bool, default=False
         For a linear head on float64 features, when ``cg_tol >=
-        MIXED_MIN_TOL``: CG's curvature products in float32, the result
+        mixed_min_tol`` (:class:`._tuning.Tuning`): CG's curvature products in float32, the result
         checked (and if need be finished) in float64
         (:func:`._inner.solve_mixed`). The step then solves the float64
         system to ``cg_tol`` as without it.

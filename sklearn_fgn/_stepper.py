@@ -34,11 +34,12 @@ from torch import Tensor
 
 from ._batches import Batch, TrainingData
 from ._curvature import LogitsFn
-from ._damping import DAMPING_BOUNDS, DAMPING_SCHEDULES, DampingRule, StepRecord, take_step
+from ._damping import DAMPING_SCHEDULES, DampingRule, StepRecord, take_step
 from ._heads import Head, Params
 from ._step import StepOptions, StepResult, compute_step
-from ._stopping import PATH_MISS, path_gap_tol, relative_decrease, remaining_gap
+from ._stopping import path_gap_tol, relative_decrease, remaining_gap
 from ._system import CurvatureSample
+from ._tuning import get_tuning
 
 if TYPE_CHECKING:  # the loop's settings; the loop imports this module
     from ._solver import LoopConfig
@@ -52,30 +53,6 @@ __all__ = [
 ]
 
 CURVATURE_OPTIONS = ("fgn", "ggn", "auto")
-# cg_tol="auto" on mini-batches: a batch's step is noisy anyway, and a
-# tighter solve buys no accuracy per epoch (benchmarks/RESULTS.md).
-AUTO_CG_TOL = 1e-2
-# cg_max_iter="auto": on mini-batches, and in full batch (where the forcing term ends the solve).
-AUTO_CG_MAX_ITER = 100
-AUTO_CG_MAX_ITER_FULL_BATCH = 1000
-# Full batch: a step whose estimated gap is below this many times tol may
-# be the last one, and is solved accurately enough to end the fit
-# (``Stepper.forcing_term``).
-LAST_STEP_GAP = 10.0
-# ... from this tol up: below it tol^2 is near float64's round-off, and the
-# step after the one that meets the stop's bounds is what makes the
-# coefficients exact where the objective is flat (the refits of FGNClassifierCV).
-LAST_STEP_MIN_TOL = 1e-6
-# Full-batch fits of a linear head take their curvature on a sample of the
-# rows (_curvature_sample): this share of them to start with, at least this
-# many rows and this many per logit; the sample doubles after a step along
-# which its curvature was off the whole batch's by more than this factor, and
-# beyond this share of the rows every row is used.
-CURVATURE_SAMPLE_SHARE = 0.1
-CURVATURE_SAMPLE_MIN_ROWS = 4096
-CURVATURE_ROWS_PER_LOGIT = 10
-CURVATURE_SAMPLE_ERROR = 1.5
-CURVATURE_SAMPLE_MAX_SHARE = 0.125
 
 
 def check_step_options(
@@ -204,7 +181,7 @@ class Stepper:
         -------
         DampingRule
         """
-        floor = DAMPING_BOUNDS[0] if self.full_batch else self.cfg.damping
+        floor = get_tuning().damping_bounds[0] if self.full_batch else self.cfg.damping
         return DampingRule(self.cfg.damping_schedule, floor, self.full_batch)
 
     def curvature(self) -> str:
@@ -229,13 +206,13 @@ class Stepper:
         """Return ``cfg.cg_max_iter``, or what ``"auto"`` means in full batch or on mini-batches."""
         if self.cfg.cg_max_iter != "auto":
             return int(self.cfg.cg_max_iter)
-        return AUTO_CG_MAX_ITER_FULL_BATCH if self.full_batch else AUTO_CG_MAX_ITER
+        return get_tuning().auto_cg_max_iter_full_batch if self.full_batch else get_tuning().auto_cg_max_iter
 
     def forcing_term(self, state: StepperState) -> float:
         """CG's relative tolerance for the next step.
 
         A number ``cfg.cg_tol`` is used as given. ``"auto"``: mini-batches use
-        ``AUTO_CG_TOL``; full batch is inexact Newton with the forcing term
+        ``auto_cg_tol``; full batch is inexact Newton with the forcing term
         ``min(0.5, sqrt(last predicted relative decrease))`` (Eisenstat-Walker;
         ``sqrt`` of the decrease is O(||grad||), which keeps the end game
         quadratic), floored where the dtype can still resolve it. A step that
@@ -252,19 +229,19 @@ class Stepper:
         if cfg.cg_tol != "auto":
             return float(cfg.cg_tol)
         if not self.full_batch:
-            return AUTO_CG_TOL
+            return get_tuning().auto_cg_tol
         floor = max(1e-10, 10 * torch.finfo(self.dtype).eps)
         eta = min(0.5, max(state.last_relative_decrease, 0.0) ** 0.5)
         if cfg.null_loss is not None:
-            # A scored path fit needs eta^2 p <= PATH_MISS gap_tol of its steps, p about the present
+            # A scored path fit needs eta^2 p <= path_miss gap_tol of its steps, p about the present
             # gap: the last step's estimate, or its decrease after an untrusted step (near round-off).
             present = (
                 state.gap_estimate if math.isfinite(state.gap_estimate) else state.last_relative_decrease
             )
             if state.last_loss is not None and math.isfinite(present):
                 gap_tol = path_gap_tol(cfg, state.last_loss)
-                eta = max(eta, min(0.5, (PATH_MISS * gap_tol / max(present, 1e-300)) ** 0.5))
-        elif cfg.tol > 0 and state.gap_estimate <= LAST_STEP_GAP * cfg.tol:
+                eta = max(eta, min(0.5, (get_tuning().path_miss * gap_tol / max(present, 1e-300)) ** 0.5))
+        elif cfg.tol > 0 and state.gap_estimate <= get_tuning().last_step_gap * cfg.tol:
             # This step can be the last: full_batch_converged then asks
             # eta^2 p <= tol^2 with p about the present gap. Solve to that, no
             # looser (a step solved too loosely to end the fit costs a whole
@@ -273,7 +250,7 @@ class Stepper:
             # Path fits (gap_tol) end on the linear rule, which asks nothing of
             # the last solve: there the tighter solves only cost CG iterations.
             last = min(0.5, 0.5 * cfg.tol / max(state.gap_estimate, 1e-300) ** 0.5)
-            if cfg.tol >= LAST_STEP_MIN_TOL and cfg.gap_tol is None:
+            if cfg.tol >= get_tuning().last_step_min_tol and cfg.gap_tol is None:
                 eta = last
             elif state.gap_estimate <= cfg.tol:
                 eta = max(eta, last)
@@ -344,10 +321,10 @@ def _curvature_sample(
     """How many of a full batch's rows the next step's curvature is estimated on; None for all of them.
 
     Only for a linear head (:func:`._step.sample_curvature_rows`). The
-    sample starts at ``CURVATURE_SAMPLE_SHARE`` of the rows, at least
-    ``CURVATURE_SAMPLE_MIN_ROWS`` and ``CURVATURE_ROWS_PER_LOGIT`` per
+    sample starts at ``curvature_sample_share`` of the rows, at least
+    ``curvature_sample_min_rows`` and ``curvature_rows_per_logit`` per
     logit, and grows by :func:`_grow_curvature_sample`; beyond
-    ``CURVATURE_SAMPLE_MAX_SHARE`` of the rows every row is used (a larger
+    ``curvature_sample_max_share`` of the rows every row is used (a larger
     sample saves too little per CG product to pay for the slower, linear
     convergence of sampled Newton steps). A data-parallel fit draws the sample one
     process would draw on the concatenated rows (each rank keeps its own).
@@ -358,11 +335,11 @@ def _curvature_sample(
     """
     if not head.is_linear:
         return None
-    n = batch.size
+    n, tuning = batch.size, get_tuning()
     if state.curvature_sample == 0:
-        floor = max(CURVATURE_SAMPLE_MIN_ROWS, CURVATURE_ROWS_PER_LOGIT * head.n_logits)
-        state.curvature_sample = max(floor, math.ceil(CURVATURE_SAMPLE_SHARE * n))
-    if state.curvature_sample > CURVATURE_SAMPLE_MAX_SHARE * n:
+        floor = max(tuning.curvature_sample_min_rows, tuning.curvature_rows_per_logit * head.n_logits)
+        state.curvature_sample = max(floor, math.ceil(tuning.curvature_sample_share * n))
+    if state.curvature_sample > tuning.curvature_sample_max_share * n:
         return None
     return CurvatureSample(state.curvature_sample, generator)
 
@@ -371,11 +348,12 @@ def _grow_curvature_sample(state: StepperState, result: StepResult) -> None:
     """Double the curvature sample after a step along which it was far from the whole batch's curvature.
 
     ``result.sampled_curvature`` is ``delta' G_S delta / delta' G delta``
-    along the step just computed: outside ``[1 / CURVATURE_SAMPLE_ERROR,
-    CURVATURE_SAMPLE_ERROR]`` the sample misjudged the very direction it
+    along the step just computed: outside ``[1 / curvature_sample_error,
+    curvature_sample_error]`` the sample misjudged the very direction it
     chose, and more rows are taken. (The reduction ratio cannot tell: the
     step's model along its direction is the whole batch's.)
     """
     error = result.sampled_curvature
-    if state.curvature_sample and not (1.0 / CURVATURE_SAMPLE_ERROR <= error <= CURVATURE_SAMPLE_ERROR):
+    bound = get_tuning().curvature_sample_error
+    if state.curvature_sample and not (1.0 / bound <= error <= bound):
         state.curvature_sample *= 2

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._damping import StepRecord
+from ._tuning import get_tuning
 
 if TYPE_CHECKING:  # the loop's types; the loop imports this module
     from ._solver import LoopConfig, LoopState
 
 __all__ = [
-    "PATH_MISS",
     "full_batch_converged",
     "path_gap_tol",
     "relative_decrease",
@@ -30,16 +30,6 @@ __all__ = [
 ]
 
 _EPS = float(torch.finfo(torch.float64).eps)
-# Full batch: a step converges the fit only if its decrease is at most this
-# share of the previous step's (``full_batch_converged``).
-SUPERLINEAR = 0.1
-# Scored path fits (``LoopConfig.null_loss``): a step may leave this share of
-# the gap tolerance undone by its inexact solve (``eta^2 p``), and steps are
-# solved no tighter than that asks (``_stepper.forcing_term``).
-PATH_MISS = 0.25
-# ... their gap is relative to the decrease from the intercept-only model
-# where that is smaller than the objective, down to this share of it.
-PATH_SCALE_FLOOR = 1e-3
 
 
 def update_no_improvement(state: LoopState, cfg: LoopConfig, score: float | None) -> bool:
@@ -81,7 +71,7 @@ def full_batch_converged(
     ``dtype``; below it rejected steps would repeat without changing the loss.
 
     On the convex linear head (``convex``) the rule assumes the fast final
-    convergence of Newton's method (r = p / ``previous`` <= SUPERLINEAR),
+    convergence of Newton's method (r = p / ``previous`` <= superlinear),
     which leaves a gap far below p (about p^2: tol^2 for the stopping step).
     While the decreases shrink only linearly (inexact steps on a badly
     conditioned end game, weak regularisation: r about 0.5-0.9) the gap left
@@ -100,11 +90,12 @@ def full_batch_converged(
     relative = relative_decrease(record)
     trusted = record.accepted and record.ratio > 0.5
     tol, missed, gap_tol = cfg.tol, cfg.tol**2, cfg.gap_tol
-    if cfg.null_loss is not None:  # a scored path fit: eta^2 p <= PATH_MISS gap_tol is enough
+    if cfg.null_loss is not None:  # a scored path fit: eta^2 p <= path_miss gap_tol is enough
         gap_tol = path_gap_tol(cfg, record.loss)
-        tol, missed = min(tol, gap_tol), PATH_MISS * gap_tol
+        tol, missed = min(tol, gap_tol), get_tuning().path_miss * gap_tol
     accurate = record.cg_tol**2 * relative <= missed
-    newton = accurate and (not convex or relative <= SUPERLINEAR * previous or relative <= tol**2)
+    superlinear = get_tuning().superlinear * previous
+    newton = accurate and (not convex or relative <= superlinear or relative <= tol**2)
     linear = convex and gap_tol is not None and _geometric_tail(relative, previous) <= gap_tol
     roundoff = max(1e3 * _EPS, float(torch.finfo(dtype).eps))
     # A tiny step held back by a huge damping is no optimum: the undamped
@@ -128,7 +119,7 @@ def _geometric_tail(decrease: float, previous: float) -> float:
         The estimated relative gap left.
     """
     rate = decrease / previous if previous > 0.0 else math.inf
-    if not SUPERLINEAR < rate < 1.0:
+    if not get_tuning().superlinear < rate < 1.0:
         return math.inf
     return decrease * rate / (1.0 - rate)
 
@@ -138,7 +129,7 @@ def path_gap_tol(cfg: LoopConfig, loss: float) -> float:
 
     ``cfg.gap_tol`` relative to the smaller of the objective and its
     decrease from the intercept-only model (``cfg.null_loss``), that
-    decrease floored at ``PATH_SCALE_FLOOR`` of the objective.
+    decrease floored at ``path_scale_floor`` of the objective.
 
     Returns
     -------
@@ -146,7 +137,7 @@ def path_gap_tol(cfg: LoopConfig, loss: float) -> float:
         The tolerance on gaps relative to ``|loss|``.
     """
     size = max(abs(loss), 1e-300)
-    decrease = max(cfg.null_loss - loss, PATH_SCALE_FLOOR * size)
+    decrease = max(cfg.null_loss - loss, get_tuning().path_scale_floor * size)
     return cfg.gap_tol * min(1.0, decrease / size)
 
 

@@ -9,6 +9,8 @@ curvature, conjugate gradient and the preconditioners (tried in the order of
 :data:`PRECONDITIONERS`; a new one is a :class:`Preconditioner` subclass
 placed there). The estimators (:class:`sklearn_fgn.FGNClassifier`, the skorch
 net) add the damping schedule, the stopping rules and the batches on top.
+The constants of their rules are :class:`Tuning`'s; :func:`tuning_context`
+changes them for the fits inside a ``with`` block.
 
 Everything here takes and returns torch tensors on the caller's device and
 dtype, and imports nothing from scikit-learn.
@@ -38,6 +40,7 @@ from ._preconditioners import (
 )
 from ._step import StepOptions, StepResult, compute_step
 from ._system import CurvatureSample, DampedSystem, build_system
+from ._tuning import Tuning, get_tuning, tuning_context
 
 __all__ = [
     "PRECONDITIONERS",
@@ -57,6 +60,7 @@ __all__ = [
     "PreconditionerRequest",
     "StepOptions",
     "StepResult",
+    "Tuning",
     "build_system",
     "choose_preconditioner",
     "competitor_log_proba",
@@ -66,6 +70,7 @@ __all__ = [
     "damping_diagonal",
     "flatten",
     "forward",
+    "get_tuning",
     "init_params",
     "is_penalized",
     "linearize",
@@ -76,5 +81,6 @@ __all__ = [
     "normalized_weights",
     "objective",
     "objective_from_logits",
+    "tuning_context",
     "unflatten",
 ]

@@ -42,3 +42,14 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA not available")
     return torch.device(request.param)
+
+
+@pytest.fixture
+def tune():
+    """Set tuning constants for one test: ``tune(hard_rows_min=8)`` (``sklearn_fgn.core.tuning_context``)."""
+    from contextlib import ExitStack
+
+    from sklearn_fgn.core import tuning_context
+
+    with ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(tuning_context(**changes))

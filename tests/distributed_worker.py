@@ -12,9 +12,7 @@ the fitted parameters, or the error it raised. A fit may ask for
 (rank ``r`` raises at its ``k``-th step; the others' next collective then fails;
 ``"error": "KeyboardInterrupt"`` raises that instead of a RuntimeError, and
 ``"stay": s`` keeps the failed rank alive ``s`` seconds after its fit),
-``"step_constants": {...}`` (of ``sklearn_fgn._step``), ``"stepper_constants": {...}`` (of
-``sklearn_fgn._stepper``) or ``"metric_max_features": m``
-(the diagonal metric beyond ``m`` features).
+or ``"tuning": {...}`` (tuning constants for the fit, ``sklearn_fgn.core.tuning_context``).
 """
 
 import datetime
@@ -46,23 +44,10 @@ def _inject_failure(call, error):
 
 
 def _fit(fit, data, rank, bounds):
-    import sklearn_fgn._metric as metric
-    import sklearn_fgn._preconditioners as step
-    import sklearn_fgn._stepper as stepper
+    from sklearn_fgn.core import tuning_context
 
-    constants = [(step, name, value) for name, value in fit.get("step_constants", {}).items()]
-    constants += [(stepper, name, value) for name, value in fit.get("stepper_constants", {}).items()]
-    if "metric_max_features" in fit:
-        value = fit["metric_max_features"]
-        constants.append((metric, "FULL_METRIC_MAX_FEATURES", value))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in constants]
-    for module, name, value in constants:
-        setattr(module, name, value)
-    try:
+    with tuning_context(**fit.get("tuning", {})):
         return _fit_shard(fit, data, rank, bounds)
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def _fit_shard(fit, data, rank, bounds):

@@ -357,11 +357,11 @@ def test_order_free_passes_read_a_row_subset_in_row_order():
 
 
 @pytest.mark.parametrize("hidden", [(), (8,)])
-def test_predictions_in_row_chunks_equal_the_whole(iris32, monkeypatch, hidden):
+def test_predictions_in_row_chunks_equal_the_whole(iris32, tune, hidden):
     X, y = iris32
     est = FGNClassifier(hidden_layer_sizes=hidden, device="cpu", random_state=0).fit(X, y)
     whole = {m: getattr(est, m)(X) for m in METHODS}
-    monkeypatch.setattr("sklearn_fgn._predict.PREDICT_CHUNK_ROWS", 7)  # 150 rows: 22 chunks
+    tune(predict_chunk_rows=7)  # 150 rows: 22 chunks
     for method in METHODS:
         np.testing.assert_allclose(getattr(est, method)(X), whole[method], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(est.predict(X), whole["predict"])

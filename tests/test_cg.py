@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import SEEDS
 
-import sklearn_fgn._cg as cg_module
 from sklearn_fgn._cg import CG_STOP_REASONS, CGResult, conjugate_gradient
 
 N = 20
@@ -236,7 +235,7 @@ def test_cg_reports_overflow_instead_of_a_zero_step():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_float32_cg_stops_when_the_iterate_stops_moving(seed, monkeypatch):
+def test_float32_cg_stops_when_the_iterate_stops_moving(seed, monkeypatch, tune):
     # cond 1e7 in float32 with an exact (float32) inverse as preconditioner:
     # after a few iterations the updates are round-off of x, and the recursive
     # residual is no longer the true one. Stopping there loses nothing
@@ -256,7 +255,7 @@ def test_float32_cg_stops_when_the_iterate_stops_moving(seed, monkeypatch):
     result = solve()
     assert result.reason == "stagnated" and result.n_iter <= 6
     assert result.solution.dtype == torch.float32
-    monkeypatch.setattr(cg_module, "STAGNATION_ULPS", 0.0)
+    tune(stagnation_ulps=0.0)
     longer = solve()
     assert longer.n_iter > result.n_iter
     assert error(result.solution) <= 1.1 * error(longer.solution)

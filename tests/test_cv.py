@@ -149,12 +149,11 @@ def test_bad_Cs_raise():
         FGNClassifierCV(Cs=[1.0, -1.0], device="cpu").fit(X, y)
 
 
-def test_large_folds_fit_their_paths_in_float32_to_the_gap_and_refit_in_float64(monkeypatch):
+def test_large_folds_fit_their_paths_in_float32_to_the_gap_and_refit_in_float64(monkeypatch, tune):
     # Path fits only score their solutions: on large folds float64 features are fitted in
     # float32 there, to a gap of tol and no closer (scored); the scores, the chosen C and
     # the refit (in float64, not scored) stay those of float64 paths run to Newton's rule.
-    # PATH_LARGE_WORK is lowered so that digits counts as large.
-    import sklearn_fgn._cv as cv_module
+    # path_large_work is lowered so that digits counts as large.
 
     X, y = _standardized("digits")
     Cs, folds = [1e-2, 1e-1, 1.0], list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
@@ -170,7 +169,7 @@ def test_large_folds_fit_their_paths_in_float32_to_the_gap_and_refit_in_float64(
     FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
     assert seen == [(np.float64, False)] * (len(folds) + 1)  # small folds: Newton's rule in float64
     seen.clear()
-    monkeypatch.setattr(cv_module, "PATH_LARGE_WORK", 0)
+    tune(path_large_work=0)
     fgn = FGNClassifierCV(Cs=Cs, cv=folds, device="cpu").fit(X, y)
     assert seen == [(np.float32, True)] * len(folds) + [(np.float64, False)]  # the paths, then the refit
     assert fgn.coefs_paths_.dtype == np.float64 and fgn.coef_.dtype == np.float64

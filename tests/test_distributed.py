@@ -21,11 +21,9 @@ import pytest
 from sklearn.datasets import make_classification
 
 import sklearn_fgn._distributed as distributed
-import sklearn_fgn._metric as metric_module
 import sklearn_fgn._preconditioners as preconditioners
 import sklearn_fgn._prepare as prepare_module
 import sklearn_fgn._step as step
-import sklearn_fgn._stepper as stepper_module
 from sklearn_fgn import FGNClassifier
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
@@ -38,22 +36,22 @@ FITS = {
     "full_batch_weighted": {
         "params": {**LINEAR, "batch_size": None, "class_weight": "balanced"}, "weighted": True,
     },
-    # weak regularisation, and hard rows from 8 on (this batch is far below HARD_ROWS_MIN), with
+    # weak regularisation, and hard rows from 8 on (this batch is far below hard_rows_min), with
     # a budget of about 90 of its 400 rows: the hard-row preconditioner's rows are chosen and
     # gathered across the ranks. To the optimum: round-off of the ranks' sums then stays there.
     "full_batch_hard_rows": {
         "params": {**LINEAR, "batch_size": None, "alpha": 1e-3, "tol": 1e-8},
-        "step_constants": {"HARD_ROWS_MIN": 8, "HARD_ROWS_BUILD_CG": 12},
+        "tuning": {"hard_rows_min": 8, "hard_rows_build_cg": 12},
     },
     # the curvature on a sample of about 40 of 400 rows: the one a single process draws
     # (tau from every rank's traces, one shared draw), so the same steps
     "full_batch_curvature_sample": {
         "params": {**LINEAR, "batch_size": None, "tol": 1e-10, "max_iter": 200},
-        "stepper_constants": {"CURVATURE_SAMPLE_MIN_ROWS": 20, "CURVATURE_SAMPLE_MAX_SHARE": 0.5},
+        "tuning": {"curvature_sample_min_rows": 20, "curvature_sample_max_share": 0.5},
     },
     # the diagonal metric (wide features): the ranks' per-feature variances, summed
     "full_batch_diagonal_metric": {
-        "params": {**LINEAR, "batch_size": None, "tol": 1e-8}, "metric_max_features": 4,
+        "params": {**LINEAR, "batch_size": None, "tol": 1e-8}, "tuning": {"full_metric_max_features": 4},
     },
     "full_batch_identity_metric": {
         "params": {**LINEAR, "batch_size": None, "damping_metric": "identity", "tol": 1e-8},
@@ -130,18 +128,15 @@ def runs(tmp_path_factory):
     return out
 
 
-def _single(name, monkeypatch):
+def _single(name, monkeypatch, tune):
     fit = FITS[name]
     X, y, sample_weight = _data()
     model = FGNClassifier(**fit["params"])
     weights = sample_weight if fit.get("weighted") else None
-    for constant, value in fit.get("step_constants", {}).items():
-        monkeypatch.setattr(preconditioners, constant, value)
-    for constant, value in fit.get("stepper_constants", {}).items():
-        monkeypatch.setattr(stepper_module, constant, value)
+    tuning = fit.get("tuning", {})
+    tune(**tuning)
     moments = []
-    if "metric_max_features" in fit:
-        monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", fit["metric_max_features"])
+    if "full_metric_max_features" in tuning:
         original_moments = prepare_module.feature_moments
         monkeypatch.setattr(
             prepare_module,
@@ -165,21 +160,21 @@ def _single(name, monkeypatch):
         else:
             model.fit(X, y, sample_weight=weights)
     params = model.coefs_ + model.intercepts_ if hasattr(model, "coefs_") else [model.coef_, model.intercept_]
-    if "stepper_constants" in fit:  # the curvature was sampled
+    if "curvature_sample_min_rows" in tuning:  # the curvature was sampled
         assert any(d is not None for d in drawn)
-    if "step_constants" in fit:  # the fit took hard-row steps, not only Kronecker ones
+    if "hard_rows_min" in tuning:  # the fit took hard-row steps, not only Kronecker ones
         assert any(p is not None for p in built)
-    if "metric_max_features" in fit:  # the diagonal metric, from the variances alone
+    if "full_metric_max_features" in tuning:  # the diagonal metric, from the variances alone
         assert len(moments) == 1 and moments[0].diagonal
     return model, params
 
 
 @pytest.mark.parametrize("world", sorted(BOUNDS))
 @pytest.mark.parametrize("name", [n for n in NAMES if not any(w in n for w in ("nan", "fails", "differs"))])
-def test_distributed_fit_equals_single_process_fit(runs, world, name, monkeypatch):
+def test_distributed_fit_equals_single_process_fit(runs, world, name, monkeypatch, tune):
     results = runs[world][0][name]
     assert all("error" not in r for r in results), [str(r.get("error")) for r in results]
-    model, params = _single(name, monkeypatch)
+    model, params = _single(name, monkeypatch, tune)
     for rank, result in enumerate(results):
         for i, expected in enumerate(params):
             got = result[f"param_{i}"]
@@ -269,17 +264,18 @@ def test_auto_batch_size_weighs_the_rows_one_device_holds():
     """Full batch where the largest shard's logits fit the rule, though all ranks' do not."""
     import torch
 
-    from sklearn_fgn._plan import AUTO_BATCH_SIZE, AUTO_FULL_BATCH_MAX_ENTRIES, resolve_batch_size
+    from sklearn_fgn._plan import resolve_batch_size
     from sklearn_fgn._ranks import RowLayout
+    from sklearn_fgn._tuning import get_tuning
 
     est = FGNClassifier(device="cpu")
     est.classes_ = np.arange(100)
     head = est._make_head((), 8)
-    n = 2 * AUTO_FULL_BATCH_MAX_ENTRIES // 100  # twice the entries one process fits full batch
+    n = 2 * get_tuning().auto_full_batch_max_entries // 100  # twice the entries one process fits full batch
     X = np.zeros((1, 8), dtype=np.float32)
     cpu = torch.device("cpu")
-    assert resolve_batch_size(est.batch_size, n, head, X, cpu) == AUTO_BATCH_SIZE
+    assert resolve_batch_size(est.batch_size, n, head, X, cpu) == get_tuning().auto_batch_size
     halves = RowLayout(distributed.SINGLE, 0, largest_share=0.5)
     assert resolve_batch_size(est.batch_size, n, head, X, cpu, halves) is None
     uneven = RowLayout(distributed.SINGLE, 0, largest_share=0.6)
-    assert resolve_batch_size(est.batch_size, n, head, X, cpu, uneven) == AUTO_BATCH_SIZE
+    assert resolve_batch_size(est.batch_size, n, head, X, cpu, uneven) == get_tuning().auto_batch_size

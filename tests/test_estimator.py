@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_fgn import FGNClassifier
-from sklearn_fgn._metric import METRIC_RIDGE
+from sklearn_fgn._tuning import get_tuning
 
 DATASETS = {"iris": load_iris, "wine": load_wine, "digits": load_digits, "breast_cancer": load_breast_cancer}
 
@@ -75,8 +75,8 @@ def test_float32_intercepts_match_logistic_regression(name, C):
 
 
 @pytest.mark.parametrize("batch_size", [None, 32])
-def test_wide_features_take_the_diagonal_metric_from_the_variances_alone(monkeypatch, batch_size):
-    # Beyond FULL_METRIC_MAX_FEATURES (lowered here to 8) the metric is diagonal: the
+def test_wide_features_take_the_diagonal_metric_from_the_variances_alone(monkeypatch, batch_size, tune):
+    # Beyond full_metric_max_features (lowered here to 8) the metric is diagonal: the
     # fit accumulates only the per-feature variances (O(n d), no d x d moment) and
     # whitens by a per-feature scaling; the objective and its optimum are unchanged.
     import sklearn_fgn._metric as metric_module
@@ -85,7 +85,7 @@ def test_wide_features_take_the_diagonal_metric_from_the_variances_alone(monkeyp
     X, y = load_wine(return_X_y=True)  # raw: feature scales over three decades, d = 13 > 8
     kw = dict(batch_size=batch_size, max_iter=300, tol=1e-8, random_state=0, device="cpu")
     full = _quiet_fit(FGNClassifier(**kw), X, y)
-    monkeypatch.setattr(metric_module, "FULL_METRIC_MAX_FEATURES", 8)
+    tune(full_metric_max_features=8)
     seen = []
     moments = metric_module.feature_moments
 
@@ -256,7 +256,7 @@ def test_one_constant_step_is_the_exact_damped_step(curvature, n_classes, solver
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est.fit(X, y, sample_weight=sw, coef_init=coef0, intercept_init=intercept0)
-    ridge = METRIC_RIDGE if metric == "features" else None
+    ridge = get_tuning().metric_ridge if metric == "features" else None
     mean_alpha = alpha / sw.sum()  # alpha on the summed loss is alpha / sum(s) on the mean loss
     expected = _dense_step(X, y, sw, coef0, intercept0, mean_alpha, damping, curvature, ridge)
     if K > 1:  # fitted multiclass intercepts are centred over the classes (the softmax leaves them free)
@@ -631,9 +631,8 @@ def test_progress_bar_renders_a_fit(capsys):
 
 
 def test_batch_size_auto_takes_mini_batches_for_mlp_heads_past_the_sample_limit():
-    from sklearn_fgn._plan import AUTO_MLP_FULL_BATCH_MAX_SAMPLES
 
-    n = AUTO_MLP_FULL_BATCH_MAX_SAMPLES
+    n = get_tuning().auto_mlp_full_batch_max_samples
     X, y = make_classification(n + 1, n_features=6, n_informative=4, n_classes=3, random_state=0)
     kw = dict(max_iter=1, random_state=0, device="cpu")
     with warnings.catch_warnings():

@@ -22,19 +22,20 @@ from cases import (
 )
 
 from sklearn_fgn._batches import Batch
-from sklearn_fgn._damping import ARMIJO, LENGTHEN_MIN, StepRecord, levenberg_marquardt
+from sklearn_fgn._damping import StepRecord, levenberg_marquardt
 from sklearn_fgn._heads import forward
 from sklearn_fgn._solver import LoopConfig
 from sklearn_fgn._step import StepOptions, compute_step
 from sklearn_fgn._stepper import Stepper, StepperState
 from sklearn_fgn._stopping import (
-    PATH_MISS,
-    PATH_SCALE_FLOOR,
     _geometric_tail,
     full_batch_converged,
     path_gap_tol,
     remaining_gap,
 )
+from sklearn_fgn._tuning import Tuning
+
+TUNING = Tuning()  # the defaults, which these tests read
 
 EXACT = 1e-12
 
@@ -93,7 +94,7 @@ def test_trusted_full_batch_step_is_lengthened_to_the_model_minimiser(case):
     t_star = -slope / curvature
     predicted = -(t_star * slope + 0.5 * t_star**2 * curvature)
     ratio = (f(0.0) - f(t_star)) / predicted
-    assert t_star >= LENGTHEN_MIN and ratio > 0.75  # the precondition of the extension
+    assert t_star >= TUNING.lengthen_min and ratio > 0.75  # the precondition of the extension
     head, params, X, y, sw = problem
     new_params, next_damping, record, logits = damped_update(
         head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, full_batch=True
@@ -116,7 +117,7 @@ def test_step_is_not_lengthened_when_the_model_disagrees_or_on_mini_batches():
     slope, curvature, f = _ray(problem, case, fn, delta)
     t_star = -slope / curvature
     ratio = (f(0.0) - f(t_star)) / -(t_star * slope + 0.5 * t_star**2 * curvature)
-    assert not (t_star >= LENGTHEN_MIN and ratio > 0.75)  # the extension's test fails here
+    assert not (t_star >= TUNING.lengthen_min and ratio > 0.75)  # the extension's test fails here
     head, params, X, y, sw = problem
     for full_batch in (True, False):
         new_params, _, record, _ = damped_update(
@@ -140,7 +141,7 @@ def test_rejected_step_is_cut_back_by_armijo_backtracking(hidden, seed):
     problem, cfg, fn, delta = _setup(case, damping)
     slope, _, f = _ray(problem, case, fn, delta)
     assert f(1.0) > f(0.0) and slope < 0  # the full step is rejected, delta is a descent direction
-    armijo = lambda t: f(t) <= f(0.0) + ARMIJO * t * slope  # noqa: E731
+    armijo = lambda t: f(t) <= f(0.0) + TUNING.armijo * t * slope  # noqa: E731
     t = next(0.5**k for k in range(1, 11) if armijo(0.5**k))
     head, params, X, y, sw = problem
     new_params, next_damping, record, logits = damped_update(
@@ -317,15 +318,15 @@ def test_scored_path_gap_is_measured_against_the_decrease_from_the_null_model():
     assert path_gap_tol(cfg, 3.0) == pytest.approx(1e-4 * 0.3 / 3.0)
     assert path_gap_tol(replace(cfg, null_loss=9.0), 3.0) == pytest.approx(1e-4)  # the objective is smaller
     # Not yet below the null model (a drawn start): the floor.
-    assert path_gap_tol(replace(cfg, null_loss=2.0), 3.0) == pytest.approx(1e-4 * PATH_SCALE_FLOOR)
+    assert path_gap_tol(replace(cfg, null_loss=2.0), 3.0) == pytest.approx(1e-4 * TUNING.path_scale_floor)
 
 
 @pytest.mark.parametrize("null_loss, cg_tol, relative, expected", [
     (None, 0.5, 3e-6, False),  # Newton's rule: a loose last solve cannot end the fit
-    (30.0, 0.5, 3e-6, True),  # scored: eta^2 p = 7.5e-7 <= PATH_MISS * 1e-4
+    (30.0, 0.5, 3e-6, True),  # scored: eta^2 p = 7.5e-7 <= path_miss * 1e-4
     (30.0, 0.5, 3e-4, False),  # ... but p is above tol
     (3.03, 0.5, 3e-6, False),  # the decrease from the null model is 1 % of the loss: gap_tol 1e-6
-    (3.03, 0.2, 8e-7, True),  # ... met by a small, accurate enough step: 0.04 * 8e-7 <= PATH_MISS * 1e-6
+    (3.03, 0.2, 8e-7, True),  # ... met by a small, accurate enough step: 0.04 * 8e-7 <= path_miss * 1e-6
 ])  # fmt: skip
 def test_scored_path_fits_stop_at_their_gap_tolerance(null_loss, cg_tol, relative, expected):
     record = _record(ratio=1.0, cg_tol=cg_tol, predicted=3.0 * relative)  # loss 3.0
@@ -334,10 +335,11 @@ def test_scored_path_fits_stop_at_their_gap_tolerance(null_loss, cg_tol, relativ
 
 
 def test_forcing_term_of_scored_path_fits_asks_their_gap_only():
-    # eta^2 p <= PATH_MISS gap_tol with p the present gap estimate, not the Eisenstat-Walker sqrt(p).
+    # eta^2 p <= path_miss gap_tol with p the present gap estimate, not the Eisenstat-Walker sqrt(p).
     state = StepperState(last_relative_decrease=1e-3, gap_estimate=1e-3, last_loss=3.0)
     cfg = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4, null_loss=30.0)
-    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx((PATH_MISS * 1e-4 / 1e-3) ** 0.5)
+    expected = (TUNING.path_miss * 1e-4 / 1e-3) ** 0.5
+    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx(expected)
     state.gap_estimate = 1e-5
     assert forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.5)
     state.gap_estimate = 1e-1  # far: Eisenstat-Walker's sqrt(1e-3) is looser

@@ -30,12 +30,9 @@ from sklearn_fgn._heads import Head, forward, init_params
 from sklearn_fgn._inner import SolveRecord
 from sklearn_fgn._margin import LogitCurvature, MarginStats, margin
 from sklearn_fgn._objective import normalized_weights, objective
-from sklearn_fgn._preconditioners import (
-    CHOLESKY_MAX_ROWS,
-    make_fgn_preconditioner,
-    make_kronecker_preconditioner,
-)
+from sklearn_fgn._preconditioners import make_fgn_preconditioner, make_kronecker_preconditioner
 from sklearn_fgn._step import StepOptions, compute_step
+from sklearn_fgn._tuning import get_tuning
 
 cases = pytest.mark.parametrize("case", CASES, ids=case_id)
 # The damping varies with the seed, so each base case is checked at three of them.
@@ -192,9 +189,9 @@ def test_cholesky_with_logits_function_raises():
 
 
 def test_auto_solver_uses_cg_past_cholesky_max_rows():
-    assert CHOLESKY_MAX_ROWS < 10_000
+    assert get_tuning().cholesky_max_rows < 10_000
     gen = torch.Generator().manual_seed(0)
-    n = CHOLESKY_MAX_ROWS + 1
+    n = get_tuning().cholesky_max_rows + 1
     head = Head(2, 3)
     params = {
         "coef_0": torch.randn(3, 2, generator=gen, dtype=torch.float64),
@@ -420,13 +417,13 @@ def _system(seed, curvature="ggn", n=300, K=5, d=6):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("curvature", ["ggn", "fgn"])
-def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed, curvature, monkeypatch):
+def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed, curvature, tune):
     # M = sum over the m rows of largest omega_i tr H_i of omega_i w_i g_i g_i' + Lambda, inverted
     # exactly: against a dense float64 solve, rows picked by their curvature trace.
     import sklearn_fgn._preconditioners as step
 
-    monkeypatch.setattr(step, "HARD_ROWS_MIN", 8)
-    monkeypatch.setattr(step, "HARD_ROWS_SHARE", 0.0)
+    tune(hard_rows_min=8)
+    tune(hard_rows_share=0.0)
     system = _system(seed, curvature)
     n, K = system.stats.proba.shape
     d = system.X.shape[1]
@@ -458,12 +455,12 @@ def test_hard_row_preconditioner_is_the_exact_fgn_solve_on_the_hardest_rows(seed
     torch.testing.assert_close(apply(r), torch.linalg.solve(dense, r), rtol=1e-9, atol=1e-12)
 
 
-def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(monkeypatch):
+def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(tune):
     # Uniform probabilities: every row carries the same curvature, m rows carry m / n of it.
     import sklearn_fgn._preconditioners as step
     from sklearn_fgn._system import build_system
 
-    monkeypatch.setattr(step, "HARD_ROWS_MIN", 8)
+    tune(hard_rows_min=8)
     n, K, d = 400, 4, 5
     head = Head(d, K)
     params = {
@@ -473,9 +470,9 @@ def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(
     X = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = torch.arange(n) % K
     system = build_system(head, params, X, y, None, 1e-3, 1e-4, "ggn")
-    assert step._hard_row_budget(n, K, d) / n < step.HARD_ROWS_SHARE
+    assert step._hard_row_budget(n, K, d) / n < get_tuning().hard_rows_share
     assert step.make_hard_row_preconditioner(system) is None
-    monkeypatch.setattr(step, "HARD_ROWS_SHARE", 0.0)
+    tune(hard_rows_share=0.0)
     assert step.make_hard_row_preconditioner(system) is not None
 
 
@@ -583,18 +580,17 @@ def _raw_embeddings(n, d, K, seed=0):
     return X / np.linalg.norm(X, axis=1, keepdims=True), y
 
 
-def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch):
+def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch, tune):
     # The Kronecker model spreads every row's curvature over every class's features; the
     # class-means model keeps that a class's own fitted rows carry little of its curvature.
     # The same optimum, measured: 142 against 43 CG iterations.
     import sklearn_fgn._inner as inner
-    import sklearn_fgn._preconditioners as step
     from sklearn_fgn import FGNClassifier
 
     X, y = _raw_embeddings(2000, 32, 10)
     counts, losses = [], []
     original = inner.conjugate_gradient
-    for cap in [0, step.CLASS_MEANS_MAX_LOGITS]:
+    for cap in [0, get_tuning().class_means_max_logits]:
         total = [0]
 
         def counted(*args, total=total, **kwargs):
@@ -603,7 +599,7 @@ def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch):
             return result
 
         monkeypatch.setattr(inner, "conjugate_gradient", counted)
-        monkeypatch.setattr(step, "CLASS_MEANS_MAX_LOGITS", cap)
+        tune(class_means_max_logits=cap)
         est = FGNClassifier(alpha=1 / 3, batch_size=None, tol=1e-6, device="cpu").fit(X, y)
         counts.append(total[0])
         losses.append(est.loss_curve_[-1])
@@ -683,12 +679,10 @@ def test_mixed_precision_keeps_the_intercepts_shift_at_float64_accuracy(seed, cu
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES[:4], ids=case_id)
-def test_mixed_precision_finishes_in_float64_below_float32_resolution(case, monkeypatch):
+def test_mixed_precision_finishes_in_float64_below_float32_resolution(case, tune):
     # A tolerance that float32 products cannot reach: CG goes on in float64 from the
     # float32 pass's step and meets it on the float64 system.
-    import sklearn_fgn._inner as step
-
-    monkeypatch.setattr(step, "MIXED_MIN_TOL", 0.0)
+    tune(mixed_min_tol=0.0)
     damping = _damping(case)
     problem = _dense(case, damping, "ggn")[0]
     result = _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=1e-11, cg_max_iter=500,
@@ -727,7 +721,7 @@ def test_mixed_precision_leaves_float32_features_and_tight_tolerances_alone(case
     monkeypatch.setattr(step, "low_precision_operator", lambda system: pytest.fail("float32 products used"))
     damping = _damping(case)
     problem = make_problem(case)
-    tight = 0.5 * step.MIXED_MIN_TOL
+    tight = 0.5 * get_tuning().mixed_min_tol
     _step(problem, case, damping, curvature="ggn", solver="cg", cg_tol=tight, mixed_precision=True)
     precision = torch.get_float32_matmul_precision()
     try:  # float32 matmuls in TF32 / bfloat16: their products would rarely pass the float64 check
@@ -755,8 +749,8 @@ def test_hard_row_budget_is_the_most_rows_whose_gram_and_factor_cost_the_budget(
     import sklearn_fgn._preconditioners as step
 
     m = step._hard_row_budget(n, K, d)
-    work = step.HARD_ROWS_BUILD_CG * 4.0 * n * K * (d + 1)
+    work = get_tuning().hard_rows_build_cg * 4.0 * n * K * (d + 1)
     cost = lambda rows: 2.0 * rows**2 * (d + 1) + 2.0 * rows**3 / 3.0  # noqa: E731
-    assert 0 < m <= min(step.HARD_ROWS_MAX, n)
+    assert 0 < m <= min(get_tuning().hard_rows_max, n)
     assert cost(m) <= work
-    assert m == min(step.HARD_ROWS_MAX, n) or cost(m + 1) > work
+    assert m == min(get_tuning().hard_rows_max, n) or cost(m + 1) > work

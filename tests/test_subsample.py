@@ -145,14 +145,14 @@ def _objective(est, X, y, alpha):
 )
 def test_subsampled_fit_reaches_the_optimum_of_the_full_fit_and_of_logistic_regression(
     n_classes, C, standardise, monkeypatch
-):
+, tune):
     X, y = make_classification(n_samples=6000, n_features=12, n_informative=8, n_classes=n_classes,
                                n_clusters_per_class=1, random_state=n_classes)  # fmt: skip
     if not standardise:
         X = X * np.logspace(-2, 1, 12) + 3.0
-    monkeypatch.setattr(stepper, "CURVATURE_SAMPLE_MIN_ROWS", 300)  # sample 600 of 6000 rows
+    tune(curvature_sample_min_rows=300)  # sample 600 of 6000 rows
     sampled = _fit(X, y, 1.0 / C)
-    monkeypatch.setattr(stepper, "CURVATURE_SAMPLE_SHARE", 1.0)
+    tune(curvature_sample_share=1.0)
     full = _fit(X, y, 1.0 / C)
     reference = LogisticRegression(C=C, solver="newton-cholesky", tol=1e-12, max_iter=500).fit(X, y)
     f_sampled, f_full = _objective(sampled, X, y, 1.0 / C), _objective(full, X, y, 1.0 / C)
@@ -162,9 +162,9 @@ def test_subsampled_fit_reaches_the_optimum_of_the_full_fit_and_of_logistic_regr
     np.testing.assert_allclose(sampled.predict_proba(X), reference.predict_proba(X), rtol=0, atol=1e-4)
 
 
-def test_subsampled_fit_is_deterministic_under_random_state(monkeypatch):
+def test_subsampled_fit_is_deterministic_under_random_state(monkeypatch, tune):
     X, y = make_classification(n_samples=5000, n_features=10, n_informative=6, n_classes=4, random_state=1)
-    monkeypatch.setattr(stepper, "CURVATURE_SAMPLE_MIN_ROWS", 200)
+    tune(curvature_sample_min_rows=200)
     calls = []
     original = stepper._curvature_sample
 
