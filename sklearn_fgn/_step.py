@@ -54,15 +54,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._curvature import Alpha, LogitsFn, as_head
+from ._curvature import LogitsFn, as_head
 from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params
 from ._inner import SolveRecord, mixed_pays_off, solve, solve_mixed
 from ._objective import unflatten, weighted_sq
 from ._preconditioners import PreconditionerRequest, choose_preconditioner
 from ._system import (
-    CurvatureSample,
     DampedSystem,
+    StepOptions,
     build_system,
     curvature_along,
     quadratic_model,
@@ -70,7 +70,7 @@ from ._system import (
     subsampled_system,
 )
 
-__all__ = ["CURVATURES", "SOLVERS", "StepOptions", "StepResult", "compute_step"]
+__all__ = ["CURVATURES", "SOLVERS", "StepResult", "compute_step"]
 
 CURVATURES = ("fgn", "ggn")
 SOLVERS = ("auto", "cg", "cholesky")
@@ -142,73 +142,6 @@ class StepResult:
     sampled_curvature: float = 1.0
 
 
-@dataclass(frozen=True)
-class StepOptions:
-    """How to compute one step (:func:`compute_step`); every field has the one-step default.
-
-    Attributes
-    ----------
-    alpha : float or dict, default=0.0
-        L2 strength on weights, or the coefficient of each penalised
-        parameter (a float or a broadcastable tensor, see
-        :func:`._curvature.penalty_coefficients`). A :class:`Head`'s
-        ``coef_*`` entries and a function's parameters with ``ndim >= 2``
-        are penalised; biases and other 1-D parameters never.
-    damping : float, default=1.0
-        ``lambda > 0``.
-    curvature : {"fgn", "ggn"}, default="fgn"
-        FGN (n rows) or the full softmax GGN (n * n_classes rows).
-    solver : {"auto", "cg", "cholesky"}, default="auto"
-        ``"cholesky"`` preconditions CG with the exact FGN solve from the
-        ``n x n`` Gram (a :class:`Head` only; a logits function raises
-        ``ValueError``); ``"cg"`` with ``Lambda^-1`` (or a model of the
-        linear head's curvature, see ``structured``). ``"auto"`` uses the
-        Gram where it pays (:class:`._preconditioners.GramCholesky`).
-    cg_tol, cg_max_iter : float, int
-        CG's relative-residual tolerance (on the parameter-space system) and
-        iteration cap.
-    weight_total : float, optional
-        Divide ``sample_weight`` by this instead of its sum: a mini-batch
-        passes its size times the data set's mean weight
-        (:func:`._objective.normalized_weights`).
-    structured : bool, default=False
-        The step is a full-batch step of a linear :class:`Head` on whitened
-        features: CG may be preconditioned by the models of its curvature
-        (hard rows, class means, Kronecker; :mod:`._preconditioners`).
-    mixed_precision : bool, default=False
-        For a linear head on float64 features, when ``cg_tol >=
-        mixed_min_tol`` (:class:`._tuning.Tuning`): CG's curvature products in float32, the result
-        checked (and if need be finished) in float64
-        (:func:`._inner.solve_mixed`). The step then solves the float64
-        system to ``cg_tol`` as without it.
-    comm : Communicator, optional
-        The batch is this rank's shard of a data-parallel batch
-        (:mod:`._distributed`; ``weight_total`` is then the whole batch's):
-        the loss, the gradient and every curvature product are summed over
-        the ranks, and the Gram (which would span the ranks' rows) is not used.
-    curvature_sample : CurvatureSample, optional
-        Subsampled Newton (a linear :class:`Head` only): the loss, the
-        gradient and the step's evaluation stay on every row, while the
-        curvature ``G`` (CG's products and every preconditioner's statistics)
-        is estimated on about ``curvature_sample.size`` rows drawn by their
-        share of it (:func:`._system.sample_curvature_rows`). The fixed
-        point is unchanged (the gradient is exact); only the step's model is
-        estimated. Ignored for other heads.
-    """
-
-    alpha: Alpha = 0.0
-    damping: float = 1.0
-    curvature: str = "fgn"
-    solver: str = "auto"
-    cg_tol: float = 1e-5
-    cg_max_iter: int = 100
-    weight_total: float | None = None
-    structured: bool = False
-    mixed_precision: bool = False
-    comm: Communicator = SINGLE
-    curvature_sample: CurvatureSample | None = None
-
-
 def compute_step(
     head: Head | LogitsFn,
     params: Params,
@@ -271,9 +204,7 @@ def compute_step(
     """
     o = StepOptions() if options is None else options
     _check_solver(o.solver, head, o.comm)
-    system = build_system(
-        head, params, X, y, sample_weight, o.alpha, o.damping, o.curvature, logits, o.weight_total, o.comm
-    )
+    system = build_system(head, params, X, y, sample_weight, o, logits)
     model = system
     if o.curvature_sample is not None and system.linear:
         drawn = sample_curvature_rows(system, o.curvature_sample, cache)

@@ -36,9 +36,9 @@ from ._batches import Batch, TrainingData
 from ._curvature import LogitsFn
 from ._damping import DAMPING_SCHEDULES, DampingRule, StepRecord, take_step
 from ._heads import Head, Params
-from ._step import StepOptions, StepResult, compute_step
+from ._step import StepResult, compute_step
 from ._stopping import path_gap_tol, relative_decrease, remaining_gap
-from ._system import CurvatureSample
+from ._system import CurvatureSample, StepOptions
 from ._tuning import get_tuning
 
 if TYPE_CHECKING:  # the loop's settings; the loop imports this module

@@ -38,6 +38,7 @@ from ._objective import dot, loss_and_gradient, normalized_weights, weighted_sq
 __all__ = [
     "CurvatureSample",
     "DampedSystem",
+    "StepOptions",
     "build_system",
     "curvature_along",
     "quadratic_model",
@@ -117,22 +118,90 @@ class DampedSystem:
         return LogitCurvature(self.stats, self.weights, self.curvature)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How to compute one step (:func:`._step.compute_step`); every field has the one-step default.
+
+    Attributes
+    ----------
+    alpha : float or dict, default=0.0
+        L2 strength on weights, or the coefficient of each penalised
+        parameter (a float or a broadcastable tensor, see
+        :func:`._curvature.penalty_coefficients`). A :class:`Head`'s
+        ``coef_*`` entries and a function's parameters with ``ndim >= 2``
+        are penalised; biases and other 1-D parameters never.
+    damping : float, default=1.0
+        ``lambda > 0``.
+    curvature : {"fgn", "ggn"}, default="fgn"
+        FGN (n rows) or the full softmax GGN (n * n_classes rows).
+    solver : {"auto", "cg", "cholesky"}, default="auto"
+        ``"cholesky"`` preconditions CG with the exact FGN solve from the
+        ``n x n`` Gram (a :class:`Head` only; a logits function raises
+        ``ValueError``); ``"cg"`` with ``Lambda^-1`` (or a model of the
+        linear head's curvature, see ``structured``). ``"auto"`` uses the
+        Gram where it pays (:class:`._preconditioners.GramCholesky`).
+    cg_tol, cg_max_iter : float, int
+        CG's relative-residual tolerance (on the parameter-space system) and
+        iteration cap.
+    weight_total : float, optional
+        Divide ``sample_weight`` by this instead of its sum: a mini-batch
+        passes its size times the data set's mean weight
+        (:func:`._objective.normalized_weights`).
+    structured : bool, default=False
+        The step is a full-batch step of a linear :class:`Head` on whitened
+        features: CG may be preconditioned by the models of its curvature
+        (hard rows, class means, Kronecker; :mod:`._preconditioners`).
+    mixed_precision : bool, default=False
+        For a linear head on float64 features, when ``cg_tol >=
+        mixed_min_tol`` (:class:`._tuning.Tuning`): CG's curvature products in float32, the result
+        checked (and if need be finished) in float64
+        (:func:`._inner.solve_mixed`). The step then solves the float64
+        system to ``cg_tol`` as without it.
+    comm : Communicator, optional
+        The batch is this rank's shard of a data-parallel batch
+        (:mod:`._distributed`; ``weight_total`` is then the whole batch's):
+        the loss, the gradient and every curvature product are summed over
+        the ranks, and the Gram (which would span the ranks' rows) is not used.
+    curvature_sample : CurvatureSample, optional
+        Subsampled Newton (a linear :class:`Head` only): the loss, the
+        gradient and the step's evaluation stay on every row, while the
+        curvature ``G`` (CG's products and every preconditioner's statistics)
+        is estimated on about ``curvature_sample.size`` rows drawn by their
+        share of it (:func:`sample_curvature_rows`). The fixed
+        point is unchanged (the gradient is exact); only the step's model is
+        estimated. Ignored for other heads.
+    """
+
+    alpha: Alpha = 0.0
+    damping: float = 1.0
+    curvature: str = "fgn"
+    solver: str = "auto"
+    cg_tol: float = 1e-5
+    cg_max_iter: int = 100
+    weight_total: float | None = None
+    structured: bool = False
+    mixed_precision: bool = False
+    comm: Communicator = SINGLE
+    curvature_sample: CurvatureSample | None = None
+
+
 def build_system(
-    head: Head | LogitsFn, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None, alpha: Alpha,
-    damping: float, curvature: str, logits: Tensor | None = None, weight_total: float | None = None,
-    comm: Communicator = SINGLE,
+    head: Head | LogitsFn, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None,
+    options: StepOptions, logits: Tensor | None = None,
 ) -> DampedSystem:  # fmt: skip
     """Linearise, take the loss and gradient, and form the operator and the damping (phase 1 of a step).
 
-    Arguments as :func:`._step.compute_step`. Cost: one forward pass (none for a
-    linear head given ``logits``) and one VJP.
+    Arguments as :func:`._step.compute_step` (of ``options``: ``alpha``,
+    ``damping``, ``curvature``, ``weight_total`` and ``comm``). Cost: one
+    forward pass (none for a linear head given ``logits``) and one VJP.
 
     Returns
     -------
     DampedSystem
     """
+    alpha, damping, curvature, comm = options.alpha, options.damping, options.curvature, options.comm
     lin = linearize(head, params, X, logits)
-    weights = normalized_weights(sample_weight, y.shape[0], lin.logits, weight_total)
+    weights = normalized_weights(sample_weight, y.shape[0], lin.logits, options.weight_total)
     coefficients = penalty_coefficients(head, params, alpha)
     stats = MarginStats(lin.logits, y)
     loss, grad = loss_and_gradient(lin, stats, params, weights, coefficients, comm)

@@ -38,8 +38,8 @@ from ._preconditioners import (
     PreconditionerRequest,
     choose_preconditioner,
 )
-from ._step import StepOptions, StepResult, compute_step
-from ._system import CurvatureSample, DampedSystem, build_system
+from ._step import StepResult, compute_step
+from ._system import CurvatureSample, DampedSystem, StepOptions, build_system
 from ._tuning import Tuning, get_tuning, tuning_context
 
 __all__ = [

@@ -16,7 +16,8 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from skorch.callbacks import Checkpoint, EarlyStopping, EpochScoring  # noqa: E402
 
 from sklearn_fgn._objective import objective  # noqa: E402
-from sklearn_fgn._step import StepOptions, compute_step  # noqa: E402
+from sklearn_fgn._step import compute_step  # noqa: E402
+from sklearn_fgn._system import StepOptions
 from sklearn_fgn.skorch import FGNNeuralNetClassifier, _make_logits_fn  # noqa: E402
 
 BATCH_KEYS = {"loss", "damping", "cg_iter", "step_norm", "accepted", "step_size", "train_loss"}

@@ -25,7 +25,7 @@ from sklearn_fgn._batches import Batch
 from sklearn_fgn._damping import StepRecord, levenberg_marquardt
 from sklearn_fgn._heads import forward
 from sklearn_fgn._solver import LoopConfig
-from sklearn_fgn._step import StepOptions, compute_step
+from sklearn_fgn._step import compute_step
 from sklearn_fgn._stepper import Stepper, StepperState
 from sklearn_fgn._stopping import (
     _geometric_tail,
@@ -33,6 +33,7 @@ from sklearn_fgn._stopping import (
     path_gap_tol,
     remaining_gap,
 )
+from sklearn_fgn._system import StepOptions
 from sklearn_fgn._tuning import Tuning
 
 TUNING = Tuning()  # the defaults, which these tests read

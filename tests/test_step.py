@@ -31,7 +31,8 @@ from sklearn_fgn._inner import SolveRecord
 from sklearn_fgn._margin import LogitCurvature, MarginStats, margin
 from sklearn_fgn._objective import normalized_weights, objective
 from sklearn_fgn._preconditioners import make_fgn_preconditioner, make_kronecker_preconditioner
-from sklearn_fgn._step import StepOptions, compute_step
+from sklearn_fgn._step import compute_step
+from sklearn_fgn._system import StepOptions
 from sklearn_fgn._tuning import get_tuning
 
 cases = pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -412,7 +413,9 @@ def _system(seed, curvature="ggn", n=300, K=5, d=6):
     params = {"coef_0": centers.clone(), "intercept_0": torch.zeros(K, dtype=torch.float64)}
     sample_weight = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
     alpha = {"coef_0": 1e-3 * (1.0 + torch.rand(d, generator=g, dtype=torch.float64))}
-    return build_system(head, params, X, y, sample_weight, alpha, 1e-4, curvature)
+    return build_system(
+        head, params, X, y, sample_weight, StepOptions(alpha=alpha, damping=1e-4, curvature=curvature)
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -469,7 +472,7 @@ def test_hard_rows_are_left_to_the_kronecker_model_when_the_curvature_is_spread(
     }
     X = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = torch.arange(n) % K
-    system = build_system(head, params, X, y, None, 1e-3, 1e-4, "ggn")
+    system = build_system(head, params, X, y, None, StepOptions(alpha=1e-3, damping=1e-4, curvature="ggn"))
     assert step._hard_row_budget(n, K, d) / n < get_tuning().hard_rows_share
     assert step.make_hard_row_preconditioner(system) is None
     tune(hard_rows_share=0.0)
@@ -552,7 +555,9 @@ def test_class_means_preconditioner_without_intercept_and_with_one_logit(seed):
         params = {"coef_0": torch.randn(K, d, generator=g, dtype=torch.float64)}
         if intercept:
             params["intercept_0"] = torch.zeros(K, dtype=torch.float64)
-        system = build_system(head, params, X, y, None, 1e-2, 1e-3, "ggn")
+        system = build_system(
+            head, params, X, y, None, StepOptions(alpha=1e-2, damping=1e-3, curvature="ggn")
+        )
         blocks, lam = _class_means_model(system, intercept)
         index = _flat_layout(K, d, intercept)
         r = torch.randn(index.numel(), generator=g, dtype=torch.float64)

@@ -21,9 +21,10 @@ from test_step import _system
 import sklearn_fgn._stepper as stepper
 from sklearn_fgn import FGNClassifier
 from sklearn_fgn._objective import unflatten
-from sklearn_fgn._step import StepOptions, compute_step
+from sklearn_fgn._step import compute_step
 from sklearn_fgn._system import (
     CurvatureSample,
+    StepOptions,
     _poisson_threshold,
     curvature_along,
     sample_curvature_rows,
