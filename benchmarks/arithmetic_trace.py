@@ -16,24 +16,33 @@ batch (feature metric, float64 and float32; the Cholesky, hard-row,
 class-means and Kronecker preconditioners; the curvature sample), mini-batches
 with early stopping, the MLP full batch and mini-batch, GGN curvature,
 ``partial_fit`` and ``warm_start``, ``FGNClassifierCV`` and the skorch net.
-Everything runs on the CPU with one thread so that the reductions' order is fixed.
+Everything runs on the CPU with one thread and MKL in its reproducible mode
+(``MKL_CBWR=AUTO`` unless set), so that the reductions' order is fixed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import re
-import sys
-import warnings
+import os
 
-import numpy as np
-import torch
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.preprocessing import StandardScaler
+# MKL's default code paths sum in an order that depends on the operands' memory
+# alignment, which differs from run to run: a reduction can then differ in its
+# last bit between two runs of the same code. Its conditional numerical
+# reproducibility mode fixes the order; it is read when MKL starts, before torch.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
-from sklearn_fgn import FGNClassifier, FGNClassifierCV
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.datasets import load_breast_cancer, load_digits  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from sklearn_fgn import FGNClassifier, FGNClassifierCV  # noqa: E402
 
 
 def _digest(*arrays) -> str:

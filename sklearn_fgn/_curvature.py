@@ -36,7 +36,18 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from ._heads import Head, Params, activation_slope, forward, forward_with_cache, is_penalized
+from ._heads import (
+    COEF,
+    INTERCEPT,
+    Head,
+    Params,
+    activation_slope,
+    coef_key,
+    forward,
+    forward_with_cache,
+    intercept_key,
+    is_penalized,
+)
 from ._margin import MarginStats, log_curvature_weight, margin
 
 __all__ = [
@@ -94,13 +105,13 @@ def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | No
     # logits = X W^T + b, so J v = X V^T + v_b and J^T C = (C^T X, sum_i C_i).
     def jvp(v: Params) -> Tensor:
         if head.fit_intercept:  # one fused pass: v_b + X V^T
-            return torch.addmm(v["intercept_0"], X, v["coef_0"].T)
-        return X @ v["coef_0"].T
+            return torch.addmm(v[INTERCEPT], X, v[COEF].T)
+        return X @ v[COEF].T
 
     def vjp(cotangent: Tensor) -> Params:
-        grads = {"coef_0": cotangent.T @ X}
+        grads = {COEF: cotangent.T @ X}
         if head.fit_intercept:
-            grads["intercept_0"] = cotangent.sum(0)
+            grads[INTERCEPT] = cotangent.sum(0)
         return grads
 
     logits = forward(head, params, X) if logits is None else logits
@@ -203,7 +214,7 @@ def _preact_cotangents(
     """Backpropagate ``cotangent`` (on the logits) to every layer's pre-activation, first layer first."""
     deltas = [cotangent]
     for layer in range(head.n_layers - 1, 0, -1):
-        delta = deltas[-1] @ params[f"coef_{layer}"]
+        delta = deltas[-1] @ params[coef_key(layer)]
         slope = slopes[layer - 1]
         deltas.append(delta if slope is None else delta.mul_(slope))
     return deltas[::-1]
@@ -222,11 +233,11 @@ def _linearize_mlp(head: Head, params: Params, X: Tensor) -> LogitsLinearization
     def jvp(v: Params) -> Tensor:
         tangent = None  # J v of the current layer's input
         for layer, hidden in enumerate(inputs):
-            out = hidden @ v[f"coef_{layer}"].T
+            out = hidden @ v[coef_key(layer)].T
             if tangent is not None:
-                out.addmm_(tangent, params[f"coef_{layer}"].T)
+                out.addmm_(tangent, params[coef_key(layer)].T)
             if head.fit_intercept:
-                out += v[f"intercept_{layer}"]
+                out += v[intercept_key(layer)]
             if layer < head.n_layers - 1:
                 tangent = out if slopes[layer] is None else out.mul_(slopes[layer])
         return out
@@ -237,9 +248,9 @@ def _linearize_mlp(head: Head, params: Params, X: Tensor) -> LogitsLinearization
     def vjp(cotangent: Tensor) -> Params:
         grads = {}
         for layer, delta in enumerate(backprop(cotangent)):
-            grads[f"coef_{layer}"] = delta.T @ inputs[layer]
+            grads[coef_key(layer)] = delta.T @ inputs[layer]
             if head.fit_intercept:
-                grads[f"intercept_{layer}"] = delta.sum(0)
+                grads[intercept_key(layer)] = delta.sum(0)
         return grads
 
     return LogitsLinearization(logits, jvp, vjp, inputs, backprop)
@@ -463,10 +474,10 @@ def fgn_gram(
     logits, inputs, deltas = _margin_gradients_by_layer(head, params, X, y, lin, stats)
     gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
     for layer, (hidden, delta) in enumerate(zip(inputs, deltas, strict=True)):
-        lam = damping[f"coef_{layer}"]  # a float, or per-column weights of a whitened layer
+        lam = damping[coef_key(layer)]  # a float, or per-column weights of a whitened layer
         kernel = (hidden @ hidden.T) / lam if isinstance(lam, float) else (hidden / lam) @ hidden.T
         if head.fit_intercept:
-            kernel = kernel + 1.0 / damping[f"intercept_{layer}"]
+            kernel = kernel + 1.0 / damping[intercept_key(layer)]
         gram += (delta @ delta.T) * kernel
     scale = fgn_row_scale(logits, y, weights, None if stats is None else stats.margin)
     return scale[:, None] * gram * scale[None, :]

@@ -18,7 +18,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ._device import torch_dtype
-from ._heads import init_params
+from ._heads import COEF, INTERCEPT, coef_key, init_params, intercept_key
 from ._solver import LoopState
 
 __all__ = [
@@ -87,26 +87,26 @@ def _apply_linear_init(head, params, coef_init, intercept_init):
         raise ValueError(
             "coef_init and intercept_init apply to the linear head (hidden_layer_sizes=()) only."
         )
-    dtype = params["coef_0"].dtype
+    dtype = params[COEF].dtype
     if coef_init is not None:
         coef = torch.as_tensor(np.asarray(coef_init, dtype=np.float64), dtype=dtype)
-        if coef.shape != params["coef_0"].shape:
+        if coef.shape != params[COEF].shape:
             raise ValueError(
-                f"coef_init has shape {tuple(coef.shape)}; expected {tuple(params['coef_0'].shape)}."
+                f"coef_init has shape {tuple(coef.shape)}; expected {tuple(params[COEF].shape)}."
             )
         _check_finite_init("coef_init", coef)
-        params["coef_0"] = coef
+        params[COEF] = coef
     if intercept_init is not None:
         if not head.fit_intercept:
             raise ValueError("intercept_init was given but fit_intercept=False.")
         bias = torch.as_tensor(np.asarray(intercept_init, dtype=np.float64), dtype=dtype).reshape(-1)
-        if bias.shape != params["intercept_0"].shape:
+        if bias.shape != params[INTERCEPT].shape:
             raise ValueError(
                 f"intercept_init has shape {tuple(bias.shape)}; "
                 f"expected {tuple(params['intercept_0'].shape)}."
             )
         _check_finite_init("intercept_init", bias)
-        params["intercept_0"] = bias
+        params[INTERCEPT] = bias
     return params
 
 
@@ -138,9 +138,9 @@ def params_from_attributes(estimator, head, dtype):
         weights, biases = [w.T for w in estimator.coefs_], list(estimator.intercepts_)
     params = {}
     for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        params[f"coef_{layer}"] = torch.tensor(np.asarray(weight, dtype=dtype))
+        params[coef_key(layer)] = torch.tensor(np.asarray(weight, dtype=dtype))
         if head.fit_intercept:
-            params[f"intercept_{layer}"] = torch.tensor(np.asarray(bias, dtype=dtype))
+            params[intercept_key(layer)] = torch.tensor(np.asarray(bias, dtype=dtype))
     return params
 
 
@@ -194,9 +194,9 @@ def fitted_attributes(head, state, alpha):
         raise ValueError(
             "The fit produced non-finite parameters; scale the features or raise alpha or damping."
         )
-    weights = [params[f"coef_{layer}"] for layer in range(head.n_layers)]
+    weights = [params[coef_key(layer)] for layer in range(head.n_layers)]
     biases = [
-        params[f"intercept_{layer}"] if head.fit_intercept else np.zeros(w.shape[0], dtype=w.dtype)
+        params[intercept_key(layer)] if head.fit_intercept else np.zeros(w.shape[0], dtype=w.dtype)
         for layer, w in enumerate(weights)
     ]
     if head.is_linear:

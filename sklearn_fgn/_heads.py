@@ -18,17 +18,35 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
+    "COEF",
+    "INTERCEPT",
     "Head",
     "Params",
     "activation_slope",
+    "coef_key",
     "forward",
     "forward_with_cache",
     "init_params",
+    "intercept_key",
     "is_penalized",
 ]
 
 # A parameter set: name -> tensor (``coef_0``, ``intercept_0``, ...; a module's names for a logits function).
 Params = dict[str, Tensor]
+
+
+def coef_key(layer: int) -> str:
+    """Return the name of layer ``layer``'s weight matrix in a head's parameters, ``"coef_{layer}"``."""
+    return f"coef_{layer}"
+
+
+def intercept_key(layer: int) -> str:
+    """Return the name of layer ``layer``'s bias in a head's parameters, ``"intercept_{layer}"``."""
+    return f"intercept_{layer}"
+
+
+# The linear head's parameters (and an MLP's first layer's, which the feature metric whitens).
+COEF, INTERCEPT = coef_key(0), intercept_key(0)
 ACTIVATIONS = {
     "identity": lambda t: t,
     "relu": torch.relu,
@@ -121,7 +139,7 @@ class Head:
 
 def is_penalized(name: str) -> bool:
     """Whether parameter ``name`` is penalised by ``alpha`` (weights are, biases not)."""
-    return name.startswith("coef_")
+    return name.startswith(coef_key(0)[:-1])
 
 
 def init_params(

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import SINGLE, Communicator
+from ._heads import COEF, INTERCEPT
 from ._tuning import get_tuning
 
 __all__ = [
@@ -474,7 +475,7 @@ def whitened_params(metric: FeatureMetric, params: dict[str, Tensor]) -> dict[st
     dict of Tensor
         A new dict; the other entries are shared with ``params``.
     """
-    coef, intercept = metric.weights_to_whitened(params["coef_0"], params.get("intercept_0"))
+    coef, intercept = metric.weights_to_whitened(params[COEF], params.get(INTERCEPT))
     return _with_first_layer(params, coef, intercept)
 
 
@@ -486,7 +487,7 @@ def unwhitened_params(metric: FeatureMetric, params: dict[str, Tensor]) -> dict[
     dict of Tensor
         A new dict; the other entries are shared with ``params``.
     """
-    coef, intercept = metric.weights_from_whitened(params["coef_0"], params.get("intercept_0"))
+    coef, intercept = metric.weights_from_whitened(params[COEF], params.get(INTERCEPT))
     return _with_first_layer(params, coef, intercept)
 
 
@@ -504,8 +505,8 @@ def standardized_first_layer(params: dict[str, Tensor], mean: Tensor, scale: Ten
     dict of Tensor
         A new dict; the other entries are shared with ``params``.
     """
-    coef = params["coef_0"] * scale.to(params["coef_0"].dtype)
-    intercept = params.get("intercept_0")
+    coef = params[COEF] * scale.to(params[COEF].dtype)
+    intercept = params.get(INTERCEPT)
     intercept = None if intercept is None else intercept - coef @ mean.to(coef.dtype)
     return _with_first_layer(params, coef, intercept)
 
@@ -513,5 +514,5 @@ def standardized_first_layer(params: dict[str, Tensor], mean: Tensor, scale: Ten
 def _with_first_layer(params: dict[str, Tensor], coef: Tensor, intercept: Tensor | None) -> dict[str, Tensor]:
     out = dict(params, coef_0=coef)
     if intercept is not None:
-        out["intercept_0"] = intercept
+        out[INTERCEPT] = intercept
     return out

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ._curvature import RowSpaceOperator, as_head, fgn_gram, linearize, make_fgn_operator
 from ._distributed import SINGLE, Communicator
-from ._heads import Head, Params
+from ._heads import COEF, INTERCEPT, Head, Params
 from ._margin import LogitCurvature, MarginStats
 from ._objective import flatten, unflatten
 from ._system import DampedSystem, whole_batch
@@ -176,11 +176,11 @@ def make_class_means_preconditioner(
     means, within = _group_moments(system, None) if moments is None else moments
     diagonal = system.logit_curvature().diagonal()
     shares = system.comm.sum_(diagonal.new_zeros(means.shape[0], n_logits).index_add_(0, y, diagonal))
-    intercept, d = "intercept_0" in grad, grad["coef_0"].shape[1]
+    intercept, d = INTERCEPT in grad, grad[COEF].shape[1]
     damping = within.new_zeros(n_logits, within.shape[0])
-    damping[:, :d] += lam["coef_0"]
+    damping[:, :d] += lam[COEF]
     if intercept:
-        damping[:, d] += lam["intercept_0"]
+        damping[:, d] += lam[INTERCEPT]
     inv_base = 1.0 / (shares.sum(0)[:, None] * within[None, :] + damping)  # B_k^{-1}, (K, d~)
     root, U = shares.T.sqrt(), means.T  # C_k^{1/2} as (K, G); U (d~, G)
     capacitance = _weighted_grams(U, inv_base)
@@ -194,9 +194,9 @@ def make_class_means_preconditioner(
 
     def apply(residual: Tensor) -> Tensor:
         blocks = unflatten(residual, grad)
-        R = blocks["coef_0"]
+        R = blocks[COEF]
         if intercept:
-            R = torch.cat([R, blocks["intercept_0"][:, None]], 1)
+            R = torch.cat([R, blocks[INTERCEPT][:, None]], 1)
         if shift_invariant:  # the shared part: the curvature is Lambda alone there
             shared = R.mean(0, keepdim=True)
             R = R - shared
@@ -205,7 +205,7 @@ def make_class_means_preconditioner(
         out = scaled - (inner @ U.T) * inv_base
         if shift_invariant:
             out = out - out.mean(0, keepdim=True) + shared / damping
-        return flatten({"coef_0": out[:, :d], "intercept_0": out[:, d]} if intercept else {"coef_0": out})
+        return flatten({COEF: out[:, :d], INTERCEPT: out[:, d]} if intercept else {COEF: out})
 
     return apply
 
@@ -240,7 +240,7 @@ def _group_moments(system: DampedSystem, cache: dict | None) -> tuple[Tensor, Te
         ``(means, within)``.
     """
     X, y, weights = system.X, system.y, system.weights
-    key = (X._version, max(system.stats.logits.shape[1], 2), "intercept_0" in system.gradient)
+    key = (X._version, max(system.stats.logits.shape[1], 2), INTERCEPT in system.gradient)
     if cache is None or system.comm.distributed:
         return class_group_moments(X, y, weights, key[1], key[2], system.comm)
     hit = cache.get("class_means")
@@ -302,10 +302,10 @@ def _cg_iterations_estimate(
         ``ln(2 / tol) / ln((sqrt(kappa) + 1) / (sqrt(kappa) - 1))``.
     """
     row = LogitCurvature(stats, weights, "fgn").trace()
-    coef_lam = lam["coef_0"]  # a float, or per-column weights of whitened features
+    coef_lam = lam[COEF]  # a float, or per-column weights of whitened features
     scaled = row * ((X * X).sum(1) / coef_lam if isinstance(coef_lam, float) else (X * X / coef_lam).sum(1))
     if fit_intercept:
-        scaled = scaled + row / lam["intercept_0"]
+        scaled = scaled + row / lam[INTERCEPT]
     rank = min(X.shape[0], (X.shape[1] + fit_intercept) * stats.logits.shape[1])
     kappa = 1.0 + max(float(scaled.max()), float(scaled.sum()) / rank)
     if not math.isfinite(kappa):

@@ -24,6 +24,7 @@ from ._arrays import nbytes, random_access
 from ._batches import RowSubset, Shard, TrainingData
 from ._device import fits_on, to_tensor
 from ._distributed import SINGLE
+from ._heads import COEF, coef_key
 from ._metric import (
     FeatureMetric,
     feature_moments,
@@ -271,14 +272,14 @@ def penalty_coefficients(alpha, head, metric, data):
     alpha = alpha / data.weight_total
     if metric is None or alpha == 0.0:
         return alpha
-    coefficients = dict.fromkeys((f"coef_{layer}" for layer in range(head.n_layers)), alpha)
+    coefficients = dict.fromkeys((coef_key(layer) for layer in range(head.n_layers)), alpha)
     # alpha e in float64 (e alone may lie beyond float32's range, see FeatureMetric.to), then
     # capped at 1 / eps^2: a column with a larger coefficient keeps a whitened weight (about
     # gradient / coefficient) far below the dtype's rounding of the logits either way, and the
     # cap keeps the products of coefficients, weights and steps within the dtype's range.
     dtype = metric.mean.dtype
     cap = torch.finfo(dtype).eps ** -2
-    coefficients["coef_0"] = (alpha * metric.penalty.double()).clamp_max(cap).to(dtype)
+    coefficients[COEF] = (alpha * metric.penalty.double()).clamp_max(cap).to(dtype)
     return coefficients
 
 

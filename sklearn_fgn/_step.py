@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ._curvature import LogitsFn, as_head
 from ._distributed import SINGLE, Communicator
-from ._heads import Head, Params
+from ._heads import Head, Params, intercept_key
 from ._inner import SolveRecord, mixed_pays_off, solve, solve_mixed
 from ._objective import unflatten, weighted_sq
 from ._preconditioners import PreconditionerRequest, choose_preconditioner
@@ -287,7 +287,7 @@ def _without_intercept_shift(
     logits_step : Tensor or None
     """
     head = as_head(head)
-    name = f"intercept_{head.n_layers - 1}" if head.has_layers else None
+    name = intercept_key(head.n_layers - 1) if head.has_layers else None
     if name not in step or step[name].shape[0] < 2:
         return step, logits_step
     shift = step[name].mean()

@@ -31,7 +31,7 @@ from ._curvature import (
     penalty_coefficients,
 )
 from ._distributed import SINGLE, Communicator
-from ._heads import Head, Params
+from ._heads import INTERCEPT, Head, Params
 from ._margin import LogitCurvature, MarginStats
 from ._objective import dot, loss_and_gradient, normalized_weights, weighted_sq
 
@@ -257,7 +257,7 @@ def sample_curvature_rows(
         process; a rank of a data-parallel fit then takes those rows).
     """
     norms = _row_square_norms(system.X, cache)
-    trace = system.logit_curvature().trace() * (norms + float("intercept_0" in system.gradient))
+    trace = system.logit_curvature().trace() * (norms + float(INTERCEPT in system.gradient))
     comm = system.comm
     every, offset = whole_batch(trace, comm)
     tau = _poisson_threshold(every, sample.size)
