@@ -308,6 +308,51 @@ def test_a_memmap_fit_is_bitwise_repeatable_across_processes(tmp_path):
     assert len(digests) == 1, digests
 
 
+_MLP_FIT = """
+import hashlib, sys, warnings
+import numpy as np, torch
+from sklearn.datasets import load_digits
+from sklearn.preprocessing import StandardScaler
+from sklearn_fgn import FGNClassifier
+torch.set_num_threads(1)
+X, y = load_digits(return_X_y=True)
+X = StandardScaler().fit_transform(X)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    clf = FGNClassifier(hidden_layer_sizes=(32, 16), activation="tanh", batch_size=128, max_iter=4,
+                        device="cpu", random_state=0).fit(X, y)
+print(repr(clf.loss_curve_), hashlib.sha256(b"".join(c.tobytes() for c in clf.coefs_)).hexdigest())
+"""
+
+
+def test_a_fit_and_its_loss_curve_are_bitwise_repeatable_across_processes():
+    """Issue 35, item 11: MKL's default paths sum in an alignment-dependent order.
+
+    A numpy X's address differs from process to process; without MKL's
+    reproducible mode (which importing the package asks for) the last
+    ``loss_curve_`` value of this fit took one of two values, 9 and 7 times in 16 runs.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _MLP_FIT], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
+    outputs = {run.communicate(timeout=120)[0].strip() for run in runs}
+    assert all(run.returncode == 0 for run in runs)
+    assert len(outputs) == 1, outputs
+
+
+def test_importing_the_package_asks_mkl_for_reproducible_sums_unless_the_user_chose():
+    code = "import os, sklearn_fgn; print(os.environ['MKL_CBWR'])"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "AUTO"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "MKL_CBWR": "COMPATIBLE"}, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "COMPATIBLE"
+
+
 def test_mini_batch_fit_reads_a_memmap_page_by_page_and_gives_the_advice_back(iris32, tmp_path, monkeypatch):
     """Random row gathers on a memmap: MADV_RANDOM during the epochs, MADV_NORMAL after."""
     import mmap
