@@ -308,7 +308,9 @@ def test_extreme_features_float32_cholesky_stops_in_few_iterations():
     # iteration plus at most one refinement. In float32 with cond(G_F + Lambda)
     # ~ 1e7 the parameter-space residual cannot be measured below ~1e-1, so CG
     # used to run on to cg_max_iter with the step already at float32 accuracy;
-    # it now stops when the iterate stops moving ("stagnated").
+    # it now stops when the iterate stops moving ("stagnated"). How many refinements
+    # float32 round-off asks depends on the BLAS's summation order: at most 3 with
+    # MKL's default paths, 4 in one case with its reproducible mode (MKL_CBWR=AUTO).
     reasons = set()
     for seed in range(6):
         for param_scale in (0.01, 0.005, 0.002):
@@ -316,7 +318,7 @@ def test_extreme_features_float32_cholesky_stops_in_few_iterations():
             reference = flatten(_hazard_step(head, params64, X64, y, "cholesky", **EXACT_CG).step)
             head, params, X, y = _hazard_problem(seed, torch.float32, param_scale=param_scale)
             result = _hazard_step(head, params, X, y, "cholesky", cg_tol=1e-4, cg_max_iter=100)
-            assert result.solve.reason in ("converged", "stagnated") and result.solve.n_iter <= 3
+            assert result.solve.reason in ("converged", "stagnated") and result.solve.n_iter <= 4
             assert rel_err(flatten(result.step).double(), reference) <= 2e-6
             reasons.add(result.solve.reason)
     assert reasons == {"converged", "stagnated"}  # both stops are exercised
