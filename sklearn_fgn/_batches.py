@@ -141,8 +141,7 @@ def prime_host_allocator() -> None:
     Opt-in: it changes the allocator's thresholds for the whole process, so
     the library never calls it; a process that runs many mini-batch CPU fits
     may (``sklearn_fgn.prime_host_allocator()``, once). Elsewhere (other
-    allocators) it costs an unused allocation. Measured speed-ups are in
-    ``benchmarks/RESULTS.md``.
+    allocators) it costs an unused allocation.
     """
     torch.empty(_ALLOCATOR_PRIMER_BYTES, dtype=torch.uint8, device="cpu")
 

@@ -164,8 +164,7 @@ class FGNClassifier(LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixin
         See ``tol``. Fewer epochs of patience end most fits sooner with the
         same best epoch, but cut short the fits whose held-out accuracy
         dips after the first epochs and then climbs slowly for dozens of
-        epochs (many classes, few samples each); benchmarks/RESULTS.md
-        compares patiences on several probe shapes.
+        epochs (many classes, few samples each).
     early_stopping : bool or "auto", default="auto"
         Hold out ``validation_fraction`` of the training data (stratified
         when every class can give it a sample, at random otherwise) and stop
@@ -577,7 +576,7 @@ class FGNClassifier(LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixin
                 curvature=self.curvature, solver=self.solver, damping_schedule=self.damping_schedule,
                 batch_size=plan.batch_size, max_iter=self.max_iter, tol=float(self.tol),
                 n_iter_no_change=self.n_iter_no_change, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter,
-                verbose=self.verbose, kronecker=metric is not None, gap_tol=search.gap_tol,
+                verbose=self.verbose, whitened=metric is not None, gap_tol=search.gap_tol,
                 null_loss=null_loss(head, plan.y_enc, sample_weight) if scored_gap else None, comm=comm,
             )  # fmt: skip
             if state.fit_params is None:

@@ -208,9 +208,8 @@ def full_batch_fits_gpu(n_samples, head, itemsize, device_memory):
     (logits, probabilities, CG vectors, products), counted with a margin as
     ``auto_gpu_full_batch_arrays``, beside the features themselves. On a GPU
     a full-batch step costs little more than a mini-batch step's overheads
-    (kernel launches, host reads), so full batch wins wherever it fits
-    (``benchmarks/RESULTS.md``). The device's total memory, not its free
-    memory, keeps the choice reproducible.
+    (kernel launches, host reads), so full batch wins wherever it fits. The
+    device's total memory, not its free memory, keeps the choice reproducible.
 
     Returns
     -------

@@ -181,7 +181,7 @@ def _training_data(plan, sample_weight, train, val, damping_metric):
 
     ``train`` and ``val``: rows of all ranks (``val`` None without a
     hold-out). With ``plan.layout`` (a data-parallel fit) each rank keeps
-    the training and validation rows it holds (:class:`._solver.Shard`).
+    the training and validation rows it holds (:class:`._batches.Shard`).
 
     Returns
     -------

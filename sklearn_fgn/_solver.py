@@ -44,10 +44,10 @@ class LoopConfig:
 
     ``alpha`` is the penalty on the mean loss (``alpha / sum(s)`` of the
     estimator's), a float or per-parameter coefficients (see
-    :func:`._curvature.penalty_coefficients`). ``kronecker``: the features
-    are whitened, and full-batch CG steps of a linear head are preconditioned
-    by the exact FGN solve on the hardest rows or the Kronecker model (see
-    :func:`._step.compute_step`).
+    :func:`._curvature.penalty_coefficients`). ``whitened``: the features
+    are whitened, so full-batch CG steps of a linear head may be
+    preconditioned by the models of its curvature (hard rows, class means,
+    Kronecker; :mod:`._preconditioners`).
     ``gap_tol``: a full-batch linear fit whose decreases shrink only
     linearly also stops once their geometric tail is below it (see
     :func:`._stopping.full_batch_converged`); None asks Newton's rate. ``null_loss``, with
@@ -73,7 +73,7 @@ class LoopConfig:
     cg_tol: float | str = "auto"
     cg_max_iter: int | str = 100
     verbose: int = 0
-    kronecker: bool = False
+    whitened: bool = False
     gap_tol: float | None = None
     null_loss: float | None = None
     comm: Communicator = SINGLE

@@ -290,7 +290,7 @@ class Stepper:
         options = StepOptions(
             alpha=cfg.alpha, damping=damping, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
             cg_max_iter=self.cg_max_iter(), weight_total=batch.weight_total,
-            structured=cfg.kronecker and full_batch, mixed_precision=full_batch, comm=cfg.comm,
+            structured=cfg.whitened and full_batch, mixed_precision=full_batch, comm=cfg.comm,
             curvature_sample=sample,
         )
         result: StepResult = compute_step(
@@ -320,7 +320,7 @@ def _curvature_sample(
 ) -> CurvatureSample | None:
     """How many of a full batch's rows the next step's curvature is estimated on; None for all of them.
 
-    Only for a linear head (:func:`._step.sample_curvature_rows`). The
+    Only for a linear head (:func:`._system.sample_curvature_rows`). The
     sample starts at ``curvature_sample_share`` of the rows, at least
     ``curvature_sample_min_rows`` and ``curvature_rows_per_logit`` per
     logit, and grows by :func:`_grow_curvature_sample`; beyond
