@@ -19,6 +19,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -240,15 +241,27 @@ def _group_moments(system: DampedSystem, cache: dict | None) -> tuple[Tensor, Te
         ``(means, within)``.
     """
     X, y, weights = system.X, system.y, system.weights
-    key = (X._version, max(system.stats.logits.shape[1], 2), INTERCEPT in system.gradient)
+    n_groups, intercept = max(system.n_logits, 2), INTERCEPT in system.gradient
     if cache is None or system.comm.distributed:
-        return class_group_moments(X, y, weights, key[1], key[2], system.comm)
-    hit = cache.get("class_means")
-    if hit is not None and hit[0]() is X and hit[1]() is y and hit[2] == key and torch.equal(hit[3], weights):
-        return hit[4]
-    moments = class_group_moments(X, y, weights, key[1], key[2], system.comm)
-    cache["class_means"] = (weakref.ref(X), weakref.ref(y), key, weights.clone(), moments)
+        return class_group_moments(X, y, weights, n_groups, intercept, system.comm)
+    key = (X._version, n_groups, intercept)
+    held: _MomentsEntry | None = cache.get("class_means")
+    same_rows = held is not None and held.X() is X and held.y() is y and held.key == key
+    if same_rows and torch.equal(held.weights, weights):
+        return held.moments
+    moments = class_group_moments(X, y, weights, n_groups, intercept, system.comm)
+    cache["class_means"] = _MomentsEntry(weakref.ref(X), weakref.ref(y), key, weights.clone(), moments)
     return moments
+
+
+class _MomentsEntry(NamedTuple):
+    """The class groups' moments and the rows they came from (held weakly: the cache keeps no X alive)."""
+
+    X: weakref.ref
+    y: weakref.ref
+    key: tuple
+    weights: Tensor
+    moments: tuple[Tensor, Tensor]
 
 
 def _gram_pays_off(
@@ -369,8 +382,8 @@ def _hard_rows(system: DampedSystem) -> tuple[Tensor, Tensor, Tensor, Tensor] | 
     if float(every[order].sum()) < share * float(every.sum()):
         return None
     rows = order.sort().values
-    mine = rows[(rows >= offset) & (rows < offset + X.shape[0])] - offset
-    picked = (X[mine], system.y[mine], system.weights[mine], system.lin.logits[mine])
+    local = rows[(rows >= offset) & (rows < offset + X.shape[0])] - offset  # this rank's hard rows
+    picked = (X[local], system.y[local], system.weights[local], system.lin.logits[local])
     if not comm.distributed:
         return picked
     shards = comm.gather_objects(tuple(t.cpu() for t in picked))

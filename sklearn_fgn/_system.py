@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -300,13 +301,21 @@ def _row_square_norms(X: Tensor, cache: dict | None) -> Tensor:
     -------
     Tensor
     """
-    hit = None if cache is None else cache.get("row_norms")
-    if hit is not None and hit[0]() is X and hit[1] == X._version:
-        return hit[2]
+    held: _NormsEntry | None = None if cache is None else cache.get("row_norms")
+    if held is not None and held.X() is X and held.version == X._version:
+        return held.norms
     norms = X.square().sum(1)
     if cache is not None:
-        cache["row_norms"] = (weakref.ref(X), X._version, norms)
+        cache["row_norms"] = _NormsEntry(weakref.ref(X), X._version, norms)
     return norms
+
+
+class _NormsEntry(NamedTuple):
+    """The rows' squared norms and the tensor (a weak reference) and version they came from."""
+
+    X: weakref.ref
+    version: int
+    norms: Tensor
 
 
 def _poisson_threshold(trace: Tensor, size: int) -> float | None:
