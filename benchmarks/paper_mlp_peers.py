@@ -30,7 +30,7 @@ untimed warm-up step (first-call overheads of torch.func, the optimizers).
 Data: scikit-learn's digits (1797 8x8 images, 10 classes, shipped with
 scikit-learn), stratified 75/25 train/test split (seed 0), pixels standardised
 on the training split. Module: 64 -> 128 tanh -> 10 (Glorot-uniform init from
-``sklearn_fgn._heads.init_params``, seed 0), float32. Mini-batches of 128,
+``sklearn_fgn.core.init_params``, seed 0), float32. Mini-batches of 128,
 reshuffled every epoch (seed 0). Budget: 8 s per run; grids: SGD and
 Shampoo lr {0.1, 0.3, 1}, Adam lr {1e-3, 3e-3, 1e-2}, K-FAC/FGN/GGN damping
 {0.1, 1, 10} (smaller dampings diverge with unit steps on mini-batches),
