@@ -64,7 +64,8 @@ step takes about a second of lazy initialisation). ``--methods FGN,torch``: only
 methods whose name contains one of those substrings (case-insensitive). ``--max-iter N``
 caps every method's iterations (torch's L-BFGS otherwise runs up to 5000, which on a
 weakly regularised 1000-class problem takes many minutes); ``--no-curvature-sample``
-makes FGN take its curvature on every row (the A/B of the subsampled steps).
+makes FGN take its curvature on every row (the A/B of the subsampled steps);
+``--tuning NAME=VALUE`` (repeatable) sets a tuning constant (``sklearn_fgn.core.Tuning``).
 
 Problems
 --------
@@ -345,10 +346,17 @@ def main() -> None:
                        help="iteration cap of every method (default: each its own, torch L-BFGS 5000)"),
         p.add_argument("--no-curvature-sample", action="store_true",
                        help="FGN takes its curvature on every row (the fit before issue 33), for an A/B"),
+        p.add_argument("--tuning", action="append", default=[], metavar="NAME=VALUE",
+                       help="set a sklearn_fgn tuning constant for the run (repeatable), for an A/B"),
     ))  # fmt: skip
     print(_common.machine_description())
-    if args.no_curvature_sample:  # for the rest of the run
-        tuning_context(curvature_sample_share=1.0).__enter__()
+    changes = dict(item.split("=", 1) for item in args.tuning)
+    changes = {name: float(v) if any(c in v for c in ".e") else int(v) for name, v in changes.items()}
+    if args.no_curvature_sample:
+        changes["curvature_sample_share"] = 1.0
+    if changes:  # for the rest of the run
+        tuning_context(**changes).__enter__()
+        print(f"tuning: {changes}")
     wanted_methods = [w.lower() for w in args.methods.split(",") if w]
     methods = [m for m in METHODS if not wanted_methods or any(w in m.lower() for w in wanted_methods)]
     if not methods:
