@@ -354,8 +354,9 @@ def main() -> None:
     changes = {name: float(v) if any(c in v for c in ".e") else int(v) for name, v in changes.items()}
     if args.no_curvature_sample:
         changes["curvature_sample_share"] = 1.0
-    if changes:  # for the rest of the run
-        tuning_context(**changes).__enter__()
+    tuned = tuning_context(**changes)  # held for the rest of the run (its exit restores the defaults)
+    tuned.__enter__()
+    if changes:
         print(f"tuning: {changes}")
     wanted_methods = [w.lower() for w in args.methods.split(",") if w]
     methods = [m for m in METHODS if not wanted_methods or any(w in m.lower() for w in wanted_methods)]
