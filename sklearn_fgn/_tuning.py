@@ -100,7 +100,10 @@ class Tuning:
     # This share of the rows to start with, at least this many rows and this
     # many per logit; the sample doubles after a step along which its
     # curvature was off the whole batch's by more than this factor, and beyond
-    # this share of the rows every row is used.
+    # this share of the rows every row is used. CG minimises the sampled model,
+    # so it picks directions the sample underrates (a ratio of 0.5-0.75 is
+    # usual); a bound of 3 was faster on a standardised probe but is not the
+    # default yet (docs/design.md §6).
     curvature_sample_share: float = 0.1
     curvature_sample_min_rows: int = 4096
     curvature_rows_per_logit: int = 10
