@@ -98,18 +98,36 @@ def solve(
     record : SolveRecord
         What CG did.
     """
-    lam_vec = _damping_vector(grad, lam)
-    image_matvec = _damped_product(op, grad, lam_vec, comm)
+    lam_vec, image_matvec, apply_m = _cg_setup(op, grad, lam, preconditioner, comm)
 
     def system_matvec(v: Tensor) -> Tensor:
         return image_matvec(v)[0]
 
-    apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
     result = conjugate_gradient(
         system_matvec, -flatten(grad), tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m,
         image_matvec=image_matvec if track_logits else None,
     )  # fmt: skip
     return unflatten(result.solution, grad), SolveRecord.from_cg(result)
+
+
+def _cg_setup(
+    op: RowSpaceOperator, grad: Params, lam: dict, preconditioner: Callable[[Tensor], Tensor] | None,
+    comm: Communicator,
+) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, Tensor]], Callable[[Tensor], Tensor]]:  # fmt: skip
+    """Return what both solvers run CG with: ``Lambda``'s diagonal, the damped product, the preconditioner.
+
+    Returns
+    -------
+    lam_vec : Tensor
+        ``Lambda``'s diagonal, flat.
+    image_matvec : callable
+        ``v -> ((G + Lambda) v, J v)`` (:func:`_damped_product`).
+    apply_m : callable
+        ``preconditioner``, or ``r -> Lambda^{-1} r`` without one.
+    """
+    lam_vec = _damping_vector(grad, lam)
+    apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
+    return lam_vec, _damped_product(op, grad, lam_vec, comm), apply_m
 
 
 def _damped_product(
@@ -193,8 +211,7 @@ def solve_mixed(
         ``n_iter`` counts every product, the check included.
     """
     grad, comm, op = system.gradient, system.comm, system.operator
-    lam_vec = _damping_vector(grad, system.damping)
-    image_matvec = _damped_product(op, grad, lam_vec, comm)
+    lam_vec, image_matvec, apply_m = _cg_setup(op, grad, system.damping, preconditioner, comm)
     low, low_dtype = low_precision_operator(system), torch.float32
     # Softmax logits are shift invariant, so G's range has zero sums over the
     # classes; float32 round-off breaks that, and along the unpenalised
@@ -209,7 +226,6 @@ def solve_mixed(
             product = {k: t - t.mean(0, keepdim=True) for k, t in product.items()}
         return torch.addcmul(comm.sum_(flatten(product)), lam_vec, v)
 
-    apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
     rhs = -flatten(grad)
     result = conjugate_gradient(low_matvec, rhs, tol=cg_tol, max_iter=cg_max_iter, preconditioner=apply_m)
     if result.reason not in ("converged", "stagnated", "max_iter"):
