@@ -101,9 +101,8 @@ class Tuning:
     # many per logit; the sample doubles after a step along which its
     # curvature was off the whole batch's by more than this factor, and beyond
     # this share of the rows every row is used. CG minimises the sampled model,
-    # so it picks directions the sample underrates (a ratio of 0.5-0.75 is
-    # usual); a bound of 3 was faster on a standardised probe but is not the
-    # default yet (docs/design.md §6).
+    # so it picks directions the sample underrates (a ratio below 1 is usual);
+    # docs/design.md §6 says why a looser bound is not the default yet.
     curvature_sample_share: float = 0.1
     curvature_sample_min_rows: int = 4096
     curvature_rows_per_logit: int = 10
