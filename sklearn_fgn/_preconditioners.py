@@ -475,8 +475,10 @@ class GramCholesky(Preconditioner):
     Tried when the user asks ``solver="cholesky"``, or under ``"auto"`` in
     one process for a :class:`Head` of at most ``cholesky_max_rows`` rows when
     forming and factorising the Gram costs less than the CG iterations it
-    saves (:func:`_gram_pays_off`). An explicit request whose factorisation
-    fails warns; the next preconditioners are tried then.
+    saves (:func:`_gram_pays_off`). Not under ``"auto"`` on a curvature
+    sample: a data-parallel fit, which has no Gram, must take the steps one
+    process takes on the same sample. An explicit request whose
+    factorisation fails warns; the next preconditioners are tried then.
     """
 
     name = "cholesky"
@@ -488,6 +490,7 @@ class GramCholesky(Preconditioner):
         return (
             request.solver == "auto"
             and not system.comm.distributed
+            and not system.sampled
             and as_head(system.head).has_layers
             and system.y.shape[0] <= get_tuning().cholesky_max_rows
             and _gram_pays_off(

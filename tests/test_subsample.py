@@ -92,6 +92,23 @@ def test_sample_is_unbiased_and_takes_the_hardest_rows(seed):
     assert set(sure.tolist()) <= set(rows.tolist())
 
 
+def test_auto_solver_takes_no_gram_cholesky_step_on_a_sample(monkeypatch):
+    # A data-parallel fit has no Gram: one process must not take a Gram-Cholesky step on the same
+    # sample, or the two fits part (they did with samples of 29 rows and the 3x growth bound).
+    import sklearn_fgn._preconditioners as preconditioners
+
+    monkeypatch.setattr(preconditioners, "_gram_pays_off", lambda *a: True)
+    system = _system(0, "fgn")
+    rows, scale = sample_curvature_rows(system, CurvatureSample(60, torch.Generator().manual_seed(0)))
+    sample = subsampled_system(system, rows, scale)
+    auto = preconditioners.PreconditionerRequest(solver="auto")
+    assert preconditioners.GramCholesky.affordable(system, auto)
+    assert not preconditioners.GramCholesky.affordable(sample, auto)
+    assert preconditioners.choose_preconditioner(sample, auto)[0] == "cg"
+    asked = preconditioners.PreconditionerRequest(solver="cholesky")
+    assert preconditioners.GramCholesky.affordable(sample, asked)  # an explicit request is kept
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("curvature", ["ggn", "fgn"])
 def test_curvature_along_the_step_is_the_dense_quadratic_form(seed, curvature):
