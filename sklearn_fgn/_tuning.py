@@ -101,12 +101,12 @@ class Tuning:
     # many per logit; the sample doubles after a step along which its
     # curvature was off the whole batch's by more than this factor, and beyond
     # this share of the rows every row is used. CG minimises the sampled model,
-    # so it picks directions the sample underrates (a ratio below 1 is usual);
-    # docs/design.md §6 says why a looser bound is not the default yet.
+    # so it picks directions the sample underrates (a ratio below 1 is usual,
+    # and the bound is loose so as not to grow on that bias; docs/design.md §6).
     curvature_sample_share: float = 0.1
     curvature_sample_min_rows: int = 4096
     curvature_rows_per_logit: int = 10
-    curvature_sample_error: float = 1.5
+    curvature_sample_error: float = 3.0
     curvature_sample_max_share: float = 0.125
 
     # --- The feature metric (_metric) ---
