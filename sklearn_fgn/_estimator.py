@@ -140,14 +140,15 @@ class FGNClassifier(LogitsPredictionMixin, CallbackSupportMixin, ClassifierMixin
         factorisation fails, as it can for badly scaled float32 features;
         an explicit ``"cholesky"`` warns then).
     batch_size : int, "auto" or None, default="auto"
-        ``None`` is full batch. ``"auto"``: full batch while
-        ``n_samples * n_classes <= 2**24`` (about 16.7 million logits; for
-        MLP heads also ``n_samples <= 8192``), else 512. On a CUDA device a
-        linear head fits full batch wherever about 12 ``(n_samples,
-        n_classes)`` arrays and ``X`` take at most half the device's memory:
-        small steps there are bound by kernel launches, not arithmetic. Full
-        batch converges to the optimum in a few Newton steps; mini-batches
-        make progress from the first epoch on data too large for that. A
+        ``None`` is full batch. ``"auto"``: a linear head fits full batch
+        wherever about 12 ``(n_samples, n_classes)`` arrays and ``X`` take at
+        most half the memory of the device (a GPU's, or the host's RAM), so
+        that the fit reaches the optimum of its objective, the same model on
+        any device; 512 beyond. An MLP head fits full batch while
+        ``n_samples <= 8192`` and ``n_samples * n_classes <= 2**24``. Full
+        batch converges to the optimum in a few Newton steps (on large data
+        with the curvature on a sample of the rows); mini-batches make
+        progress from the first epoch on data too large for that. A
         memory-mapped ``X`` (``np.memmap`` or a view of one) is read in
         batches of 512 rows and never copied whole: pass ``np.asarray(X)``
         to fit it full batch in memory.

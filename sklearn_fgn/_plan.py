@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ __all__ = [
     "PLAIN_FIT",
     "FitPlan",
     "SearchFit",
-    "full_batch_fits_gpu",
+    "device_memory",
+    "full_batch_fits",
     "make_fit_plan",
     "resolve_batch_size",
     "resolve_early_stopping",
@@ -191,9 +193,9 @@ def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None):
         return get_tuning().auto_batch_size
     if layout is not None:
         n_samples = math.ceil(n_samples * layout.largest_share)
-    if head.is_linear and device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
-        full = full_batch_fits_gpu(n_samples, head, np.dtype(numpy_dtype(X.dtype)).itemsize, memory)
+    memory = device_memory(device) if head.is_linear else None
+    if memory is not None:
+        full = full_batch_fits(n_samples, head, np.dtype(numpy_dtype(X.dtype)).itemsize, memory)
     else:
         full = n_samples * head.n_logits <= get_tuning().auto_full_batch_max_entries
     if not head.is_linear:
@@ -201,22 +203,43 @@ def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None):
     return None if full else get_tuning().auto_batch_size
 
 
-def full_batch_fits_gpu(n_samples, head, itemsize, device_memory):
-    """Return whether a linear head's full-batch fit fits in half of a GPU's ``device_memory`` bytes.
+def device_memory(device):
+    """Return the bytes of memory a fit on ``device`` can count on: a GPU's, or the host's RAM.
+
+    The total, not the free memory, so that the choice is the same on every
+    run on one machine. None where the host does not report it (``sysconf``
+    lacks the pages on some platforms).
+
+    Returns
+    -------
+    int or None
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def full_batch_fits(n_samples, head, itemsize, device_memory):
+    """Return whether a linear head's full-batch fit fits in a share of ``device_memory`` bytes.
 
     A full-batch step holds about ten (n_samples, n_logits) arrays at once
-    (logits, probabilities, CG vectors, products), counted with a margin as
-    ``auto_gpu_full_batch_arrays``, beside the features themselves. On a GPU
-    a full-batch step costs little more than a mini-batch step's overheads
-    (kernel launches, host reads), so full batch wins wherever it fits. The
-    device's total memory, not its free memory, keeps the choice reproducible.
+    (logits, probabilities, the step's logits, trial logits), counted with a
+    margin as ``auto_full_batch_arrays``, beside the features (the fit's
+    whitened copy). Wherever that fits, the linear head fits full batch on
+    any device, so that one estimator gives one model, the optimum of its
+    objective, on a CPU as on a GPU (on large data a full-batch step takes
+    its curvature on a sample of the rows, docs/design.md §6).
 
     Returns
     -------
     bool
     """
-    arrays = get_tuning().auto_gpu_full_batch_arrays * n_samples * head.n_logits + n_samples * head.n_features
-    return arrays * itemsize <= get_tuning().auto_gpu_memory_share * device_memory
+    tuning = get_tuning()
+    arrays = tuning.auto_full_batch_arrays * n_samples * head.n_logits + n_samples * head.n_features
+    return arrays * itemsize <= tuning.auto_full_batch_memory_share * device_memory
 
 
 def validation_rows(n_samples, validation_fraction, early_stopping, n_classes):

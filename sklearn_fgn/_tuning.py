@@ -118,18 +118,19 @@ class Tuning:
     metric_ridge: float = 1e-4
 
     # --- The estimator's "auto" rules ---
-    # batch_size="auto": full batch while n_samples * n_logits stays below this
-    # (the full-GGN step keeps a few (n, K) arrays), else auto_batch_size rows.
-    # MLP heads also need n_samples <= auto_mlp_full_batch_max_samples.
+    # batch_size="auto": a linear head fits full batch wherever this many of
+    # its (n, K) arrays and X take at most this share of the device's memory
+    # (a GPU's, or the host's RAM), else auto_batch_size rows.
+    auto_full_batch_arrays: int = 12
+    auto_full_batch_memory_share: float = 0.5
+    # An MLP head (or a linear head where the host's memory is unknown): full
+    # batch while n_samples * n_logits stays below this; an MLP head also
+    # needs n_samples <= auto_mlp_full_batch_max_samples.
     auto_full_batch_max_entries: int = 2**24
     auto_batch_size: int = 512
     auto_mlp_full_batch_max_samples: int = 8192
     # early_stopping="auto" holds out at most this many rows (or two per class).
     auto_validation_rows: int = 2048
-    # On a GPU a linear head fits full batch wherever this many of its (n, K)
-    # arrays take at most this share of the device's memory.
-    auto_gpu_full_batch_arrays: int = 12
-    auto_gpu_memory_share: float = 0.5
     # Rows whose logits the predict methods compute at once, and at most about
     # this many logits (16 MiB in float32): many classes, fewer rows.
     predict_chunk_rows: int = 2**15

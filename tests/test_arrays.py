@@ -211,30 +211,38 @@ def test_cuda_mini_batch_fit_from_cuda_tensor_with_early_stopping(iris32):
     np.testing.assert_allclose(est.coef_, reference.coef_, rtol=1e-3, atol=1e-3)
 
 
-def test_gpu_auto_batch_is_full_batch_where_it_fits_in_half_the_memory():
+def test_auto_batch_is_full_batch_where_it_fits_in_half_the_memory():
     from sklearn_fgn._heads import Head
-    from sklearn_fgn._plan import full_batch_fits_gpu
+    from sklearn_fgn._plan import full_batch_fits
 
     imagenet = Head(1024, 1000, (), "relu", True)
     # 12 (n, K) float32 arrays of 1281167 x 1000 and X: 66.7 GB.
-    assert full_batch_fits_gpu(1281167, imagenet, 4, 150e9)  # H200 (139.8 GiB)
-    assert not full_batch_fits_gpu(1281167, imagenet, 4, 80e9)
-    assert not full_batch_fits_gpu(1281167, imagenet, 8, 150e9)  # float64 doubles it
+    assert full_batch_fits(1281167, imagenet, 4, 150e9)  # H200 (139.8 GiB)
+    assert not full_batch_fits(1281167, imagenet, 4, 80e9)
+    assert not full_batch_fits(1281167, imagenet, 8, 150e9)  # float64 doubles it
     probe = Head(512, 1000, (), "relu", True)
-    assert full_batch_fits_gpu(100000, probe, 4, 24e9)  # 1.4 GB: any recent GPU
-    assert not full_batch_fits_gpu(100000, probe, 4, 2e9)
+    assert full_batch_fits(100000, probe, 4, 24e9)  # 5 GB: a laptop's RAM, a recent GPU
+    assert not full_batch_fits(100000, probe, 4, 8e9)
 
 
-def test_cpu_auto_batch_size_is_unchanged(iris32):
-    from sklearn_fgn._plan import resolve_batch_size
+def test_cpu_auto_batch_size_weighs_the_hosts_memory(iris32, tune):
+    from sklearn_fgn._plan import device_memory, resolve_batch_size
 
     X, y = iris32
     est = FGNClassifier(device="cpu")
     est.classes_ = np.unique(y)
-    head = est._make_head((), 4)
     cpu = torch.device("cpu")
-    assert resolve_batch_size(est.batch_size, 150, head, torch.from_numpy(X), cpu) is None
-    assert resolve_batch_size(est.batch_size, 2**24, head, X, cpu) == 512  # 3 logits: above 2**24 entries
+    memory = device_memory(cpu)
+    assert memory is not None and memory > 2**30  # this host reports its RAM
+    linear, mlp = est._make_head((), 4), est._make_head((8,), 4)
+    n = 2**22  # 12 * 3 + 4 float32 values a row: 671 MB
+    assert resolve_batch_size(est.batch_size, n, linear, X, cpu) is None
+    assert resolve_batch_size(est.batch_size, n, mlp, X, cpu) == 512  # an MLP: above 8192 rows
+    assert resolve_batch_size(est.batch_size, 150, mlp, X, cpu) is None
+    tune(auto_full_batch_memory_share=(12 * 3 + 4) * 4 * n / memory * 0.99)  # just short of n rows
+    assert resolve_batch_size(est.batch_size, n, linear, X, cpu) == 512
+    assert resolve_batch_size(est.batch_size, n // 2, linear, X, cpu) is None
+    assert resolve_batch_size(est.batch_size, n // 2, linear, X.astype(np.float64), cpu) == 512
 
 
 def test_read_only_memmap_is_read_in_place_and_fits_as_the_array(iris32, tmp_path):

@@ -260,20 +260,22 @@ def test_torchrun_example_fits_what_one_process_fits():
     assert float(line.split("differ by ")[1].split()[0]) < 1e-4  # float32 sums in another order
 
 
-def test_auto_batch_size_weighs_the_rows_one_device_holds():
-    """Full batch where the largest shard's logits fit the rule, though all ranks' do not."""
+def test_auto_batch_size_weighs_the_rows_one_device_holds(tune):
+    """Full batch where the largest shard's arrays fit the rule, though all ranks' do not."""
     import torch
 
-    from sklearn_fgn._plan import resolve_batch_size
+    from sklearn_fgn._plan import device_memory, resolve_batch_size
     from sklearn_fgn._ranks import RowLayout
     from sklearn_fgn._tuning import get_tuning
 
     est = FGNClassifier(device="cpu")
     est.classes_ = np.arange(100)
     head = est._make_head((), 8)
-    n = 2 * get_tuning().auto_full_batch_max_entries // 100  # twice the entries one process fits full batch
+    n = 2**20
     X = np.zeros((1, 8), dtype=np.float32)
     cpu = torch.device("cpu")
+    # the memory share of 0.55 n rows' arrays (12 of (n, 100) and X, float32)
+    tune(auto_full_batch_memory_share=0.55 * n * (12 * 100 + 8) * 4 / device_memory(cpu))
     assert resolve_batch_size(est.batch_size, n, head, X, cpu) == get_tuning().auto_batch_size
     halves = RowLayout(distributed.SINGLE, 0, largest_share=0.5)
     assert resolve_batch_size(est.batch_size, n, head, X, cpu, halves) is None
