@@ -120,14 +120,10 @@ class StepResult:
         The tolerance CG was given.
     sampled_curvature : float
         With a curvature sample: ``delta' G_S delta / delta' G delta``, the
-        sampled curvature (with ``StepOptions.missing_curvature``) along the
-        step relative to the whole batch's (``step_curvature`` and ``predicted_decrease`` are the whole
+        sampled curvature along the step relative to the whole batch's
+        (``step_curvature`` and ``predicted_decrease`` are the whole
         batch's, and where that ratio is small the step is cut to the whole
         batch's model's minimiser along it); 1.0 without a sample.
-    missing_curvature : float
-        With a curvature sample: ``max(0, delta' (G - G_S) delta) / delta' M
-        delta``, the whole batch's curvature along the step that the sample
-        missed, per unit of the damping's metric ``M``; 0.0 without a sample.
     """
 
     step: Params
@@ -144,7 +140,6 @@ class StepResult:
     curvature: str = "fgn"
     cg_tol: float = 0.0
     sampled_curvature: float = 1.0
-    missing_curvature: float = 0.0
 
 
 def compute_step(
@@ -230,22 +225,20 @@ def compute_step(
         logits_step = record.image if record.image is not None else torch.zeros_like(system.lin.logits)
     step, logits_step = _without_intercept_shift(head, step, logits_step)
     slope, curvature_term, damping_term = quadratic_model(model, step, unflatten(record.residual, step))
-    sampled, missing = 1.0, 0.0
+    sampled = 1.0
     if model is not system:
-        step, logits_step, slope, curvature_term, damping_term, sampled, missing = _whole_batch_model(
-            system, step, slope, curvature_term, damping_term, o
+        step, logits_step, slope, curvature_term, damping_term, sampled = _whole_batch_model(
+            system, step, slope, curvature_term, damping_term
         )
     return StepResult(
         step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, record,
         system.lin.logits, logits_step, slope, curvature_term, damping_term, o.curvature, o.cg_tol, sampled,
-        missing,
     )  # fmt: skip
 
 
 def _whole_batch_model(
-    system: DampedSystem, step: Params, slope: Tensor, curvature_term: Tensor, damping_term: Tensor,
-    options: StepOptions,
-) -> tuple[Params, Tensor, Tensor, Tensor, Tensor, float, float]:
+    system: DampedSystem, step: Params, slope: Tensor, curvature_term: Tensor, damping_term: Tensor
+) -> tuple[Params, Tensor, Tensor, Tensor, Tensor, float]:
     """Return the model along a step computed on a curvature sample, made the whole batch's.
 
     CG's ``J delta`` was on the sampled rows: one JVP on all rows gives the
@@ -259,27 +252,18 @@ def _whole_batch_model(
     step, logits_step, slope, curvature_term, damping_term
         As :class:`StepResult` reports them.
     sampled : float
-        ``delta' (G_S + mu M) delta / delta' G delta`` along the step, with
-        ``mu = options.missing_curvature``.
-    missing : float
-        ``max(0, delta' (G - G_S) delta) / delta' M delta``. (``delta' G_S
-        delta`` comes from CG's residual, which does not see the common
-        intercept shift removed after the solve: with intercepts both
-        ratios are estimates.)
+        ``delta' G_S delta / delta' G delta`` along the step.
     """
     logits_step = system.lin.jvp(step)
     penalty_term = weighted_sq(step, system.coefficients)
     along = curvature_along(system, logits_step)
-    on_sample = float(curvature_term - penalty_term)
-    metric_term = float(damping_term) / options.damping if options.damping > 0 else 0.0
-    missing = max(float(along) - on_sample, 0.0) / metric_term if metric_term > 0 else 0.0
-    sampled = (on_sample + options.missing_curvature * metric_term) / max(float(along), 1e-300)
+    sampled = float(curvature_term - penalty_term) / max(float(along), 1e-300)
     curvature_term = along + penalty_term
     t = -float(slope) / float(curvature_term) if float(curvature_term) > 0 else 1.0
     if 0.0 < t < 1.0:
         step, logits_step = {k: v * t for k, v in step.items()}, logits_step * t
         slope, curvature_term, damping_term = slope * t, curvature_term * t * t, damping_term * t * t
-    return step, logits_step, slope, curvature_term, damping_term, sampled, missing
+    return step, logits_step, slope, curvature_term, damping_term, sampled
 
 
 def _without_intercept_shift(

@@ -99,9 +99,7 @@ class StepperState:
     (:func:`._stopping.remaining_gap`); ``last_loss``: the objective after
     it (None before the first step). The forcing term reads them, the
     stopping rule the previous decrease. ``curvature_sample``: how many rows
-    the curvature is sampled on (linear heads; 0 until the first step decides);
-    ``missing_curvature``: the damping added for what the sample misses, once
-    ``compensating`` (:func:`_grow_curvature_sample`).
+    the curvature is sampled on (linear heads; 0 until the first step decides).
     """
 
     last_relative_decrease: float = math.inf
@@ -109,8 +107,6 @@ class StepperState:
     gap_estimate: float = math.inf
     last_loss: float | None = None
     curvature_sample: int = 0
-    missing_curvature: float = 0.0
-    compensating: bool = False
 
 
 class StepOutcome(NamedTuple):
@@ -291,12 +287,11 @@ class Stepper:
         sample = None
         if full_batch and self.generator is not None:
             sample = _curvature_sample(state, batch, head, self.generator)
-        missing = state.missing_curvature if sample is not None else 0.0
         options = StepOptions(
-            alpha=cfg.alpha, damping=damping + missing, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
+            alpha=cfg.alpha, damping=damping, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
             cg_max_iter=self.cg_max_iter(), weight_total=batch.weight_total,
             structured=cfg.whitened and full_batch, mixed_precision=full_batch, comm=cfg.comm,
-            curvature_sample=sample, missing_curvature=missing,
+            curvature_sample=sample,
         )
         result: StepResult = compute_step(
             head, params, batch.X, batch.y, batch.sample_weight, options,
@@ -350,27 +345,15 @@ def _curvature_sample(
 
 
 def _grow_curvature_sample(state: StepperState, result: StepResult) -> None:
-    """Compensate for, or double, a curvature sample that misjudged the step just computed.
+    """Double the curvature sample after a step along which it was far from the whole batch's curvature.
 
-    ``result.sampled_curvature`` is ``delta' (G_S + mu M) delta / delta' G
-    delta`` along the step: outside ``[1 / curvature_sample_error,
+    ``result.sampled_curvature`` is ``delta' G_S delta / delta' G delta``
+    along the step just computed: outside ``[1 / curvature_sample_error,
     curvature_sample_error]`` the sample misjudged the very direction it
-    chose. (The reduction ratio cannot tell: the step's model along its
-    direction is the whole batch's.) The first time it underrates the
-    curvature, the steps from then on add ``mu M`` to the damping, ``mu`` the
-    missing curvature per unit of the metric along the last step (where a
-    class's weights span more directions than its sampled rows, CG's steps
-    lean into the directions the sample does not see, and ``mu`` gives them
-    the whole batch's average curvature); ``mu`` at most halves from one
-    step to the next, because a step that ``mu`` kept out of those
-    directions does not measure them. After that, a misjudged step doubles the sample.
+    chose, and more rows are taken. (The reduction ratio cannot tell: the
+    step's model along its direction is the whole batch's.)
     """
     error = result.sampled_curvature
     bound = get_tuning().curvature_sample_error
     if state.curvature_sample and not (1.0 / bound <= error <= bound):
-        if error < 1.0 / bound and not state.compensating:
-            state.compensating = True
-        else:
-            state.curvature_sample *= 2
-    if state.compensating:
-        state.missing_curvature = max(result.missing_curvature, 0.5 * state.missing_curvature)
+        state.curvature_sample *= 2

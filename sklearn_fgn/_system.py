@@ -171,10 +171,6 @@ class StepOptions:
         share of it (:func:`sample_curvature_rows`). The fixed
         point is unchanged (the gradient is exact); only the step's model is
         estimated. Ignored for other heads.
-    missing_curvature : float, default=0.0
-        The part ``mu`` of ``damping`` that stands in for the curvature a
-        curvature sample misses (:class:`._stepper.Stepper` adds it): it
-        counts as curvature in ``StepResult.sampled_curvature``.
     """
 
     alpha: Alpha = 0.0
@@ -188,7 +184,6 @@ class StepOptions:
     mixed_precision: bool = False
     comm: Communicator = SINGLE
     curvature_sample: CurvatureSample | None = None
-    missing_curvature: float = 0.0
 
 
 def build_system(

@@ -7,9 +7,7 @@ the same optimum. Checked against dense float64 references and against
 scikit-learn.
 """
 
-import dataclasses
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,14 +20,12 @@ from test_step import _system
 
 import sklearn_fgn._stepper as stepper
 from sklearn_fgn import FGNClassifier
-from sklearn_fgn._heads import Head
 from sklearn_fgn._objective import unflatten
 from sklearn_fgn._step import compute_step
 from sklearn_fgn._system import (
     CurvatureSample,
     StepOptions,
     _poisson_threshold,
-    build_system,
     curvature_along,
     sample_curvature_rows,
     subsampled_system,
@@ -144,61 +140,6 @@ def test_subsampled_step_keeps_the_gradient_and_the_model_along_the_step_exact(s
     torch.testing.assert_close(sub.step_curvature, delta @ G @ delta + coef_penalty, rtol=1e-9, atol=0)
     assert sub.sampled_curvature != 1.0 and sub.sampled_curvature > 0.0
     assert float(sub.slope) < 0.0  # a descent direction
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_missing_curvature_is_what_the_sample_misses_along_the_step(seed):
-    # mu = max(0, d' (G - G_S) d) / d' M d, and the reported ratio counts mu M as curvature:
-    # against dense float64 G and G_S (the same draw), M read off the damping term. Without
-    # intercepts: the step's common intercept shift, removed after the solve, makes the sampled
-    # side of the ratio approximate.
-    g = torch.Generator().manual_seed(seed)
-    n, d, K = 400, 6, 5
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = torch.randint(0, K, (n,), generator=g)
-    centers = torch.randn(K, d, generator=g, dtype=torch.float64) * 3.0
-    X = X + centers[y] * (torch.rand(n, 1, generator=g, dtype=torch.float64) < 0.85)
-    head, params = Head(d, K, (), "relu", False), {"coef_0": centers}
-    alpha = {"coef_0": 1e-3 * (1.0 + torch.rand(d, generator=g, dtype=torch.float64))}
-    system = build_system(head, params, X, y, None, StepOptions(alpha=alpha, damping=1e-3, curvature="ggn"))
-    rows, scale = sample_curvature_rows(system, CurvatureSample(60, torch.Generator().manual_seed(seed)))
-    uniform = torch.full((n,), 1.0 / n, dtype=X.dtype)
-    G = dense_ggn(head, params, X, y, uniform)
-    G_S = dense_ggn(head, params, X[rows], y[rows], uniform[rows] * scale)
-    for mu in (0.0, 0.3):
-        options = StepOptions(
-            alpha=alpha, damping=1e-3 + mu, curvature="ggn", solver="cg", cg_tol=1e-10, cg_max_iter=500,
-            curvature_sample=CurvatureSample(60, torch.Generator().manual_seed(seed)), missing_curvature=mu,
-        )  # fmt: skip
-        sub = compute_step(head, params, X, y, None, options)
-        step = flatten(sub.step)
-        metric = float(sub.damping_term) / (1e-3 + mu)  # d' M d
-        along, on_sample = float(step @ G @ step), float(step @ G_S @ step)
-        missing = max(along - on_sample, 0.0) / metric
-        assert sub.missing_curvature == pytest.approx(missing, rel=1e-8, abs=1e-12)
-        assert sub.sampled_curvature == pytest.approx((on_sample + mu * metric) / along, rel=1e-8)
-        if mu == 0.0:
-            assert missing > 0.0  # CG leans into what the sample underrates
-    full = compute_step(head, params, X, y, None, dataclasses.replace(options, curvature_sample=None))
-    assert full.missing_curvature == 0.0 and full.sampled_curvature == 1.0
-
-
-def test_a_sample_that_underrates_the_step_is_compensated_before_it_grows(tune):
-    tune(curvature_sample_error=3.0)
-    state = stepper.StepperState(curvature_sample=100)
-    step = lambda ratio, missing: SimpleNamespace(sampled_curvature=ratio, missing_curvature=missing)  # noqa: E731
-    stepper._grow_curvature_sample(state, step(1.0, 7.0))  # well judged: nothing changes
-    assert (state.curvature_sample, state.compensating, state.missing_curvature) == (100, False, 0.0)
-    stepper._grow_curvature_sample(state, step(0.1, 5.0))  # underrated: add mu = 5, keep the sample
-    assert (state.curvature_sample, state.compensating, state.missing_curvature) == (100, True, 5.0)
-    stepper._grow_curvature_sample(state, step(1.2, 1.0))  # mu at most halves
-    assert (state.curvature_sample, state.missing_curvature) == (100, 2.5)
-    stepper._grow_curvature_sample(state, step(1.0, 4.0))
-    assert state.missing_curvature == 4.0
-    stepper._grow_curvature_sample(state, step(0.2, 1.0))  # misjudged again, with mu: more rows
-    assert (state.curvature_sample, state.missing_curvature) == (200, 2.0)
-    stepper._grow_curvature_sample(state, step(3.5, 0.0))  # overrated: more rows
-    assert state.curvature_sample == 400
 
 
 def _fit(X, y, alpha, dtype=np.float64, **params):
