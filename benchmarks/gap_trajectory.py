@@ -346,6 +346,8 @@ def main() -> None:
                        help="iteration cap of every method (default: each its own, torch L-BFGS 5000)"),
         p.add_argument("--no-curvature-sample", action="store_true",
                        help="FGN takes its curvature on every row (the fit before issue 33), for an A/B"),
+        p.add_argument("--class-sep", type=float, default=1.0,
+                       help="class_sep of the isotropic --extra problems (make_classification; default 1)"),
         p.add_argument("--tuning", action="append", default=[], metavar="NAME=VALUE",
                        help="set a sklearn_fgn tuning constant for the run (repeatable), for an A/B"),
     ))  # fmt: skip
@@ -369,7 +371,7 @@ def main() -> None:
         if not wanted or any(w in name for w in wanted)
     }
     for name, C in parse_extras(args.extra).items():
-        X_train, _, y_train, _ = load_problem(name, dtype=args.dtype)
+        X_train, _, y_train, _ = load_problem(name, class_sep=args.class_sep, dtype=args.dtype)
         problems[name] = (X_train, y_train, C)
     rows = []
     for name, (X, y, C) in problems.items():
