@@ -257,6 +257,7 @@ class FGNClassifierCV(LogitsPredictionMixin, ClassifierMixin, BaseEstimator):
             delayed(_fit_fold_path)(
                 path, _SearchRows(X, y, sample_weight, classes), (train, test), Cs,
                 (scorer, _check_method_params(y, score_params, indices=test)), _worker_threads(n_jobs),
+                min(n_jobs, len(folds)),
             )
             for train, test in folds
         )  # fmt: skip
@@ -456,12 +457,13 @@ class _SearchRows:
     classes: np.ndarray
 
 
-def _fit_fold_path(estimator, rows, fold, Cs, scoring, threads):
+def _fit_fold_path(estimator, rows, fold, Cs, scoring, threads, concurrent=1):
     """Fit ``estimator`` along ``Cs`` on the fold's training rows; score each on its test rows.
 
     ``rows``: the search's :class:`_SearchRows`; ``fold``: ``(train, test)``
     indices into them. ``scoring``: the scorer and its metadata on the test
-    rows. ``threads``: the worker's thread limit.
+    rows. ``threads``: the worker's thread limit; ``concurrent``: how many
+    folds are fitted at once (they share the device's memory).
 
     Returns
     -------
@@ -483,7 +485,9 @@ def _fit_fold_path(estimator, rows, fold, Cs, scoring, threads):
         large = _work(X, train, y_train) >= get_tuning().path_large_work
         X_train = _path_features(X[train], estimator.tol) if large else X[train]
         # the rows of what the search validated (X_train perhaps cast to float32)
-        search = SearchFit(gap_tol=estimator.tol, scored_only=large, classes=classes, validated=True)
+        search = SearchFit(
+            gap_tol=estimator.tol, scored_only=large, classes=classes, validated=True, concurrent=concurrent
+        )
         for state in estimator._fit_path(X_train, y_train, w_train, 1.0 / Cs, search=search):
             scores.append(float(scorer(estimator, X[test], y_test, **score_params)))
             coef = estimator.coef_

@@ -59,12 +59,17 @@ class SearchFit:
         ``X``, ``y`` and ``sample_weight`` were validated by the search
         (rows of what it validated, features perhaps cast to float32): the
         fit does not validate them again.
+    concurrent : int
+        How many of the search's fits run at once on this host (its
+        ``n_jobs``): each counts on that share of the device's memory when
+        ``batch_size="auto"`` chooses full batch.
     """
 
     gap_tol: float | None = None
     scored_only: bool = False
     classes: np.ndarray | None = None
     validated: bool = False
+    concurrent: int = 1
 
     @property
     def in_search(self):
@@ -153,7 +158,9 @@ def make_fit_plan(
     """
     device = resolve_device(estimator.device, X)
     n_samples, n_classes = y_enc.shape[0], len(estimator.classes_)
-    batch_size = resolve_batch_size(estimator.batch_size, n_samples, head, X, device, layout)
+    batch_size = resolve_batch_size(
+        estimator.batch_size, n_samples, head, X, device, layout, search.concurrent
+    )
     n_validation = validation_rows(
         n_samples, estimator.validation_fraction, estimator.early_stopping, n_classes
     )
@@ -166,7 +173,9 @@ def make_fit_plan(
     # The batch size of the training rows alone: only a hold-out under "auto" can change it.
     train_batch_size = batch_size
     if n_validation and estimator.batch_size == "auto":
-        train_batch_size = resolve_batch_size(estimator.batch_size, n_train, head, X, device, layout)
+        train_batch_size = resolve_batch_size(
+            estimator.batch_size, n_train, head, X, device, layout, search.concurrent
+        )
     full_batch_rows = train_batch_size is None or train_batch_size >= n_train
     plan = FitPlan(
         head, X, y_enc, device, batch_size, full_batch_rows, early_stopping, n_validation, layout, search,
@@ -175,12 +184,13 @@ def make_fit_plan(
         return dataclasses.replace(plan, prepared=prepare_data(estimator, plan, sample_weight))
 
 
-def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None):
+def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None, concurrent=1):
     """Return ``batch_size``, or what ``"auto"`` means for this data, head and device (None: full).
 
     In a data-parallel fit (``layout``) the rules weigh the rows of the
     largest shard, what one device holds and computes on per step
-    (the same on every rank).
+    (the same on every rank). ``concurrent`` fits at once (a search's
+    ``n_jobs``) share the device's memory.
 
     Returns
     -------
@@ -195,7 +205,8 @@ def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None):
         n_samples = math.ceil(n_samples * layout.largest_share)
     memory = device_memory(device) if head.is_linear else None
     if memory is not None:
-        full = full_batch_fits(n_samples, head, np.dtype(numpy_dtype(X.dtype)).itemsize, memory)
+        itemsize = np.dtype(numpy_dtype(X.dtype)).itemsize
+        full = full_batch_fits(n_samples, head, itemsize, memory / max(concurrent, 1))
     else:
         full = n_samples * head.n_logits <= get_tuning().auto_full_batch_max_entries
     if not head.is_linear:

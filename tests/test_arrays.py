@@ -243,6 +243,9 @@ def test_cpu_auto_batch_size_weighs_the_hosts_memory(iris32, tune):
     assert resolve_batch_size(est.batch_size, n, linear, X, cpu) == 512
     assert resolve_batch_size(est.batch_size, n // 2, linear, X, cpu) is None
     assert resolve_batch_size(est.batch_size, n // 2, linear, X.astype(np.float64), cpu) == 512
+    # fits that run at once (a search's n_jobs) share the memory
+    assert resolve_batch_size(est.batch_size, n // 2, linear, X, cpu, concurrent=2) == 512
+    assert resolve_batch_size(est.batch_size, n // 4, linear, X, cpu, concurrent=2) is None
 
 
 def test_read_only_memmap_is_read_in_place_and_fits_as_the_array(iris32, tmp_path):
