@@ -206,7 +206,7 @@ def resolve_batch_size(batch_size, n_samples, head, X, device, layout=None, conc
     memory = device_memory(device) if head.is_linear else None
     if memory is not None:
         itemsize = np.dtype(numpy_dtype(X.dtype)).itemsize
-        full = full_batch_fits(n_samples, head, itemsize, memory / max(concurrent, 1))
+        full = full_batch_fits(n_samples, head, itemsize, memory / concurrent)
     else:
         full = n_samples * head.n_logits <= get_tuning().auto_full_batch_max_entries
     if not head.is_linear:
