@@ -164,6 +164,14 @@ def make_class_means_preconditioner(
     ``O(n K (d + K))`` for the sums, ``O(K G^2 d + K G^3 / 3)`` for the
     factors, ``O(K d G + K G^2)`` per application; ``K G^2`` memory.
 
+    Beyond ``class_means_max_logits`` groups that is too much (``K^3``), and
+    each logit keeps its ``class_means_top_groups`` groups of largest
+    ``C_yk`` as above, the others by their diagonal: ``B_k`` gains
+    ``sum_{y not kept} C_yk mu_y^2`` (a Jacobi model of their means). A
+    logit's curvature sits on its own group and the few it is confused with,
+    so the kept groups carry most of it. Cost then ``O(K r^2 d + K r^3 / 3)``
+    for ``r`` kept groups, ``O(K r d)`` per application; ``K r d`` memory.
+
     ``moments``: :func:`class_group_moments` of the system's rows, when known.
 
     Returns
@@ -182,13 +190,12 @@ def make_class_means_preconditioner(
     damping[:, :d] += lam[COEF]
     if intercept:
         damping[:, d] += lam[INTERCEPT]
-    inv_base = 1.0 / (shares.sum(0)[:, None] * within[None, :] + damping)  # B_k^{-1}, (K, d~)
-    root, U = shares.T.sqrt(), means.T  # C_k^{1/2} as (K, G); U (d~, G)
-    capacitance = _weighted_grams(U, inv_base)
-    capacitance = root[:, :, None] * capacitance * root[:, None, :]
-    capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
-    factor, info = torch.linalg.cholesky_ex(capacitance)
-    if bool((info != 0).any()):
+    base = shares.sum(0)[:, None] * within[None, :] + damping  # B_k, (K, d~)
+    if means.shape[0] <= get_tuning().class_means_max_logits:
+        solve = _all_groups_solve(means, shares, base)
+    else:
+        solve = _top_groups_solve(means, shares, base, get_tuning().class_means_top_groups)
+    if solve is None:
         return None
 
     shift_invariant = n_logits > 1
@@ -201,14 +208,68 @@ def make_class_means_preconditioner(
         if shift_invariant:  # the shared part: the curvature is Lambda alone there
             shared = R.mean(0, keepdim=True)
             R = R - shared
-        scaled = R * inv_base
-        inner = torch.cholesky_solve(((scaled @ U) * root)[:, :, None], factor)[:, :, 0] * root
-        out = scaled - (inner @ U.T) * inv_base
+        out = solve(R)
         if shift_invariant:
             out = out - out.mean(0, keepdim=True) + shared / damping
         return flatten({COEF: out[:, :d], INTERCEPT: out[:, d]} if intercept else {COEF: out})
 
     return apply
+
+
+def _all_groups_solve(means: Tensor, shares: Tensor, base: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """``R -> (B_k + U diag(C_:k) U^T)^{-1} R_k`` per row ``k`` of ``R`` (K, d~), every group kept.
+
+    Returns
+    -------
+    callable or None
+        None if a capacitance is not numerically positive definite.
+    """
+    inv_base = 1.0 / base
+    root, U = shares.T.sqrt(), means.T  # C_k^{1/2} as (K, G); U (d~, G)
+    capacitance = _weighted_grams(U, inv_base)
+    capacitance = root[:, :, None] * capacitance * root[:, None, :]
+    capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
+    factor, info = torch.linalg.cholesky_ex(capacitance)
+    if bool((info != 0).any()):
+        return None
+
+    def solve(R: Tensor) -> Tensor:
+        scaled = R * inv_base
+        inner = torch.cholesky_solve(((scaled @ U) * root)[:, :, None], factor)[:, :, 0] * root
+        return scaled - (inner @ U.T) * inv_base
+
+    return solve
+
+
+def _top_groups_solve(
+    means: Tensor, shares: Tensor, base: Tensor, n_kept: int
+) -> Callable[[Tensor], Tensor] | None:
+    """As :func:`_all_groups_solve` with each logit's ``n_kept`` heaviest groups; the others on the diagonal.
+
+    Returns
+    -------
+    callable or None
+        None if a capacitance is not numerically positive definite.
+    """
+    top = shares.topk(min(n_kept, shares.shape[0]), dim=0)
+    weight, U = top.values.T, means[top.indices.T]  # (K, r) and (K, r, d~)
+    dropped = shares.T @ means.square() - torch.bmm(weight[:, None, :], U.square())[:, 0]
+    inv_base = 1.0 / (base + dropped.clamp_min_(0.0))
+    root = weight.sqrt()
+    capacitance = torch.bmm(U * inv_base[:, None, :], U.transpose(1, 2))
+    capacitance = root[:, :, None] * capacitance * root[:, None, :]
+    capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
+    factor, info = torch.linalg.cholesky_ex(capacitance)
+    if bool((info != 0).any()):
+        return None
+
+    def solve(R: Tensor) -> Tensor:
+        scaled = R * inv_base
+        inner = torch.bmm(U, scaled[:, :, None]) * root[:, :, None]
+        inner = torch.cholesky_solve(inner, factor) * root[:, :, None]
+        return scaled - torch.bmm(U.transpose(1, 2), inner)[:, :, 0] * inv_base
+
+    return solve
 
 
 def _weighted_grams(U: Tensor, weights: Tensor) -> Tensor:
@@ -529,11 +590,17 @@ class HardRows(_LinearHeadModel):
 
 
 class ClassMeans(_LinearHeadModel):
-    """The class-means model (:func:`make_class_means_preconditioner`), to class_means_max_logits logits."""
+    """The class-means model (:func:`make_class_means_preconditioner`).
+
+    Every label group per logit up to ``class_means_max_logits`` logits, each
+    logit's ``class_means_top_groups`` heaviest beyond (0: Kronecker there).
+    """
 
     @classmethod
     def affordable(cls, system: DampedSystem, request: PreconditionerRequest) -> bool:  # noqa: D102
-        return super().affordable(system, request) and system.n_logits <= get_tuning().class_means_max_logits
+        tuning = get_tuning()
+        within = system.n_logits <= tuning.class_means_max_logits or tuning.class_means_top_groups > 0
+        return super().affordable(system, request) and within
 
     @classmethod
     def build(cls, system: DampedSystem, request: PreconditionerRequest):  # noqa: D102

@@ -43,9 +43,12 @@ class Tuning:
     hard_rows_build_cg: int = 4
     hard_rows_max: int = 4096
     hard_rows_min: int = 256
-    # Otherwise the class-means model up to this many logits (its build is
-    # O(K^2 (d + K)) work and K^3 memory); the Kronecker model beyond.
+    # Otherwise the class-means model: up to this many logits with every label
+    # group per logit (its build is O(K^2 (d + K)) work and K^3 memory), beyond
+    # with each logit's class_means_top_groups heaviest groups (0: the
+    # Kronecker model there).
     class_means_max_logits: int = 256
+    class_means_top_groups: int = 32
     # Entries of the (k, d, G) batched product per chunk in the class-means build.
     grams_chunk_entries: int = 2**24
     # Mixed precision (full-batch steps of a linear head on float64 features):
