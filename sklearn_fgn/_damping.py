@@ -4,7 +4,7 @@
 with damping ``lambda``; :func:`take_step` evaluates the objective at the
 step's end and, by the Levenberg-Marquardt reduction ratio
 (:func:`levenberg_marquardt`), accepts it, cuts it back by Armijo
-backtracking, lengthens it (full batch, :attr:`DampingRule.may_lengthen`) or
+backtracking, lengthens it (full batch, :attr:`DampingRule.full_batch`) or
 discards it, and picks the next step's damping. :class:`StepRecord` is what
 it did, read by the stopping rules (:mod:`._stopping`) and the logs.
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._batches import Batch
-from ._curvature import LogitsFn, logits_function
+from ._curvature import LogitsFn, as_head, logits_function
 from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params
 from ._objective import normalized_weights, objective_from_logits
@@ -106,14 +106,15 @@ class DampingRule:
     applies Levenberg-Marquardt (:func:`levenberg_marquardt`) and the step
     length control of :func:`take_step`. ``min_damping``: the adapted damping
     stays at or above it (the user's damping on mini-batches, where it acts as
-    a step size; ``docs/design.md`` section 7). ``may_lengthen``: a trusted
-    step may be lengthened to the undamped model's minimiser along it (full
-    batch only: on a mini-batch the model is the batch's, not the objective's).
+    a step size; ``docs/design.md`` section 7). ``full_batch``: the step's
+    model is the objective's, so a trusted step may be lengthened to the
+    undamped model's minimiser along it and a cut step of a linear head sets
+    the next damping from its length (on a mini-batch the model is the batch's).
     """
 
     schedule: str = "adaptive"
     min_damping: float = 0.0
-    may_lengthen: bool = False
+    full_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,8 +225,12 @@ def take_step(
 
     * a step that raises the objective is cut back by Armijo backtracking
       (``_backtrack``) before it is discarded; the damping still grows as
-      Levenberg-Marquardt says;
-    * with ``rule.may_lengthen`` (full batch), a trusted step is lengthened to the
+      Levenberg-Marquardt says, and for a linear head with ``rule.full_batch``
+      to at least the damping that would have shortened the step to the
+      length taken (:func:`_damping_to_shorten`; the GGN is then the
+      objective's Hessian, and the model along the step is the objective's
+      to second order);
+    * with ``rule.full_batch``, a trusted step is lengthened to the
       undamped model's minimiser along it (``_lengthen``) when that is
       confirmed by the objective, and the damping is divided by the factor
       taken before the Levenberg-Marquardt update (in the damping-dominated
@@ -261,7 +266,9 @@ def take_step(
         cut = _backtrack(ray, loss)
         accepted = cut is not None
         step_size, trial, trial_logits, new_loss = cut if accepted else (0.0, params, result.logits, loss)
-    elif rule.may_lengthen and ratio > 0.75:
+        if accepted and rule.full_batch and as_head(head).is_linear:
+            next_damping = max(next_damping, _damping_to_shorten(result, damping, step_size))
+    elif rule.full_batch and ratio > 0.75:
         longer = _lengthen(ray, loss)
         if longer is not None:
             step_size, trial, trial_logits, new_loss, predicted, ratio = longer
@@ -271,6 +278,29 @@ def take_step(
     taken = record(new_loss, accepted, predicted_decrease=predicted, ratio=ratio, step_size=step_size,
                    next_damping=next_damping)  # fmt: skip
     return trial, trial_logits, taken
+
+
+def _damping_to_shorten(result: StepResult, damping: float, step_size: float) -> float:
+    """Return the damping whose step, along this step's direction, is ``step_size`` of this one.
+
+    Along ``delta`` the damped model ``s slope + s^2 (c + lambda) delta'delta / 2``,
+    with ``c = delta'(G + alpha P)delta / delta'delta`` the curvature along it
+    (``damping_term`` is ``lambda delta'delta``), is least at ``s = 1`` for
+    the solved system; with damping ``lambda'`` at ``(c + lambda) / (c +
+    lambda')``, which is ``t`` for ``lambda' = c (1 / t - 1) + lambda / t``.
+    Doubling the damping cannot do that where it is far below ``c`` (a
+    weakly regularised fit at the damping's floor): the next Newton step
+    would overshoot as this one did, and be cut back again.
+
+    Returns
+    -------
+    float
+        ``lambda'`` (0 where the step has no model along it), at most ``damping_bounds[1]``.
+    """
+    if result.step_curvature is None or result.damping_term is None or not float(result.damping_term) > 0:
+        return 0.0
+    along = max(float(result.step_curvature), 0.0) * damping / float(result.damping_term)
+    return min(along * (1.0 / step_size - 1.0) + damping / step_size, get_tuning().damping_bounds[1])
 
 
 def _reachable_decrease(result: StepResult) -> float:

@@ -140,19 +140,33 @@ def test_rejected_step_is_cut_back_by_armijo_backtracking(hidden, seed):
     case = Case(hidden_layer_sizes=hidden, n_classes=3, n_samples=8, seed=seed)
     damping = 1e-6
     problem, cfg, fn, delta = _setup(case, damping)
-    slope, _, f = _ray(problem, case, fn, delta)
+    slope, curvature, f = _ray(problem, case, fn, delta)
     assert f(1.0) > f(0.0) and slope < 0  # the full step is rejected, delta is a descent direction
     armijo = lambda t: f(t) <= f(0.0) + TUNING.armijo * t * slope  # noqa: E731
     t = next(0.5**k for k in range(1, 11) if armijo(0.5**k))
     head, params, X, y, sw = problem
-    new_params, next_damping, record, logits = damped_update(
+    for full_batch in (True, False):
+        new_params, next_damping, record, logits = damped_update(
+            head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, full_batch=full_batch
+        )
+        assert record.accepted and record.step_size == t and record.ratio < 0
+        assert record.new_loss == pytest.approx(f(t), rel=1e-10) and record.new_loss < record.loss
+        torch.testing.assert_close(flatten(new_params), flatten(params) + t * delta, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(logits, forward(head, new_params, X), rtol=1e-10, atol=1e-12)
+    assert next_damping == 2 * damping  # on a mini-batch the damping doubles after a bad step
+    _, next_damping, _, _ = damped_update(
         head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, full_batch=True
     )
-    assert record.accepted and record.step_size == t and record.ratio < 0
-    assert record.new_loss == pytest.approx(f(t), rel=1e-10) and record.new_loss < record.loss
-    torch.testing.assert_close(flatten(new_params), flatten(params) + t * delta, rtol=1e-8, atol=1e-12)
-    torch.testing.assert_close(logits, forward(head, new_params, X), rtol=1e-10, atol=1e-12)
-    assert next_damping == 2 * damping  # the damping still grows after a bad step
+    if hidden:  # and after an MLP's full-batch step (its GGN is not the objective's Hessian)
+        assert next_damping == 2 * damping
+        return
+    # A linear head's full-batch step sets the damping whose step along delta is t delta: the damped
+    # model s slope + s^2 (c + lambda') |delta|^2 / 2, c the dense curvature along delta, is least at
+    # s = t (and at s = 1 with lambda: the system was solved).
+    square = float(delta @ delta)
+    assert -slope / (curvature + damping * square) == pytest.approx(1.0, rel=1e-8)
+    assert next_damping > 2 * damping
+    assert -slope / (curvature + next_damping * square) == pytest.approx(t, rel=1e-8)
 
 
 def test_constant_schedule_takes_the_step_as_computed():
