@@ -40,6 +40,7 @@ __all__ = [
     "margin",
     "margin_direction",
     "per_example_loss",
+    "row_blocks",
 ]
 
 
@@ -76,8 +77,29 @@ def margin(logits: Tensor, y: Tensor) -> Tensor:
     return _margin_and_competitors(logits, y)[0]
 
 
+def row_blocks(rows: Tensor) -> list[slice]:
+    """Split the rows of an ``(n, K)`` tensor into blocks of about ``2**20`` entries (one, off the CPU).
+
+    Row-wise work on ``(n, K)`` arrays (softmax, sums over ``K``) is bound by
+    memory traffic on the CPU: a block's temporaries stay in cache, where
+    whole ``(n, K)`` temporaries go to memory and back (several times
+    slower at ``n K`` of ``10^8``). Each row's arithmetic is the same
+    either way. A GPU takes the whole array at once.
+
+    Returns
+    -------
+    list of slice
+    """
+    n, width = rows.shape[0], max(rows.shape[1], 1)
+    step = n if rows.device.type != "cpu" else max(1, _BLOCK_ENTRIES // width)
+    return [slice(start, min(start + step, n)) for start in range(0, max(n, 1), step)]
+
+
+_BLOCK_ENTRIES = 2**20
+
+
 def _margin_and_competitors(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``m`` and ``q`` from one masked softmax (one fused pass over the logits).
+    """``m`` and ``q`` from one masked softmax (one fused pass over the logits, by blocks of rows).
 
     With ``M = max_{k != y} z_k`` the competitor ``logsumexp`` is
     ``M - log max_k q_k``: the largest competitor has ``q_k = 1 / sum_k e^{z_k - M}``
@@ -90,9 +112,13 @@ def _margin_and_competitors(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     competitors : Tensor of shape (n, n_classes)
         ``q``, zero at the true class.
     """
-    masked = _masked_competitors(logits, y)
-    competitors = torch.softmax(masked, dim=1)
-    log_normalizer = masked.amax(dim=1) - torch.log(competitors.amax(dim=1))
+    competitors = torch.empty_like(logits)
+    log_normalizer = logits.new_empty(logits.shape[0])
+    for rows in row_blocks(logits):
+        masked = _masked_competitors(logits[rows], y[rows])
+        block = torch.softmax(masked, dim=1)
+        competitors[rows] = block
+        log_normalizer[rows] = masked.amax(dim=1) - torch.log(block.amax(dim=1))
     return logits.gather(1, y[:, None])[:, 0] - log_normalizer, competitors
 
 
@@ -260,7 +286,10 @@ class LogitCurvature:
         stats, weights = self.stats, self.weights
         if self.rank_one:
             return weights * curvature_weight(stats.margin) * (stats.direction * stats.direction).sum(1)
-        return weights * (1.0 - (stats.proba * stats.proba).sum(1))
+        proba, square = stats.proba, weights.new_empty(weights.shape[0])
+        for rows in row_blocks(proba):
+            square[rows] = (proba[rows] * proba[rows]).sum(1)
+        return weights * (1.0 - square)
 
     def along(self, u: Tensor) -> Tensor:
         """Return ``omega_i u_i' H_i u_i`` for logit changes ``u`` of shape (n, K), shape (n,).
@@ -274,8 +303,9 @@ class LogitCurvature:
         """
         stats = self.stats
         if self.rank_one:
-            per_row = curvature_weight(stats.margin) * (stats.direction * u).sum(1).square()
-        else:
-            proba = stats.proba
-            per_row = (proba * u * u).sum(1) - (proba * u).sum(1).square()
+            return self.weights * curvature_weight(stats.margin) * (stats.direction * u).sum(1).square()
+        proba, per_row = stats.proba, u.new_empty(u.shape[0])
+        for rows in row_blocks(u):
+            moved = proba[rows] * u[rows]
+            per_row[rows] = (moved * u[rows]).sum(1) - moved.sum(1).square()
         return self.weights * per_row

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import SEEDS
 
+import sklearn_fgn._margin as margin_module
 from sklearn_fgn._margin import (
+    LogitCurvature,
     MarginStats,
     competitor_log_proba,
     curvature_weight,
@@ -14,6 +16,7 @@ from sklearn_fgn._margin import (
     margin,
     margin_direction,
     per_example_loss,
+    row_blocks,
 )
 
 N = 9
@@ -170,3 +173,25 @@ def test_margin_stats_single_logit_has_no_softmax():
     torch.testing.assert_close(stats.direction, margin_direction(logits, y), rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiclass"):
         _ = stats.proba
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_row_blocks_give_the_whole_arrays_results(seed, monkeypatch):
+    # Blocks of 2 rows (a remainder of 1 in N = 9) give the same margins, competitors, traces and
+    # curvature along a step, bit for bit, as the whole arrays; with the direct formulas in float64.
+    logits, y = _logits(5, seed)
+    u = torch.randn(N, 5, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(seed + 9), dtype=torch.float64)
+    results = []
+    for entries in (10, 2**20):
+        monkeypatch.setattr(margin_module, "_BLOCK_ENTRIES", entries)
+        assert len(row_blocks(logits)) == (5 if entries == 10 else 1)
+        stats = MarginStats(logits, y)
+        curvature = LogitCurvature(stats, weights, "ggn")
+        results.append((stats.margin, stats.proba, curvature.trace(), curvature.along(u)))
+    for blocked, whole in zip(*results, strict=True):
+        torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+    p = torch.softmax(logits, dim=1)
+    torch.testing.assert_close(results[0][2], weights * (1 - (p * p).sum(1)), rtol=1e-13, atol=1e-15)
+    expected = weights * ((p * u * u).sum(1) - (p * u).sum(1) ** 2)
+    torch.testing.assert_close(results[0][3], expected, rtol=1e-12, atol=1e-15)
