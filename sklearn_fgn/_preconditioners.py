@@ -226,11 +226,8 @@ def _all_groups_solve(means: Tensor, shares: Tensor, base: Tensor) -> Callable[[
     """
     inv_base = 1.0 / base
     root, U = shares.T.sqrt(), means.T  # C_k^{1/2} as (K, G); U (d~, G)
-    capacitance = _weighted_grams(U, inv_base)
-    capacitance = root[:, :, None] * capacitance * root[:, None, :]
-    capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
-    factor, info = torch.linalg.cholesky_ex(capacitance)
-    if bool((info != 0).any()):
+    factor = _capacitance_factor(_weighted_grams(U, inv_base), root)
+    if factor is None:
         return None
 
     def solve(R: Tensor) -> Tensor:
@@ -256,11 +253,8 @@ def _top_groups_solve(
     dropped = shares.T @ means.square() - torch.bmm(weight[:, None, :], U.square())[:, 0]
     inv_base = 1.0 / (base + dropped.clamp_min_(0.0))
     root = weight.sqrt()
-    capacitance = torch.bmm(U * inv_base[:, None, :], U.transpose(1, 2))
-    capacitance = root[:, :, None] * capacitance * root[:, None, :]
-    capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
-    factor, info = torch.linalg.cholesky_ex(capacitance)
-    if bool((info != 0).any()):
+    factor = _capacitance_factor(torch.bmm(U * inv_base[:, None, :], U.transpose(1, 2)), root)
+    if factor is None:
         return None
 
     def solve(R: Tensor) -> Tensor:
@@ -270,6 +264,22 @@ def _top_groups_solve(
         return scaled - torch.bmm(U.transpose(1, 2), inner)[:, :, 0] * inv_base
 
     return solve
+
+
+def _capacitance_factor(grams: Tensor, root: Tensor) -> Tensor | None:
+    """Cholesky factors of the capacitances ``I + C_k^{1/2} (U_k^T B_k^{-1} U_k) C_k^{1/2}``, shape (K, r, r).
+
+    ``grams``: the ``U_k^T B_k^{-1} U_k``, (K, r, r); ``root``: the ``C_k^{1/2}``, (K, r).
+
+    Returns
+    -------
+    Tensor or None
+        None if a capacitance is not numerically positive definite (non-finite curvature).
+    """
+    capacitance = root[:, :, None] * grams * root[:, None, :]
+    capacitance.diagonal(dim1=1, dim2=2).add_(1.0)
+    factor, info = torch.linalg.cholesky_ex(capacitance)
+    return None if bool((info != 0).any()) else factor
 
 
 def _weighted_grams(U: Tensor, weights: Tensor) -> Tensor:
