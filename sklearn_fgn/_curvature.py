@@ -407,7 +407,9 @@ def make_ggn_operator(
         projected = u - sqrt_proba * (sqrt_proba * u).sum(1, keepdim=True)
         return lin.vjp(row_weight * sqrt_proba * projected)
 
-    weighted_proba = weights[:, None] * proba
+    @cache
+    def weighted_proba() -> Tensor:  # formed on first use (a sampled step's whole-batch operator never is)
+        return weights[:, None] * proba
 
     @cache
     def work() -> Tensor:  # one (n, K) buffer for every product of this step
@@ -419,7 +421,7 @@ def make_ggn_operator(
         # the arithmetic.
         buf = work()
         coupling = torch.mul(proba, jv, out=buf).sum(1, keepdim=True)
-        return lin.vjp(torch.sub(jv, coupling, out=buf).mul_(weighted_proba))
+        return lin.vjp(torch.sub(jv, coupling, out=buf).mul_(weighted_proba()))
 
     return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec, lin.jvp, curvature_from_jvp)
 

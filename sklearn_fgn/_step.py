@@ -261,7 +261,7 @@ def _whole_batch_model(
     curvature_term = along + penalty_term
     t = -float(slope) / float(curvature_term) if float(curvature_term) > 0 else 1.0
     if 0.0 < t < 1.0:
-        step, logits_step = {k: v * t for k, v in step.items()}, logits_step * t
+        step, logits_step = {k: v * t for k, v in step.items()}, logits_step.mul_(t)  # a fresh JVP
         slope, curvature_term, damping_term = slope * t, curvature_term * t * t, damping_term * t * t
     return step, logits_step, slope, curvature_term, damping_term, sampled
 
