@@ -170,7 +170,8 @@ def make_class_means_preconditioner(
     ``sum_{y not kept} C_yk mu_y^2`` (a Jacobi model of their means). A
     logit's curvature sits on its own group and the few it is confused with,
     so the kept groups carry most of it. Cost then ``O(K r^2 d + K r^3 / 3)``
-    for ``r`` kept groups, ``O(K r d)`` per application; ``K r d`` memory.
+    for ``r`` kept groups, ``O(K r d)`` per application; ``K r d`` memory,
+    with ``r`` lowered to keep that within ``class_means_max_entries``.
 
     ``moments``: :func:`class_group_moments` of the system's rows, when known.
 
@@ -194,7 +195,7 @@ def make_class_means_preconditioner(
     if means.shape[0] <= get_tuning().class_means_max_logits:
         solve = _all_groups_solve(means, shares, base)
     else:
-        solve = _top_groups_solve(means, shares, base, get_tuning().class_means_top_groups)
+        solve = _top_groups_solve(means, shares, base, _kept_groups(n_logits, means.shape[1]))
     if solve is None:
         return None
 
@@ -236,6 +237,21 @@ def _all_groups_solve(means: Tensor, shares: Tensor, base: Tensor) -> Callable[[
         return scaled - (inner @ U.T) * inv_base
 
     return solve
+
+
+def _kept_groups(n_logits: int, width: int) -> int:
+    """Return how many groups each logit keeps beyond ``class_means_max_logits``.
+
+    ``class_means_top_groups``, fewer where their ``(K, r, d~)`` means would
+    pass ``class_means_max_entries`` entries (a memory bound at 10^4 classes).
+
+    Returns
+    -------
+    int
+        ``r``, at least 1.
+    """
+    tuning = get_tuning()
+    return max(1, min(tuning.class_means_top_groups, tuning.class_means_max_entries // (n_logits * width)))
 
 
 def _top_groups_solve(

@@ -46,9 +46,11 @@ class Tuning:
     # Otherwise the class-means model: up to this many logits with every label
     # group per logit (its build is O(K^2 (d + K)) work and K^3 memory), beyond
     # with each logit's class_means_top_groups heaviest groups (0: the
-    # Kronecker model there).
+    # Kronecker model there), fewer where their (K, r, d) means would pass
+    # class_means_max_entries entries.
     class_means_max_logits: int = 256
     class_means_top_groups: int = 32
+    class_means_max_entries: int = 2**26
     # Entries of the (k, d, G) batched product per chunk in the class-means build.
     grams_chunk_entries: int = 2**24
     # Mixed precision (full-batch steps of a linear head on float64 features):

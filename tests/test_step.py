@@ -526,16 +526,19 @@ def _flat_layout(K, d, intercept):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("curvature", ["ggn", "fgn"])
-@pytest.mark.parametrize("kept", [None, 5, 2])
-def test_class_means_preconditioner_is_the_exact_inverse_of_its_model(seed, curvature, kept, tune):
+@pytest.mark.parametrize("kept, cap", [(None, None), (5, None), (2, None), (2, 2 * 5 * 7 + 9)])
+def test_class_means_preconditioner_is_the_exact_inverse_of_its_model(seed, curvature, kept, cap, tune):
     # Per logit k: c_k diag(Sigma_W) + sum_y C_yk mu_y mu_y' + Lambda_k, blocks between logits dropped,
     # and along the classes' shared direction (which the softmax curvature does not see) Lambda alone:
     # M^-1 = P blockdiag^-1 P + (I - P) Lambda^-1, P removing the mean over classes. Dense float64.
     # Beyond class_means_max_logits each logit keeps its heaviest groups (all 5 of them, or 2) and the
-    # others' mu_y mu_y' only on the diagonal.
+    # others' mu_y mu_y' only on the diagonal; 2 also where 5 are asked but the (K, r, d~) = (5, r, 7)
+    # means may hold only 79 entries.
     from sklearn_fgn._preconditioners import make_class_means_preconditioner
 
-    if kept is not None:
+    if cap is not None:
+        tune(class_means_max_logits=4, class_means_top_groups=5, class_means_max_entries=cap)
+    elif kept is not None:
         tune(class_means_max_logits=4, class_means_top_groups=kept)
     system = _system(seed, curvature)
     K, d = system.gradient["coef_0"].shape
