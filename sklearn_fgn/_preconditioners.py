@@ -164,7 +164,7 @@ def make_class_means_preconditioner(
     ``O(n K (d + K))`` for the sums, ``O(K G^2 d + K G^3 / 3)`` for the
     factors, ``O(K d G + K G^2)`` per application; ``K G^2`` memory.
 
-    Beyond ``class_means_max_logits`` groups that is too much (``K^3``), and
+    Beyond ``class_means_max_logits`` logits that is too much (``K^3``), and
     each logit keeps its ``class_means_top_groups`` groups of largest
     ``C_yk`` as above, the others by their diagonal: ``B_k`` gains
     ``sum_{y not kept} C_yk mu_y^2`` (a Jacobi model of their means). A
@@ -192,7 +192,7 @@ def make_class_means_preconditioner(
     if intercept:
         damping[:, d] += lam[INTERCEPT]
     base = shares.sum(0)[:, None] * within[None, :] + damping  # B_k, (K, d~)
-    if means.shape[0] <= get_tuning().class_means_max_logits:
+    if n_logits <= get_tuning().class_means_max_logits:  # the test ClassMeans.affordable makes
         solve = _all_groups_solve(means, shares, base)
     else:
         solve = _top_groups_solve(means, shares, base, _kept_groups(n_logits, means.shape[1]))
