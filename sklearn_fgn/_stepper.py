@@ -241,7 +241,7 @@ class Stepper:
             if state.last_loss is not None and math.isfinite(present):
                 gap_tol = path_gap_tol(cfg, state.last_loss)
                 eta = max(eta, min(0.5, (get_tuning().path_miss * gap_tol / max(present, 1e-300)) ** 0.5))
-        elif cfg.tol > 0 and state.gap_estimate <= get_tuning().last_step_gap * cfg.tol:
+        elif cfg.tol > 0 and _may_be_last(state, cfg.tol):
             # This step can be the last: full_batch_converged then asks
             # eta^2 p <= tol^2 with p about the present gap. Solve to that, no
             # looser (a step solved too loosely to end the fit costs a whole
@@ -357,3 +357,23 @@ def _grow_curvature_sample(state: StepperState, result: StepResult) -> None:
     bound = get_tuning().curvature_sample_error
     if state.curvature_sample and not (1.0 / bound <= error <= bound):
         state.curvature_sample *= 2
+
+
+def _may_be_last(state: StepperState, tol: float) -> bool:
+    """Whether the next full-batch step may end the fit, as the estimated gap after the last one stands.
+
+    Its decrease is about that gap, which must be within ``last_step_gap *
+    tol``; and ``full_batch_converged`` ends a convex fit only on a step whose
+    decrease is superlinear (at most ``superlinear`` of the previous step's)
+    or below ``tol**2``. While the decreases shrink only linearly (the
+    quadratic model misjudges the objective along the steps) no step can end
+    the fit, and solving one to the stop's accuracy only costs CG iterations.
+
+    Returns
+    -------
+    bool
+    """
+    gap, tuning = state.gap_estimate, get_tuning()
+    if gap > tuning.last_step_gap * tol:
+        return False
+    return gap <= tuning.superlinear * state.last_relative_decrease or gap <= tol**2

@@ -209,32 +209,34 @@ def test_full_batch_stop_at_the_objectives_roundoff(relative, ratio, dtype, expe
     assert full_batch_converged(record, LoopConfig(alpha=0.0, tol=1e-4), dtype) is expected
 
 
-@pytest.mark.parametrize("tol, gap, expected", [
-    (1e-4, 1e-6, 0.05), (0.0, 1e-6, 0.01), (1e-4, math.inf, 0.01),
-    (1e-4, 1e-12, 0.5),  # not tighter than that
-    (1e-4, 1e-4, 0.5e-4 / 1e-4**0.5),  # ... nor looser
-    (1e-4, 5e-4, 0.5e-4 / 5e-4**0.5),  # tol < gap <= 10 tol: the step may be the last, solved to end the fit
-    (1e-4, 2e-3, 0.01),  # too far for the last step
-    (1e-7, 5e-7, 0.01),  # tol^2 near round-off: the step after makes the coefficients exact
-    (1e-7, 5e-8, 0.01),  # ... and is not loosened below Eisenstat-Walker's term
-    (1e-7, 1e-12, 0.5e-7 / 1e-12**0.5),  # ... unless the gap is far below tol
+@pytest.mark.parametrize("tol, gap, previous, expected", [
+    (1e-4, 1e-6, 1e-4, 0.05), (0.0, 1e-6, 1e-4, 0.01), (1e-4, math.inf, 1e-4, 0.01),
+    (1e-4, 1e-12, 1e-4, 0.5),  # not tighter than that
+    (1e-4, 1e-4, 2e-3, 0.5e-4 / 1e-4**0.5),  # ... nor looser
+    (1e-4, 5e-4, 1e-2, 0.5e-4 / 5e-4**0.5),  # tol < gap <= 10 tol: may be the last, solved to end the fit
+    (1e-4, 2e-3, 1e-4, 0.01),  # too far for the last step
+    (1e-4, 5e-4, 1e-3, 1e-3**0.5),  # decreasing linearly (gap > superlinear * previous): cannot end it
+    (1e-4, 5e-9, 1e-8, 0.5),  # ... unless its decrease is below tol^2 (then not tighter than it asks)
+    (1e-7, 5e-7, 1e-4, 0.01),  # tol^2 near round-off: the step after makes the coefficients exact
+    (1e-7, 5e-8, 1e-4, 0.01),  # ... and is not loosened below Eisenstat-Walker's term
+    (1e-7, 1e-12, 1e-4, 0.5e-7 / 1e-12**0.5),  # ... unless the gap is far below tol
 ])  # fmt: skip
-def test_forcing_term_asks_what_the_stop_rule_needs(tol, gap, expected):
+def test_forcing_term_asks_what_the_stop_rule_needs(tol, gap, previous, expected):
     cfg = LoopConfig(alpha=0.0, tol=tol)
-    state = StepperState(last_relative_decrease=1e-4, gap_estimate=gap)
+    state = StepperState(last_relative_decrease=previous, gap_estimate=gap)
     eta = forcing_term(cfg, state, full_batch=True, dtype=torch.float64)
     assert eta == pytest.approx(expected)
-    # The Eisenstat-Walker term alone is sqrt(1e-4) = 0.01; a fixed cg_tol and mini-batches ignore the gap.
+    # The Eisenstat-Walker term alone is sqrt(previous); a fixed cg_tol and mini-batches ignore the gap.
     assert forcing_term(LoopConfig(alpha=0.0, cg_tol=1e-3), state, True, torch.float64) == 1e-3
     assert forcing_term(cfg, state, False, torch.float64) == 1e-2
 
 
 def test_forcing_term_of_path_fits_is_not_tightened_for_the_last_step():
     # FGNClassifierCV's path fits (gap_tol) end on the linear rule, which asks nothing of the last solve.
-    state = StepperState(last_relative_decrease=1e-4, gap_estimate=5e-4)
+    state = StepperState(last_relative_decrease=1e-2, gap_estimate=5e-4)
     assert forcing_term(LoopConfig(alpha=0.0, tol=1e-4), state, True, torch.float64) < 0.01
     path = LoopConfig(alpha=0.0, tol=1e-4, gap_tol=1e-4)
-    assert forcing_term(path, state, True, torch.float64) == pytest.approx(0.01)  # Eisenstat-Walker
+    assert forcing_term(path, state, True, torch.float64) == pytest.approx(0.1)  # Eisenstat-Walker
     state.gap_estimate = 1e-12  # far below tol: still loosened, as before
     assert forcing_term(path, state, True, torch.float64) == pytest.approx(0.5)
 
