@@ -65,6 +65,7 @@ __all__ = [
     "make_ggn_operator",
     "penalized_names",
     "penalty_coefficients",
+    "row_blocked_affine",
 ]
 
 # ``logits_fn(params, X) -> logits`` of shape (n, n_logits), pure in ``params``.
@@ -104,9 +105,7 @@ class LogitsLinearization:
 def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | None) -> LogitsLinearization:
     # logits = X W^T + b, so J v = X V^T + v_b and J^T C = (C^T X, sum_i C_i).
     def jvp(v: Params) -> Tensor:
-        if head.fit_intercept:  # one fused pass: v_b + X V^T
-            return torch.addmm(v[INTERCEPT], X, v[COEF].T)
-        return X @ v[COEF].T
+        return row_blocked_affine(X, v[COEF], v[INTERCEPT] if head.fit_intercept else None)
 
     def vjp(cotangent: Tensor) -> Params:
         grads = {COEF: cotangent.T @ X}
@@ -116,6 +115,40 @@ def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | No
 
     logits = forward(head, params, X) if logits is None else logits
     return LogitsLinearization(logits, jvp, vjp, [X], lambda cotangent: [cotangent])
+
+
+def row_blocked_affine(X: Tensor, coef: Tensor, intercept: Tensor | None = None) -> Tensor:
+    """Return ``X coef^T + intercept`` (``(n, d)`` by ``(K, d)``: ``(n, K)``), on the CPU by blocks of rows.
+
+    On the CPU a product whose ``(n, K)`` result is far larger than the
+    cache runs faster a block of rows at a time, each block's result about
+    ``GEMM_BLOCK_ENTRIES`` entries (its rows of ``X`` and of the result stay
+    in cache while the kernel sweeps ``coef``). Every entry is the same
+    inner product, equal to the unblocked one up to the order in which the
+    BLAS kernel sums it. One fused ``addmm`` elsewhere (a GPU), and where
+    autograd must see the product (``out=`` writes are not differentiable).
+
+    Returns
+    -------
+    Tensor of shape (n, K)
+    """
+    n, width = X.shape[0], coef.shape[0]
+    step = max(64, GEMM_BLOCK_ENTRIES // max(width, 1))
+    tracked = torch.is_grad_enabled() and (X.requires_grad or coef.requires_grad)
+    if X.device.type != "cpu" or n <= step or tracked or (intercept is not None and intercept.requires_grad):
+        return X @ coef.T if intercept is None else torch.addmm(intercept, X, coef.T)
+    out = torch.empty(n, width, dtype=torch.result_type(X, coef), device=X.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        if intercept is None:
+            torch.mm(X[rows], coef.T, out=out[rows])
+        else:
+            torch.addmm(intercept, X[rows], coef.T, out=out[rows])
+    return out
+
+
+# Entries of a block's (rows, K) result in row_blocked_affine: 2 MiB of float32.
+GEMM_BLOCK_ENTRIES = 2**19
 
 
 @dataclass(frozen=True)

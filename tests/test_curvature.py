@@ -30,6 +30,7 @@ from sklearn_fgn._curvature import (
     make_fgn_operator,
     make_ggn_operator,
     penalized_names,
+    row_blocked_affine,
 )
 from sklearn_fgn._heads import Head, forward, init_params
 from sklearn_fgn._margin import curvature_weight, margin
@@ -242,3 +243,28 @@ def test_penalized_names_and_logits_function():
         return X
 
     assert logits_function(fn) is fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_intercept", [True, False])
+def test_row_blocked_affine_is_the_product_by_blocks(dtype, with_intercept, monkeypatch):
+    # Small blocks (64 rows of 7 logits), so that 1000 rows take 16 blocks and a remainder.
+    monkeypatch.setattr("sklearn_fgn._curvature.GEMM_BLOCK_ENTRIES", 64 * 7)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(1000, 13, generator=gen, dtype=torch.float64)
+    coef = torch.randn(7, 13, generator=gen, dtype=torch.float64)
+    intercept = torch.randn(7, generator=gen, dtype=torch.float64) if with_intercept else None
+    expected = X @ coef.T + (0.0 if intercept is None else intercept)  # float64 reference
+    got = row_blocked_affine(X.to(dtype), coef.to(dtype), None if intercept is None else intercept.to(dtype))
+    assert got.dtype == dtype and got.shape == (1000, 7)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+def test_row_blocked_affine_stays_differentiable(monkeypatch):
+    # out= writes are not differentiable: with a graph to build, one fused product is taken.
+    monkeypatch.setattr("sklearn_fgn._curvature.GEMM_BLOCK_ENTRIES", 64)
+    X = torch.randn(500, 4, dtype=torch.float64)
+    coef = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    row_blocked_affine(X, coef).sum().backward()
+    torch.testing.assert_close(coef.grad, X.sum(0).expand(3, 4))
