@@ -33,11 +33,11 @@ import torch
 from torch import Tensor
 
 from ._batches import Batch, TrainingData
-from ._curvature import LogitsFn
+from ._curvature import LogitsFn, as_head
 from ._damping import DAMPING_SCHEDULES, DampingRule, StepRecord, take_step
 from ._heads import Head, Params
 from ._step import StepResult, compute_step
-from ._stopping import path_gap_tol, relative_decrease, remaining_gap
+from ._stopping import objective_resolution, path_gap_tol, relative_decrease, remaining_gap
 from ._system import CurvatureSample, StepOptions
 from ._tuning import get_tuning
 
@@ -107,6 +107,7 @@ class StepperState:
     gap_estimate: float = math.inf
     last_loss: float | None = None
     curvature_sample: int = 0
+    model_error: float = 0.0
 
 
 class StepOutcome(NamedTuple):
@@ -215,7 +216,11 @@ class Stepper:
         ``auto_cg_tol``; full batch is inexact Newton with the forcing term
         ``min(0.5, sqrt(last predicted relative decrease))`` (Eisenstat-Walker;
         ``sqrt`` of the decrease is O(||grad||), which keeps the end game
-        quadratic), floored where the dtype can still resolve it. A step that
+        quadratic), no tighter than ``sqrt(e)`` for the share ``e = |1 -
+        ratio|`` of the last decrease that the quadratic model missed (a
+        linear head's; a solve missing about ``eta^2`` of the model's decrease
+        loses nothing the model had right), floored where the dtype can
+        still resolve it. A step that
         can be the last (estimated gap within ``LAST_STEP_GAP * tol``) is
         solved to what the stopping rule asks of it instead (``docs/design.md``
         sections 7-8).
@@ -232,6 +237,7 @@ class Stepper:
             return get_tuning().auto_cg_tol
         floor = max(1e-10, 10 * torch.finfo(self.dtype).eps)
         eta = min(0.5, max(state.last_relative_decrease, 0.0) ** 0.5)
+        eta = max(eta, min(0.5, (get_tuning().model_error_share * state.model_error) ** 0.5))
         if cfg.null_loss is not None:
             # A scored path fit needs eta^2 p <= path_miss gap_tol of its steps, p about the present
             # gap: the last step's estimate, or its decrease after an untrusted step (near round-off).
@@ -302,17 +308,27 @@ class Stepper:
                 head, params, batch, result, damping, cfg.alpha, self.damping_rule, cfg.comm
             )
         if full_batch:
-            _track_full_batch_step(state, record)
+            _track_full_batch_step(state, record, as_head(head).is_linear, self.dtype)
             _grow_curvature_sample(state, result)
         return StepOutcome(result, params, logits, record)
 
 
-def _track_full_batch_step(state: StepperState, record: StepRecord) -> None:
-    """Keep what the next full-batch step's forcing term and the stopping rule read from this one."""
+def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool, dtype: torch.dtype) -> None:
+    """Keep what the next full-batch step's forcing term and the stopping rule read from this one.
+
+    The model's error ``|1 - ratio|`` is kept from a trusted unit step of a
+    linear head whose decrease is at least ``model_error_resolution`` times
+    the objective's resolution in ``dtype`` (below, the ratio is round-off);
+    0 otherwise (an MLP head's ratio says little of its next step's model).
+    """
     state.previous_relative_decrease = state.last_relative_decrease
     state.last_relative_decrease = relative_decrease(record)
     state.gap_estimate = remaining_gap(record, state.last_relative_decrease)
     state.last_loss = record.new_loss
+    trusted = linear and record.accepted and record.step_size == 1.0 and record.ratio > 0.5
+    tuning = get_tuning()
+    resolved = state.last_relative_decrease >= tuning.model_error_resolution * objective_resolution(dtype)
+    state.model_error = abs(1.0 - record.ratio) if trusted and resolved else 0.0
 
 
 def _curvature_sample(

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the loop's types; the loop imports this module
 
 __all__ = [
     "full_batch_converged",
+    "objective_resolution",
     "path_gap_tol",
     "relative_decrease",
     "remaining_gap",
@@ -97,7 +98,7 @@ def full_batch_converged(
     superlinear = get_tuning().superlinear * previous
     newton = accurate and (not convex or relative <= superlinear or relative <= tol**2)
     linear = convex and gap_tol is not None and _geometric_tail(relative, previous) <= gap_tol
-    roundoff = max(1e3 * _EPS, float(torch.finfo(dtype).eps))
+    roundoff = objective_resolution(dtype)
     # A tiny step held back by a huge damping is no optimum: the undamped
     # model along it must promise no more than the stop allows either.
     reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
@@ -105,6 +106,18 @@ def full_batch_converged(
     return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(tol, roundoff)
     )
+
+
+def objective_resolution(dtype: torch.dtype) -> float:
+    """Return the smallest relative decrease of the objective that a fit in ``dtype`` resolves.
+
+    Below it a reduction ratio is round-off noise.
+
+    Returns
+    -------
+    float
+    """
+    return max(1e3 * _EPS, float(torch.finfo(dtype).eps))
 
 
 def _geometric_tail(decrease: float, previous: float) -> float:

@@ -94,6 +94,14 @@ class Tuning:
     # ... and a step whose damping term is this share of its slope (the
     # damping a thousand times the curvature along it) cannot end the fit.
     damping_dominated: float = 0.999
+    # Full batch, linear head: CG's tolerance eta is at least
+    # sqrt(model_error_share * e), e = |1 - ratio| of the last trusted unit
+    # step (the share of the decrease the quadratic model misses; an inexact
+    # solve misses about eta^2, and solving the model far beyond its own error
+    # buys no decrease), read on decreases at least model_error_resolution
+    # times the objective's resolution.
+    model_error_share: float = 1.0
+    model_error_resolution: float = 100.0
     # Scored path fits: a step may leave this share of the gap tolerance undone
     # by its inexact solve, and steps are solved no tighter than that asks ...
     path_miss: float = 0.25

@@ -257,7 +257,21 @@ def test_torchrun_example_fits_what_one_process_fits():
         float(part.split()[-1]) for part in line.split(";")[0].split(",")
     )
     assert distributed_accuracy == single_accuracy
-    assert float(line.split("differ by ")[1].split()[0]) < 1e-4  # float32 sums in another order
+    # float32 sums in another order: the two fits' CG solves may stop an iteration apart, so they
+    # agree as closely as they reach the optimum (flat directions of a weakly penalised objective
+    # keep coefficients at tol=1e-4 a few 1e-4 from it), measured on the single-process fit here.
+    sys.path.insert(0, os.path.dirname(example))
+    try:
+        from distributed_probe import make_embeddings
+    finally:
+        sys.path.pop(0)
+    X, y = make_embeddings(3000 + 10000, 256, 50)
+    single = FGNClassifier(alpha=1.0, batch_size=None, device="cpu", random_state=0).fit(X[:3000], y[:3000])
+    exact = FGNClassifier(alpha=1.0, batch_size=None, device="cpu", random_state=0, tol=1e-10)
+    exact.fit(X[:3000].astype(np.float64), y[:3000])
+    own_error = np.abs(single.coef_ - exact.coef_).max() / np.abs(exact.coef_).max()
+    assert 0.0 < own_error < 1e-3
+    assert float(line.split("differ by ")[1].split()[0]) <= own_error
 
 
 def test_auto_batch_size_weighs_the_rows_one_device_holds(tune):

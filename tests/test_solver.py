@@ -26,7 +26,7 @@ from sklearn_fgn._damping import StepRecord, levenberg_marquardt
 from sklearn_fgn._heads import forward
 from sklearn_fgn._solver import LoopConfig
 from sklearn_fgn._step import compute_step
-from sklearn_fgn._stepper import Stepper, StepperState
+from sklearn_fgn._stepper import Stepper, StepperState, _track_full_batch_step
 from sklearn_fgn._stopping import (
     _geometric_tail,
     full_batch_converged,
@@ -231,6 +231,28 @@ def test_forcing_term_asks_what_the_stop_rule_needs(tol, gap, previous, expected
     assert forcing_term(cfg, state, False, torch.float64) == 1e-2
 
 
+def test_forcing_term_is_no_tighter_than_the_models_error():
+    # The model missed e = |1 - ratio| of the last decrease: CG stops at eta >= sqrt(e), capped at 0.5.
+    cfg = LoopConfig(alpha=0.0, tol=1e-4)
+    state = StepperState(last_relative_decrease=1e-4, gap_estimate=1e-3, model_error=0.09)
+    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.3)
+    state.model_error = 0.0  # no error read: Eisenstat-Walker's term
+    assert forcing_term(cfg, state, True, torch.float64) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("linear, step_size, ratio, predicted, expected", [
+    (True, 1.0, 1.12, 3e-2, 0.12),  # a trusted unit step of a linear head
+    (False, 1.0, 1.12, 3e-2, 0.0),  # an MLP head's
+    (True, 0.5, 1.12, 3e-2, 0.0),  # a cut step
+    (True, 1.0, 0.4, 3e-2, 0.0),  # an untrusted one
+    (True, 1.0, 1.12, 3e-12, 0.0),  # a decrease at round-off: its ratio is noise
+])  # fmt: skip
+def test_the_models_error_is_read_on_trusted_resolved_steps(linear, step_size, ratio, predicted, expected):
+    state = StepperState()
+    _track_full_batch_step(state, _record(ratio, step_size, predicted=predicted), linear, torch.float64)
+    assert state.model_error == pytest.approx(expected)
+
+
 def test_forcing_term_of_path_fits_is_not_tightened_for_the_last_step():
     # FGNClassifierCV's path fits (gap_tol) end on the linear rule, which asks nothing of the last solve.
     state = StepperState(last_relative_decrease=1e-2, gap_estimate=5e-4)
@@ -246,7 +268,7 @@ import resource, sys, torch
 from sklearn_fgn._heads import Head, init_params
 from sklearn_fgn._batches import Batch, prime_host_allocator
 from sklearn_fgn._solver import LoopConfig
-from sklearn_fgn._stepper import Stepper, StepperState
+from sklearn_fgn._stepper import Stepper, StepperState, _track_full_batch_step
 torch.set_num_threads(1)
 if sys.argv[1] == "prime":
     prime_host_allocator()
