@@ -48,7 +48,7 @@ from ._heads import (
     intercept_key,
     is_penalized,
 )
-from ._margin import MarginStats, log_curvature_weight, margin
+from ._margin import MarginStats, log_curvature_weight, margin, row_blocks
 
 __all__ = [
     "FunctionHead",
@@ -132,14 +132,12 @@ def row_blocked_affine(X: Tensor, coef: Tensor, intercept: Tensor | None = None)
     -------
     Tensor of shape (n, K)
     """
-    n, width = X.shape[0], coef.shape[0]
-    step = max(64, GEMM_BLOCK_ENTRIES // max(width, 1))
     tracked = torch.is_grad_enabled() and (X.requires_grad or coef.requires_grad)
-    if X.device.type != "cpu" or n <= step or tracked or (intercept is not None and intercept.requires_grad):
+    if X.device.type != "cpu" or tracked or (intercept is not None and intercept.requires_grad):
         return X @ coef.T if intercept is None else torch.addmm(intercept, X, coef.T)
-    out = torch.empty(n, width, dtype=torch.result_type(X, coef), device=X.device)
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
+    width = coef.shape[0]
+    out = torch.empty(X.shape[0], width, dtype=torch.result_type(X, coef), device=X.device)
+    for rows in row_blocks(out, max(GEMM_BLOCK_ENTRIES, 64 * width)):  # at least 64 rows a block
         if intercept is None:
             torch.mm(X[rows], coef.T, out=out[rows])
         else:

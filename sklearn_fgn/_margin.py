@@ -77,21 +77,23 @@ def margin(logits: Tensor, y: Tensor) -> Tensor:
     return _margin_and_competitors(logits, y)[0]
 
 
-def row_blocks(rows: Tensor) -> list[slice]:
-    """Split the rows of an ``(n, K)`` tensor into blocks of about ``2**20`` entries (one, off the CPU).
+def row_blocks(rows: Tensor, entries: int | None = None) -> list[slice]:
+    """Split the rows of an ``(n, K)`` tensor into blocks of about ``entries`` entries (one, off the CPU).
 
     Row-wise work on ``(n, K)`` arrays (softmax, sums over ``K``) is bound by
     memory traffic on the CPU: a block's temporaries stay in cache, where
     whole ``(n, K)`` temporaries go to memory and back (several times
     slower at ``n K`` of ``10^8``). Each row's arithmetic is the same
-    either way. A GPU takes the whole array at once.
+    either way. A GPU takes the whole array at once. ``entries`` defaults
+    to ``2**20``.
 
     Returns
     -------
     list of slice
     """
     n, width = rows.shape[0], max(rows.shape[1], 1)
-    step = n if rows.device.type != "cpu" else max(1, _BLOCK_ENTRIES // width)
+    entries = _BLOCK_ENTRIES if entries is None else entries
+    step = n if rows.device.type != "cpu" else max(1, entries // width)
     return [slice(start, min(start + step, n)) for start in range(0, max(n, 1), step)]
 
 
