@@ -43,7 +43,6 @@ from ._heads import (
     Params,
     activation_slope,
     coef_key,
-    forward,
     forward_with_cache,
     intercept_key,
     is_penalized,
@@ -59,6 +58,7 @@ __all__ = [
     "damping_diagonal",
     "fgn_gram",
     "fgn_row_scale",
+    "linear_logits",
     "linearize",
     "logits_function",
     "make_fgn_operator",
@@ -113,8 +113,29 @@ def _linearize_linear(head: Head, params: Params, X: Tensor, logits: Tensor | No
             grads[INTERCEPT] = cotangent.sum(0)
         return grads
 
-    logits = forward(head, params, X) if logits is None else logits
+    logits = linear_logits(head, params, X) if logits is None else logits
     return LogitsLinearization(logits, jvp, vjp, [X], lambda cotangent: [cotangent])
+
+
+def linear_logits(head: Head, params: Params, X: Tensor) -> Tensor:
+    """Return the linear head's logits ``X W^T + b``, shape ``(n, K)``, with no product at ``W = 0``.
+
+    A fit starts from zero coefficients, where the logits are the intercept
+    on every row: that first forward pass (a whole GEMM through ``X``) is
+    skipped. Otherwise :func:`row_blocked_affine`.
+
+    Returns
+    -------
+    Tensor of shape (n, K)
+    """
+    coef = params[COEF]
+    intercept = params[INTERCEPT] if head.fit_intercept else None
+    tracked = torch.is_grad_enabled() and (coef.requires_grad or X.requires_grad)
+    if tracked or bool(coef.any()):  # NaN counts as nonzero: it must reach the logits
+        return row_blocked_affine(X, coef, intercept)
+    dtype = torch.result_type(X, coef)
+    base = intercept if intercept is not None else coef.new_zeros(coef.shape[0])
+    return base.to(dtype).expand(X.shape[0], -1).clone()
 
 
 def row_blocked_affine(X: Tensor, coef: Tensor, intercept: Tensor | None = None) -> Tensor:

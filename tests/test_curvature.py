@@ -1,5 +1,7 @@
 """Tests of sklearn_fgn._curvature against dense float64 references (torch.func)."""
 
+import math
+
 import pytest
 import torch
 from cases import (
@@ -25,6 +27,7 @@ from sklearn_fgn._curvature import (
     damping_diagonal,
     fgn_gram,
     fgn_row_scale,
+    linear_logits,
     linearize,
     logits_function,
     make_fgn_operator,
@@ -268,3 +271,28 @@ def test_row_blocked_affine_stays_differentiable(monkeypatch):
     coef = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     row_blocked_affine(X, coef).sum().backward()
     torch.testing.assert_close(coef.grad, X.sum(0).expand(3, 4))
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_linear_logits_skip_the_product_at_zero_coefficients(fit_intercept, monkeypatch):
+    # A fit's start: the logits are the intercept on every row, exactly as X @ 0 + b, with no GEMM.
+    head = Head(5, 4, (), "relu", fit_intercept)
+    params = init_params(head, torch.Generator().manual_seed(0), torch.float64, "cpu")
+    if fit_intercept:
+        params["intercept_0"] = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
+    X = torch.randn(30, 5, dtype=torch.float64)
+    monkeypatch.setattr("sklearn_fgn._curvature.row_blocked_affine", None)  # would fail if called
+    got = linear_logits(head, params, X)
+    assert torch.equal(got, forward(head, params, X))
+    got[0, 0] = 7.0  # a tensor of its own, not a view of the intercept
+    assert not fit_intercept or params["intercept_0"][0] == 0.5
+
+
+def test_linear_logits_elsewhere_are_the_forward_pass():
+    head = Head(5, 4, (), "relu", True)
+    params = {"coef_0": torch.randn(4, 5, dtype=torch.float64), "intercept_0": torch.randn(4).double()}
+    X = torch.randn(30, 5, dtype=torch.float64)
+    torch.testing.assert_close(linear_logits(head, params, X), forward(head, params, X), **TOL)
+    params["coef_0"] = torch.zeros(4, 5, dtype=torch.float64)
+    params["coef_0"][1, 2] = math.nan  # must reach the logits, not be skipped as "zero"
+    assert torch.isnan(linear_logits(head, params, X)[:, 1]).all()

@@ -228,7 +228,7 @@ def test_a_path_starts_each_C_from_the_last_fits_logits_and_coordinates(monkeypa
 
     X, y = _standardized("breast_cancer")
     calls = {"forward": 0, "to_fit": 0}
-    forward, to_fit = curvature.forward, estimator.to_fit_coordinates
+    forward, to_fit = curvature.linear_logits, estimator.to_fit_coordinates
 
     def counted_forward(*args, **kwargs):
         calls["forward"] += 1
@@ -238,7 +238,7 @@ def test_a_path_starts_each_C_from_the_last_fits_logits_and_coordinates(monkeypa
         calls["to_fit"] += 1
         return to_fit(*args, **kwargs)
 
-    monkeypatch.setattr(curvature, "forward", counted_forward)
+    monkeypatch.setattr(curvature, "linear_logits", counted_forward)
     monkeypatch.setattr(estimator, "to_fit_coordinates", counted_to_fit)  # where _train looks it up
     path = FGNClassifier(batch_size=None, tol=1e-10, device="cpu")
     coefs = [path.coef_.copy() for _ in path._fit_path(X, y, np.ones(len(y)), [10.0, 1.0, 0.1])]

@@ -320,9 +320,9 @@ def test_full_batch_linear_fit_does_one_forward_pass(monkeypatch):
     import sklearn_fgn._solver as solver_module
 
     calls = []
-    for module in (curvature_module, solver_module):
-        original = module.forward
-        monkeypatch.setattr(module, "forward", lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    for module, name in ((curvature_module, "linear_logits"), (solver_module, "forward")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
     X, y = _standardized("iris")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
