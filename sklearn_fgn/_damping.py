@@ -22,6 +22,7 @@ from ._batches import Batch
 from ._curvature import LogitsFn, as_head, logits_function
 from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params
+from ._margin import MarginStats
 from ._objective import normalized_weights, objective_from_logits
 from ._step import StepResult
 from ._tuning import get_tuning
@@ -135,7 +136,7 @@ class _Ray:
     alpha: float
     comm: Communicator = SINGLE
 
-    def at(self, t: float) -> tuple[Params, Tensor, float]:
+    def at(self, t: float) -> tuple[Params, Tensor, float, MarginStats]:
         """Evaluate the objective at ``params + t * step``.
 
         Returns
@@ -143,6 +144,8 @@ class _Ray:
         params : dict of Tensor
         logits : Tensor
         objective : float
+        stats : MarginStats
+            Of those logits (the next step at them reads its margins there).
         """
         params, result = self.params, self.result
         trial = {k: torch.add(params[k], result.step[k], alpha=t) for k in params}
@@ -150,19 +153,20 @@ class _Ray:
             logits = torch.add(result.logits, result.logits_step, alpha=t)
         else:
             logits = logits_function(self.head)(trial, self.batch.X)
+        stats = MarginStats(logits, self.batch.y)
         objective = objective_from_logits(
-            self.head, trial, logits, self.batch.y, self.weights, self.alpha, self.comm
+            self.head, trial, logits, self.batch.y, self.weights, self.alpha, self.comm, stats
         )
-        return trial, logits, float(objective)
+        return trial, logits, float(objective), stats
 
 
-def _backtrack(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float] | None:
+def _backtrack(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float, MarginStats] | None:
     """Armijo backtracking along a rejected step: ``t = 1/2, 1/4, ...``.
 
     Returns
     -------
     tuple or None
-        ``(t, params, logits, objective)`` for the first ``t`` with
+        ``(t, params, logits, objective, stats)`` for the first ``t`` with
         ``f(theta + t delta) <= f(theta) + armijo t g' delta``; None after
         ``max_backtracks`` halvings or when ``delta`` is not a descent direction.
     """
@@ -172,13 +176,15 @@ def _backtrack(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float] | 
     t = 1.0
     for _ in range(get_tuning().max_backtracks):
         t *= 0.5
-        trial, logits, new_loss = ray.at(t)
+        trial, logits, new_loss, stats = ray.at(t)
         if new_loss <= loss + get_tuning().armijo * t * slope:  # False for NaN
-            return t, trial, logits, new_loss
+            return t, trial, logits, new_loss, stats
     return None
 
 
-def _lengthen(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float, float, float] | None:
+def _lengthen(
+    ray: _Ray, loss: float
+) -> tuple[float, Params, Tensor, float, MarginStats, float, float] | None:
     """Lengthen a trusted step to the undamped model's minimiser along it.
 
     Damping shortens a step; along its direction the model ``q(t) = t g'delta
@@ -189,7 +195,7 @@ def _lengthen(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float, flo
     Returns
     -------
     tuple or None
-        ``(t*, params, logits, objective, predicted decrease, ratio)`` when
+        ``(t*, params, logits, objective, stats, predicted decrease, ratio)`` when
         ``t* >= lengthen_min`` and the objective there agrees with the model
         (reduction ratio above 0.75); None otherwise.
     """
@@ -197,12 +203,12 @@ def _lengthen(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float, flo
     if not (slope < 0.0 and curvature > 0.0) or -slope < get_tuning().lengthen_min * curvature:
         return None
     t = -slope / curvature
-    trial, logits, new_loss = ray.at(t)
+    trial, logits, new_loss, stats = ray.at(t)
     predicted = -0.5 * t * slope
     ratio = (loss - new_loss) / predicted
     if not ratio > 0.75:  # also catches NaN
         return None
-    return t, trial, logits, new_loss, predicted, ratio
+    return t, trial, logits, new_loss, stats, predicted, ratio
 
 
 def take_step(
@@ -214,7 +220,7 @@ def take_step(
     alpha: float,
     rule: DampingRule = DampingRule(),
     comm: Communicator = SINGLE,
-) -> tuple[Params, Tensor, StepRecord]:
+) -> tuple[Params, Tensor, StepRecord, MarginStats | None]:
     """Accept, cut back, lengthen or discard the step ``result`` and adapt ``damping``.
 
     ``rule.schedule == "constant"`` takes the step as computed. ``"adaptive"``
@@ -247,11 +253,14 @@ def take_step(
         The logits at those parameters on ``batch``.
     record : StepRecord
         What was done (``next_damping`` the damping for the next step).
+    stats : MarginStats or None
+        The margin statistics of ``logits`` (None when the step was discarded):
+        a full-batch linear fit's next step reads them instead of recomputing them.
     """
     # From the logits, not X: a logits function may take integer ids or a dict of inputs.
     weights = normalized_weights(batch.sample_weight, batch.y.shape[0], result.logits, batch.weight_total)
     ray = _Ray(head, params, batch, result, weights, alpha, comm)
-    trial, trial_logits, new_loss = ray.at(1.0)
+    trial, trial_logits, new_loss, stats = ray.at(1.0)
     loss, predicted = float(result.loss), float(result.predicted_decrease)
     record = functools.partial(
         StepRecord, loss, damping=damping, curvature=result.curvature, cg_iter=result.solve.n_iter,
@@ -259,25 +268,27 @@ def take_step(
     )  # fmt: skip
     if rule.schedule == "constant":
         return trial, trial_logits, record(new_loss, True, predicted_decrease=predicted, ratio=1.0,
-                                           next_damping=damping)  # fmt: skip
+                                           next_damping=damping), stats  # fmt: skip
     accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, rule.min_damping)
     step_size = 1.0
     if not accepted:
         cut = _backtrack(ray, loss)
         accepted = cut is not None
-        step_size, trial, trial_logits, new_loss = cut if accepted else (0.0, params, result.logits, loss)
+        step_size, trial, trial_logits, new_loss, stats = cut if accepted else (
+            0.0, params, result.logits, loss, None
+        )
         if accepted and rule.full_batch and as_head(head).is_linear:
             next_damping = max(next_damping, _damping_to_shorten(result, damping, step_size))
     elif rule.full_batch and ratio > 0.75:
         longer = _lengthen(ray, loss)
         if longer is not None:
-            step_size, trial, trial_logits, new_loss, predicted, ratio = longer
+            step_size, trial, trial_logits, new_loss, stats, predicted, ratio = longer
             _, _, next_damping = levenberg_marquardt(
                 loss, new_loss, predicted, damping / step_size, rule.min_damping
             )
     taken = record(new_loss, accepted, predicted_decrease=predicted, ratio=ratio, step_size=step_size,
                    next_damping=next_damping)  # fmt: skip
-    return trial, trial_logits, taken
+    return trial, trial_logits, taken, stats
 
 
 def _damping_to_shorten(result: StepResult, damping: float, step_size: float) -> float:

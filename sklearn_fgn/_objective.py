@@ -81,18 +81,19 @@ def objective(
 
 def objective_from_logits(
     head: Head | LogitsFn, params: Params, logits: Tensor, y: Tensor, weights: Tensor, alpha: Alpha,
-    comm: Communicator = SINGLE,
+    comm: Communicator = SINGLE, stats: MarginStats | None = None,
 ) -> Tensor:  # fmt: skip
     """:func:`objective` given the logits at ``params`` (no forward pass).
 
     ``comm``: the rows are a rank's shard; the data term is summed over the ranks (one scalar).
+    ``stats``: the :class:`MarginStats` of ``logits`` when the caller keeps them (their margin is read).
 
     Returns
     -------
     Tensor
         The 0-d objective.
     """
-    m = margin(logits, y)
+    m = margin(logits, y) if stats is None else stats.margin
     penalty = _penalty(params, penalty_coefficients(head, params, alpha))
     return comm.sum_((weights * per_example_loss(m)).sum()) + penalty
 

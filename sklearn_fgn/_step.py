@@ -204,7 +204,7 @@ def compute_step(
     """
     o = StepOptions() if options is None else options
     _check_solver(o.solver, head, o.comm)
-    system = build_system(head, params, X, y, sample_weight, o, logits)
+    system = build_system(head, params, X, y, sample_weight, o, logits, cache)
     model = system
     if o.curvature_sample is not None and system.linear:
         drawn = sample_curvature_rows(system, o.curvature_sample, cache)

@@ -38,7 +38,7 @@ from ._damping import DAMPING_SCHEDULES, DampingRule, StepRecord, take_step
 from ._heads import Head, Params
 from ._step import StepResult, compute_step
 from ._stopping import objective_resolution, path_gap_tol, relative_decrease, remaining_gap
-from ._system import CurvatureSample, StepOptions
+from ._system import CurvatureSample, StepOptions, keep_margin_stats
 from ._tuning import get_tuning
 
 if TYPE_CHECKING:  # the loop's settings; the loop imports this module
@@ -304,9 +304,11 @@ class Stepper:
             logits=logits if full_batch else None, cache=self.cache if full_batch else None,
         )  # fmt: skip
         with torch.no_grad():  # a logits function's trial forward passes need no graph
-            params, logits, record = take_step(
+            params, logits, record, stats = take_step(
                 head, params, batch, result, damping, cfg.alpha, self.damping_rule, cfg.comm
             )
+        if full_batch and self.cache is not None and stats is not None and as_head(head).is_linear:
+            keep_margin_stats(self.cache, stats)  # the next step starts at these logits
         if full_batch:
             _track_full_batch_step(state, record, as_head(head).is_linear, self.dtype)
             _grow_curvature_sample(state, result)

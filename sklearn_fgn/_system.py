@@ -39,9 +39,11 @@ from ._objective import dot, loss_and_gradient, normalized_weights, weighted_sq
 __all__ = [
     "CurvatureSample",
     "DampedSystem",
+    "MARGIN_STATS",
     "StepOptions",
     "build_system",
     "curvature_along",
+    "keep_margin_stats",
     "quadratic_model",
     "sample_curvature_rows",
     "subsampled_system",
@@ -188,13 +190,15 @@ class StepOptions:
 
 def build_system(
     head: Head | LogitsFn, params: Params, X: Tensor, y: Tensor, sample_weight: Tensor | None,
-    options: StepOptions, logits: Tensor | None = None,
+    options: StepOptions, logits: Tensor | None = None, cache: dict | None = None,
 ) -> DampedSystem:  # fmt: skip
     """Linearise, take the loss and gradient, and form the operator and the damping (phase 1 of a step).
 
     Arguments as :func:`._step.compute_step` (of ``options``: ``alpha``,
     ``damping``, ``curvature``, ``weight_total`` and ``comm``). Cost: one
     forward pass (none for a linear head given ``logits``) and one VJP.
+    ``cache[MARGIN_STATS]``, kept by the step that evaluated ``logits``
+    (:func:`keep_margin_stats`), saves their margins' softmax pass.
 
     Returns
     -------
@@ -204,7 +208,7 @@ def build_system(
     lin = linearize(head, params, X, logits)
     weights = normalized_weights(sample_weight, y.shape[0], lin.logits, options.weight_total)
     coefficients = penalty_coefficients(head, params, alpha)
-    stats = MarginStats(lin.logits, y)
+    stats = _margin_stats(lin.logits, y, cache)
     loss, grad = loss_and_gradient(lin, stats, params, weights, coefficients, comm)
     fgn_op = make_fgn_operator(lin, y, weights, stats)
     op = fgn_op if curvature == "fgn" else make_ggn_operator(lin, y, weights, stats)
@@ -212,6 +216,25 @@ def build_system(
     return DampedSystem(
         head, params, X, y, lin, stats, weights, coefficients, loss, grad, op, fgn_op, lam, curvature, comm
     )
+
+
+# The key under which a full-batch step's cache holds the margin statistics of its last logits.
+MARGIN_STATS = "margin_stats"
+
+
+def keep_margin_stats(cache: dict, stats: MarginStats) -> None:
+    """Keep ``stats`` in ``cache`` for the next :func:`build_system` at the same logits (one entry)."""
+    cache[MARGIN_STATS] = (stats, stats.logits._version)
+
+
+def _margin_stats(logits: Tensor, y: Tensor, cache: dict | None) -> MarginStats:
+    """Return the :class:`MarginStats` of ``logits``: the kept ones if of this tensor, unchanged since."""
+    kept = None if cache is None else cache.pop(MARGIN_STATS, None)
+    if kept is not None:
+        stats, version = kept
+        if stats.logits is logits and stats.y is y and logits._version == version:
+            return stats
+    return MarginStats(logits, y)
 
 
 @dataclass(frozen=True)

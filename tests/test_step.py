@@ -653,6 +653,43 @@ def test_full_batch_fit_computes_the_group_moments_once(monkeypatch):
     assert len(calls) == 1
 
 
+def test_full_batch_steps_read_the_margins_their_last_trial_computed(monkeypatch):
+    # build_system reuses the MarginStats of the logits take_step accepted: one softmax pass per step.
+    import sklearn_fgn._system as system
+    from sklearn_fgn import FGNClassifier
+
+    X, y = _raw_embeddings(600, 12, 5)
+    built = []
+
+    class Counted(MarginStats):
+        def __init__(self, *a):
+            built.append(1)
+            super().__init__(*a)
+
+    monkeypatch.setattr(system, "MarginStats", Counted)
+    est = FGNClassifier(alpha=1 / 3, batch_size=None, tol=1e-6, device="cpu").fit(X, y)
+    assert est.n_iter_ >= 3
+    assert len(built) == 1  # the first step's, at the initial logits
+
+
+def test_kept_margin_stats_are_only_those_of_the_same_unchanged_logits():
+    from sklearn_fgn._system import _margin_stats, keep_margin_stats
+
+    logits, y = torch.randn(20, 4, dtype=torch.float64), torch.arange(20) % 4
+    stats, cache = MarginStats(logits, y), {}
+    keep_margin_stats(cache, stats)
+    assert _margin_stats(logits, y, cache) is stats
+    assert cache == {}  # read once
+    for other, labels in [(logits.clone(), y), (logits, y.clone())]:
+        keep_margin_stats(cache, stats)
+        fresh = _margin_stats(other, labels, cache)
+        assert fresh is not stats and torch.equal(fresh.margin, stats.margin)
+    keep_margin_stats(cache, stats)
+    logits[0, 0] += 1.0  # changed in place since
+    fresh = _margin_stats(logits, y, cache)
+    assert fresh is not stats and torch.equal(fresh.margin, margin(logits, y))
+
+
 LINEAR_CASES = [case for case in CASES if case.is_linear]
 
 
