@@ -443,16 +443,19 @@ def make_ggn_operator(
     """
     if lin.logits.shape[1] == 1:
         return make_fgn_operator(lin, y, weights, stats)
-    proba = (MarginStats(lin.logits, y) if stats is None else stats).proba
+    stats = MarginStats(lin.logits, y) if stats is None else stats
     row_weight = weights.sqrt()[:, None]
+
+    def proba() -> Tensor:  # formed on first use: a sampled step's whole-batch operator never is
+        return stats.proba
 
     @cache
     def root() -> Tensor:  # sqrt(p), formed on first use (CG uses the fused product)
-        return proba.sqrt()
+        return proba().sqrt()
 
     def matvec(v: Params) -> Tensor:
         jv, sqrt_proba = lin.jvp(v), root()
-        return row_weight * (sqrt_proba * jv - sqrt_proba * (proba * jv).sum(1, keepdim=True))
+        return row_weight * (sqrt_proba * jv - sqrt_proba * (proba() * jv).sum(1, keepdim=True))
 
     def rmatvec(u: Tensor) -> Params:
         sqrt_proba = root()
@@ -460,19 +463,19 @@ def make_ggn_operator(
         return lin.vjp(row_weight * sqrt_proba * projected)
 
     @cache
-    def weighted_proba() -> Tensor:  # formed on first use (a sampled step's whole-batch operator never is)
-        return weights[:, None] * proba
+    def weighted_proba() -> Tensor:
+        return weights[:, None] * proba()
 
     @cache
     def work() -> Tensor:  # one (n, K) buffer for every product of this step
-        return torch.empty_like(proba)
+        return torch.empty_like(lin.logits)
 
     def curvature_from_jvp(jv: Tensor) -> Params:
         # S^T S = diag(p) - p p^T applied in O(K) per example (kfac-jax style),
         # into one buffer: fresh (n, K) temporaries per product cost more than
         # the arithmetic.
         buf = work()
-        coupling = torch.mul(proba, jv, out=buf).sum(1, keepdim=True)
+        coupling = torch.mul(proba(), jv, out=buf).sum(1, keepdim=True)
         return lin.vjp(torch.sub(jv, coupling, out=buf).mul_(weighted_proba()))
 
     return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec, lin.jvp, curvature_from_jvp)

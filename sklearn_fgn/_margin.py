@@ -198,12 +198,45 @@ class MarginStats:
             return margin_direction(self.logits, self.y)
         return _direction(self._competitors, self.y)
 
+    def scaled_direction(self, scale: Tensor) -> Tensor:
+        """Return ``scale_i a_i``, shape (n, n_logits), e.g. the gradient's ``omega_i phi'(m_i) a_i``.
+
+        From ``q`` in one pass (``-scale_i q`` with ``scale_i`` written at the
+        true class) when :attr:`direction` was not formed: the same numbers
+        without its ``(n, K)`` array.
+
+        Returns
+        -------
+        Tensor of shape (n, n_logits)
+        """
+        if self._competitors is None or "direction" in self.__dict__:
+            return scale[:, None] * self.direction
+        return (self._competitors * scale.neg()[:, None]).scatter_(1, self.y[:, None], scale[:, None])
+
     @cached_property
     def proba(self) -> Tensor:  # noqa: D102
+        return self._proba(slice(None))
+
+    def proba_rows(self, rows: slice) -> Tensor:
+        """Return ``proba[rows]``: a view once :attr:`proba` is formed, else that block alone.
+
+        Row-blocked reductions (:class:`LogitCurvature`'s ``trace`` and
+        ``along``) then never form the whole ``(n, K)`` array. Each entry is
+        the same elementwise formula (vectorised kernels may round the last
+        bit of a block's tail differently).
+
+        Returns
+        -------
+        Tensor of shape (rows, n_classes)
+        """
+        return self.proba[rows] if "proba" in self.__dict__ else self._proba(rows)
+
+    def _proba(self, rows: slice) -> Tensor:
         if self._competitors is None:
             raise ValueError("proba needs the multiclass (n_classes >= 2 logits) form")
-        proba = self._competitors * torch.sigmoid(-self.margin)[:, None]
-        return proba.scatter_(1, self.y[:, None], torch.sigmoid(self.margin)[:, None])
+        m = self.margin[rows]
+        proba = self._competitors[rows] * torch.sigmoid(-m)[:, None]
+        return proba.scatter_(1, self.y[rows, None], torch.sigmoid(m)[:, None])
 
 
 def per_example_loss(m: Tensor) -> Tensor:
@@ -288,9 +321,10 @@ class LogitCurvature:
         stats, weights = self.stats, self.weights
         if self.rank_one:
             return weights * curvature_weight(stats.margin) * (stats.direction * stats.direction).sum(1)
-        proba, square = stats.proba, weights.new_empty(weights.shape[0])
-        for rows in row_blocks(proba):
-            square[rows] = (proba[rows] * proba[rows]).sum(1)
+        square = weights.new_empty(weights.shape[0])
+        for rows in row_blocks(stats.logits):
+            block = stats.proba_rows(rows)
+            square[rows] = (block * block).sum(1)
         return weights * (1.0 - square)
 
     def along(self, u: Tensor) -> Tensor:
@@ -306,8 +340,8 @@ class LogitCurvature:
         stats = self.stats
         if self.rank_one:
             return self.weights * curvature_weight(stats.margin) * (stats.direction * u).sum(1).square()
-        proba, per_row = stats.proba, u.new_empty(u.shape[0])
+        per_row = u.new_empty(u.shape[0])
         for rows in row_blocks(u):
-            moved = proba[rows] * u[rows]
+            moved = stats.proba_rows(rows) * u[rows]
             per_row[rows] = (moved * u[rows]).sum(1) - moved.sum(1).square()
         return self.weights * per_row

@@ -117,7 +117,7 @@ def loss_and_gradient(
     m = stats.margin
     data_loss = (weights * per_example_loss(m)).sum()
     # d(sum omega_i phi(m_i))/dz_i = omega_i phi'(m_i) a_i, pulled back by J^T.
-    coeff = (weights * loss_derivative(m))[:, None] * stats.direction
+    coeff = stats.scaled_direction(weights * loss_derivative(m))
     grad = lin.vjp(coeff)
     if comm.distributed:  # the shards' data terms, in one all-reduce
         grad, (data_loss,) = comm.sum_params(grad, data_loss)

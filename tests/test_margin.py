@@ -195,3 +195,42 @@ def test_row_blocks_give_the_whole_arrays_results(seed, monkeypatch):
     torch.testing.assert_close(results[0][2], weights * (1 - (p * p).sum(1)), rtol=1e-13, atol=1e-15)
     expected = weights * ((p * u * u).sum(1) - (p * u).sum(1) ** 2)
     torch.testing.assert_close(results[0][3], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("n_logits", [1, 2, 6])
+@pytest.mark.parametrize("formed", [False, True])
+def test_scaled_direction_is_the_scaled_margin_direction_exactly(n_logits, formed):
+    # The gradient's coefficients without the direction's (n, K) array: the very same numbers.
+    gen = torch.Generator().manual_seed(n_logits)
+    logits = 5 * torch.randn(40, n_logits, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, max(n_logits, 2), (40,), generator=gen)
+    scale = -torch.rand(40, generator=gen, dtype=torch.float64)
+    stats = MarginStats(logits, y)
+    if formed:
+        stats.direction  # noqa: B018
+    expected = scale[:, None] * margin_direction(logits, y)
+    assert torch.equal(stats.scaled_direction(scale), expected)
+
+
+@pytest.mark.parametrize("formed", [False, True])
+def test_trace_and_along_read_the_probabilities_by_blocks_with_the_same_numbers(formed, monkeypatch):
+    # Before the whole (n, K) proba is formed, each block of rows forms its own entries.
+    monkeypatch.setattr(margin_module, "_BLOCK_ENTRIES", 7 * 6)  # blocks of 7 rows and a remainder
+    gen = torch.Generator().manual_seed(3)
+    logits = 4 * torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 6, (40,), generator=gen)
+    weights = torch.rand(40, generator=gen, dtype=torch.float64)
+    u = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    stats = MarginStats(logits, y)
+    if formed:
+        stats.proba  # noqa: B018
+    curvature = margin_module.LogitCurvature(stats, weights, "ggn")
+    trace, along = curvature.trace(), curvature.along(u)
+    assert ("proba" in stats.__dict__) == formed  # not formed by the blocks
+    proba = torch.softmax(logits, 1)  # the dense float64 reference
+    torch.testing.assert_close(trace, weights * (1 - (proba * proba).sum(1)), rtol=1e-12, atol=1e-15)
+    hessian_along = (proba * u * u).sum(1) - (proba * u).sum(1) ** 2
+    torch.testing.assert_close(along, weights * hessian_along, rtol=1e-12, atol=1e-15)
+    whole = MarginStats(logits, y).proba
+    for rows in margin_module.row_blocks(logits):  # the same formula: equal up to the last bit
+        torch.testing.assert_close(stats.proba_rows(rows), whole[rows], rtol=4e-16, atol=0)
