@@ -115,7 +115,8 @@ def class_group_moments(
 
     ``x~ = (x, 1)`` with an intercept. They depend on the rows only, not on
     the parameters, so a fit computes them once (see ``compute_step``'s
-    ``cache``). Cost: one ``(G, n) @ (n, d)`` product and ``O(n d)``.
+    ``cache``). Cost: ``O(n d)`` (each row's weighted ``x`` added into its
+    group's sum: no dense ``(n, G)`` one-hot product).
 
     Returns
     -------
@@ -124,10 +125,13 @@ def class_group_moments(
     within : Tensor of shape (d~,)
         The diagonal of the weighted within-group covariance ``Sigma_W``.
     """
-    onehot = X.new_zeros(X.shape[0], n_groups).scatter_(1, y[:, None], weights[:, None])  # omega_i at y_i
-    square = sum(w @ x.square() for w, x in zip(weights.split(8192), X.split(8192), strict=True))
     d = X.shape[1]
-    flat = comm.sum_(torch.cat([(onehot.T @ X).flatten(), onehot.sum(0), square, weights.sum()[None]]))
+    sums, square = X.new_zeros(n_groups, d), X.new_zeros(d)
+    for w, x, labels in zip(weights.split(8192), X.split(8192), y.split(8192), strict=True):
+        sums.index_add_(0, labels, x * w[:, None])
+        square += w @ x.square()
+    counts = X.new_zeros(n_groups).index_add_(0, y, weights)
+    flat = comm.sum_(torch.cat([sums.flatten(), counts, square, weights.sum()[None]]))
     sums, counts = flat[: n_groups * d].view(n_groups, d), flat[n_groups * d : n_groups * (d + 1)]
     square, total = flat[n_groups * (d + 1) : -1], flat[-1:]
     if intercept:  # the constant 1: mean 1 in every group, no within-group variance

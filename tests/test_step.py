@@ -30,7 +30,11 @@ from sklearn_fgn._heads import Head, forward, init_params
 from sklearn_fgn._inner import SolveRecord
 from sklearn_fgn._margin import LogitCurvature, MarginStats, margin
 from sklearn_fgn._objective import normalized_weights, objective
-from sklearn_fgn._preconditioners import make_fgn_preconditioner, make_kronecker_preconditioner
+from sklearn_fgn._preconditioners import (
+    class_group_moments,
+    make_fgn_preconditioner,
+    make_kronecker_preconditioner,
+)
 from sklearn_fgn._step import compute_step
 from sklearn_fgn._system import StepOptions
 from sklearn_fgn._tuning import get_tuning, tuning_context
@@ -638,6 +642,24 @@ def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch):
     assert counts[2] <= 0.5 * counts[0]
     assert losses[1] == pytest.approx(losses[0], rel=1e-8)
     assert losses[2] == pytest.approx(losses[0], rel=1e-8)
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_class_group_moments_are_the_weighted_group_means_and_within_variances(intercept):
+    # Against a loop over the groups in float64; 20000 rows cross the 8192-row chunks; group 4 is empty.
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(20000, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1]).double()
+    y = torch.randint(0, 4, (20000,), generator=gen)
+    weights = torch.rand(20000, generator=gen, dtype=torch.float64)
+    means, within = class_group_moments(X, y, weights, 5, intercept)
+    Xt = torch.cat([X, torch.ones(20000, 1, dtype=torch.float64)], 1) if intercept else X
+    expected_within = torch.zeros(Xt.shape[1], dtype=torch.float64)
+    for g in range(5):
+        w, rows = weights[y == g], Xt[y == g]
+        mean = (w @ rows) / w.sum() if len(w) else torch.zeros(Xt.shape[1], dtype=torch.float64)
+        torch.testing.assert_close(means[g], mean, rtol=1e-12, atol=1e-14)
+        expected_within += w @ (rows - mean).square()
+    torch.testing.assert_close(within, expected_within, rtol=1e-9, atol=1e-9)
 
 
 def test_full_batch_fit_computes_the_group_moments_once(monkeypatch):
