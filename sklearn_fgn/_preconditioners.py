@@ -115,8 +115,8 @@ def class_group_moments(
 
     ``x~ = (x, 1)`` with an intercept. They depend on the rows only, not on
     the parameters, so a fit computes them once (see ``compute_step``'s
-    ``cache``). Cost: ``O(n d)`` (each row's weighted ``x`` added into its
-    group's sum: no dense ``(n, G)`` one-hot product).
+    ``cache``). Cost: ``O(n d)`` on the CPU (:func:`_group_sums`), one
+    ``(G, n) @ (n, d)`` product elsewhere.
 
     Returns
     -------
@@ -126,11 +126,8 @@ def class_group_moments(
         The diagonal of the weighted within-group covariance ``Sigma_W``.
     """
     d = X.shape[1]
-    sums, square = X.new_zeros(n_groups, d), X.new_zeros(d)
-    for w, x, labels in zip(weights.split(8192), X.split(8192), y.split(8192), strict=True):
-        sums.index_add_(0, labels, x * w[:, None])
-        square += w @ x.square()
-    counts = X.new_zeros(n_groups).index_add_(0, y, weights)
+    sums, counts = _group_sums(X, y, weights, n_groups)
+    square = sum(w @ x.square() for w, x in zip(weights.split(8192), X.split(8192), strict=True))
     flat = comm.sum_(torch.cat([sums.flatten(), counts, square, weights.sum()[None]]))
     sums, counts = flat[: n_groups * d].view(n_groups, d), flat[n_groups * d : n_groups * (d + 1)]
     square, total = flat[n_groups * (d + 1) : -1], flat[-1:]
@@ -138,6 +135,28 @@ def class_group_moments(
         sums, square = torch.cat([sums, counts[:, None]], 1), torch.cat([square, total])
     means = sums / counts.clamp_min(torch.finfo(X.dtype).tiny)[:, None]
     return means, (square - counts @ means.square()).clamp_min(0.0)
+
+
+def _group_sums(X: Tensor, y: Tensor, weights: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Return each group's ``sum_i omega_i x_i``, shape (G, d), and ``sum_i omega_i``, shape (G,).
+
+    On the CPU each row is added into its group (``index_add_``: ``n d``
+    work, in row order). Elsewhere one product with the ``(n, G)`` one-hot
+    weights: a GPU's ``index_add_`` adds by atomics, in an order that
+    changes from run to run, and a GEMM there is cheap.
+
+    Returns
+    -------
+    sums : Tensor of shape (G, d)
+    counts : Tensor of shape (G,)
+    """
+    if X.device.type != "cpu":
+        onehot = X.new_zeros(X.shape[0], n_groups).scatter_(1, y[:, None], weights[:, None])  # omega_i at y_i
+        return onehot.T @ X, onehot.sum(0)
+    sums = X.new_zeros(n_groups, X.shape[1])
+    for w, x, labels in zip(weights.split(8192), X.split(8192), y.split(8192), strict=True):
+        sums.index_add_(0, labels, x * w[:, None])
+    return sums, X.new_zeros(n_groups).index_add_(0, y, weights)
 
 
 def make_class_means_preconditioner(

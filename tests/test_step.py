@@ -645,13 +645,14 @@ def test_class_means_model_cuts_cg_iterations_on_raw_embeddings(monkeypatch):
 
 
 @pytest.mark.parametrize("intercept", [True, False])
-def test_class_group_moments_are_the_weighted_group_means_and_within_variances(intercept):
+def test_class_group_moments_are_the_weighted_group_means_and_within_variances(intercept, device):
     # Against a loop over the groups in float64; 20000 rows cross the 8192-row chunks; group 4 is empty.
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(20000, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1]).double()
     y = torch.randint(0, 4, (20000,), generator=gen)
     weights = torch.rand(20000, generator=gen, dtype=torch.float64)
-    means, within = class_group_moments(X, y, weights, 5, intercept)
+    moments = class_group_moments(X.to(device), y.to(device), weights.to(device), 5, intercept)
+    means, within = (m.cpu() for m in moments)
     Xt = torch.cat([X, torch.ones(20000, 1, dtype=torch.float64)], 1) if intercept else X
     expected_within = torch.zeros(Xt.shape[1], dtype=torch.float64)
     for g in range(5):
