@@ -460,8 +460,12 @@ def main() -> None:
     stem = "linear_probe" + ("" if args.dtype == "float64" else f"_{args.dtype}")
     _common.write_outputs(stem, rows, markdown, {"rows": rows, "headline": heads}, args.quick)
     png = _common.OUT_DIR / (f"{stem}_quick.png" if args.quick else f"{stem}.png")
-    plot(rows, png)
-    print(f"\nwrote {png}")
+    try:
+        plot(rows, png)
+    except ImportError:  # the tables are written; the figure needs the "benchmarks" extra
+        print('\nno figure: matplotlib is not installed (pip install -e ".[benchmarks]")')
+    else:
+        print(f"\nwrote {png}")
 
 
 if __name__ == "__main__":
