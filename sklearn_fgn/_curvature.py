@@ -446,16 +446,13 @@ def make_ggn_operator(
     stats = MarginStats(lin.logits, y) if stats is None else stats
     row_weight = weights.sqrt()[:, None]
 
-    def proba() -> Tensor:  # formed on first use: a sampled step's whole-batch operator never is
-        return stats.proba
-
     @cache
     def root() -> Tensor:  # sqrt(p), formed on first use (CG uses the fused product)
-        return proba().sqrt()
+        return stats.proba.sqrt()
 
     def matvec(v: Params) -> Tensor:
         jv, sqrt_proba = lin.jvp(v), root()
-        return row_weight * (sqrt_proba * jv - sqrt_proba * (proba() * jv).sum(1, keepdim=True))
+        return row_weight * (sqrt_proba * jv - sqrt_proba * (stats.proba * jv).sum(1, keepdim=True))
 
     def rmatvec(u: Tensor) -> Params:
         sqrt_proba = root()
@@ -463,8 +460,8 @@ def make_ggn_operator(
         return lin.vjp(row_weight * sqrt_proba * projected)
 
     @cache
-    def weighted_proba() -> Tensor:
-        return weights[:, None] * proba()
+    def weighted_proba() -> Tensor:  # formed on first use (a sampled step's whole-batch operator never is)
+        return weights[:, None] * stats.proba
 
     @cache
     def work() -> Tensor:  # one (n, K) buffer for every product of this step
@@ -475,7 +472,7 @@ def make_ggn_operator(
         # into one buffer: fresh (n, K) temporaries per product cost more than
         # the arithmetic.
         buf = work()
-        coupling = torch.mul(proba(), jv, out=buf).sum(1, keepdim=True)
+        coupling = torch.mul(stats.proba, jv, out=buf).sum(1, keepdim=True)
         return lin.vjp(torch.sub(jv, coupling, out=buf).mul_(weighted_proba()))
 
     return RowSpaceOperator(lin.logits.numel(), matvec, rmatvec, lin.jvp, curvature_from_jvp)

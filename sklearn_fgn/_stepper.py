@@ -307,10 +307,11 @@ class Stepper:
             params, logits, record, stats = take_step(
                 head, params, batch, result, damping, cfg.alpha, self.damping_rule, cfg.comm
             )
-        if full_batch and self.cache is not None and stats is not None and as_head(head).is_linear:
-            keep_margin_stats(self.cache, stats)  # the next step starts at these logits
         if full_batch:
-            _track_full_batch_step(state, record, as_head(head).is_linear, self.dtype)
+            linear = as_head(head).is_linear
+            if linear and self.cache is not None and stats is not None:
+                keep_margin_stats(self.cache, stats)  # the next step starts at these logits
+            _track_full_batch_step(state, record, linear, self.dtype)
             _grow_curvature_sample(state, result)
         return StepOutcome(result, params, logits, record)
 

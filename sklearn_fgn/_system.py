@@ -39,7 +39,6 @@ from ._objective import dot, loss_and_gradient, normalized_weights, weighted_sq
 __all__ = [
     "CurvatureSample",
     "DampedSystem",
-    "MARGIN_STATS",
     "StepOptions",
     "build_system",
     "curvature_along",
@@ -197,7 +196,7 @@ def build_system(
     Arguments as :func:`._step.compute_step` (of ``options``: ``alpha``,
     ``damping``, ``curvature``, ``weight_total`` and ``comm``). Cost: one
     forward pass (none for a linear head given ``logits``) and one VJP.
-    ``cache[MARGIN_STATS]``, kept by the step that evaluated ``logits``
+    ``cache[_MARGIN_STATS]``, kept by the step that evaluated ``logits``
     (:func:`keep_margin_stats`), saves their margins' softmax pass.
 
     Returns
@@ -219,17 +218,17 @@ def build_system(
 
 
 # The key under which a full-batch step's cache holds the margin statistics of its last logits.
-MARGIN_STATS = "margin_stats"
+_MARGIN_STATS = "margin_stats"
 
 
 def keep_margin_stats(cache: dict, stats: MarginStats) -> None:
     """Keep ``stats`` in ``cache`` for the next :func:`build_system` at the same logits (one entry)."""
-    cache[MARGIN_STATS] = (stats, stats.logits._version)
+    cache[_MARGIN_STATS] = (stats, stats.logits._version)
 
 
 def _margin_stats(logits: Tensor, y: Tensor, cache: dict | None) -> MarginStats:
     """Return the :class:`MarginStats` of ``logits``: the kept ones if of this tensor, unchanged since."""
-    kept = None if cache is None else cache.pop(MARGIN_STATS, None)
+    kept = None if cache is None else cache.pop(_MARGIN_STATS, None)
     if kept is not None:
         stats, version = kept
         if stats.logits is logits and stats.y is y and logits._version == version:
