@@ -82,7 +82,8 @@ class StepRecord:
     (far more than ``predicted_decrease`` when the damping held the step
     back, so that a small decrease says nothing about convergence).
     ``damping`` is the damping the step was computed with, ``next_damping``
-    the one the next step takes.
+    the one the next step takes; ``direction`` is the step's
+    (:attr:`._step.StepResult.direction`).
     """
 
     loss: float
@@ -97,6 +98,7 @@ class StepRecord:
     step_size: float = 1.0
     reachable_decrease: float = 0.0
     next_damping: float | None = None
+    direction: str = "newton"
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ def take_step(
     loss, predicted = float(result.loss), float(result.predicted_decrease)
     record = functools.partial(
         StepRecord, loss, damping=damping, curvature=result.curvature, cg_iter=result.solve.n_iter,
-        cg_tol=result.cg_tol, reachable_decrease=_reachable_decrease(result),
+        cg_tol=result.cg_tol, reachable_decrease=_reachable_decrease(result), direction=result.direction,
     )  # fmt: skip
     if rule.schedule == "constant":
         return trial, trial_logits, record(new_loss, True, predicted_decrease=predicted, ratio=1.0,

@@ -31,7 +31,14 @@ from ._tuning import get_tuning
 if TYPE_CHECKING:
     from ._system import DampedSystem
 
-__all__ = ["SolveRecord", "low_precision_operator", "mixed_pays_off", "solve", "solve_mixed"]
+__all__ = [
+    "SolveRecord",
+    "damping_vector",
+    "low_precision_operator",
+    "mixed_pays_off",
+    "solve",
+    "solve_mixed",
+]
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def _cg_setup(
     apply_m : callable
         ``preconditioner``, or ``r -> Lambda^{-1} r`` without one.
     """
-    lam_vec = _damping_vector(grad, lam)
+    lam_vec = damping_vector(grad, lam)
     apply_m = preconditioner if preconditioner is not None else (lambda r: r / lam_vec)
     return lam_vec, _damped_product(op, grad, lam_vec, comm), apply_m
 
@@ -142,7 +149,7 @@ def _damped_product(
     return product
 
 
-def _damping_vector(grad: Params, lam: dict[str, float | Tensor]) -> Tensor:
+def damping_vector(grad: Params, lam: dict[str, float | Tensor]) -> Tensor:
     """``Lambda``'s diagonal as one flat vector, in the gradient's layout."""
     return flatten({k: torch.zeros_like(g).add_(lam[k]) for k, g in grad.items()})
 

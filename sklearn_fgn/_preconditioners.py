@@ -551,12 +551,17 @@ class PreconditionerRequest:
         Kronecker) may be tried.
     cache : dict or None
         What full-batch steps on the same rows share (the class groups' moments).
+    cheap : bool
+        The model serves a step without CG (a quasi-Newton step's ``H_0``,
+        :mod:`._quasi_newton`): only models whose build costs less than a
+        curvature product may be tried (class means, Kronecker).
     """
 
     solver: str = "auto"
     cg_tol: float = 1e-5
     structured: bool = False
     cache: dict | None = None
+    cheap: bool = False
 
 
 class Preconditioner:
@@ -595,6 +600,8 @@ class GramCholesky(Preconditioner):
 
     @classmethod
     def affordable(cls, system: DampedSystem, request: PreconditionerRequest) -> bool:  # noqa: D102
+        if request.cheap:
+            return False
         if request.solver == "cholesky":
             return True
         return (
@@ -631,7 +638,15 @@ class _LinearHeadModel(Preconditioner):
 
 
 class HardRows(_LinearHeadModel):
-    """The exact FGN solve on the hardest rows (:func:`make_hard_row_preconditioner`)."""
+    """The exact FGN solve on the hardest rows (:func:`make_hard_row_preconditioner`).
+
+    Not for a step without CG (``request.cheap``): its build costs up to
+    ``hard_rows_build_cg`` curvature products.
+    """
+
+    @classmethod
+    def affordable(cls, system: DampedSystem, request: PreconditionerRequest) -> bool:  # noqa: D102
+        return super().affordable(system, request) and not request.cheap
 
     @classmethod
     def build(cls, system: DampedSystem, request: PreconditionerRequest):  # noqa: D102

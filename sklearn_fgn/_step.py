@@ -57,8 +57,8 @@ from torch import Tensor
 from ._curvature import LogitsFn, as_head
 from ._distributed import SINGLE, Communicator
 from ._heads import Head, Params, intercept_key
-from ._inner import SolveRecord, mixed_pays_off, solve, solve_mixed
-from ._objective import unflatten, weighted_sq
+from ._inner import SolveRecord, damping_vector, mixed_pays_off, solve, solve_mixed
+from ._objective import dot, flatten, unflatten, weighted_sq
 from ._preconditioners import PreconditionerRequest, choose_preconditioner
 from ._system import (
     DampedSystem,
@@ -124,6 +124,10 @@ class StepResult:
         (``step_curvature`` and ``predicted_decrease`` are the whole
         batch's, and where that ratio is small the step is cut to the whole
         batch's model's minimiser along it); 1.0 without a sample.
+    direction : {"newton", "quasi-newton"}
+        How the step's direction was found: CG on the damped system, or the
+        limited-memory quasi-Newton inverse of the fit's secant pairs
+        (``cg_tol`` is then 1.0: the step solves nothing of Newton's system).
     """
 
     step: Params
@@ -140,6 +144,7 @@ class StepResult:
     curvature: str = "fgn"
     cg_tol: float = 0.0
     sampled_curvature: float = 1.0
+    direction: str = "newton"
 
 
 def compute_step(
@@ -205,11 +210,16 @@ def compute_step(
     o = StepOptions() if options is None else options
     _check_solver(o.solver, head, o.comm)
     system = build_system(head, params, X, y, sample_weight, o, logits, cache)
+    secant = o.secant if system.linear else None
+    if secant is not None:
+        secant.observe(params, system.gradient)
     model = system
     if o.curvature_sample is not None and system.linear:
         drawn = sample_curvature_rows(system, o.curvature_sample, cache)
         if drawn is not None:
             model = subsampled_system(system, *drawn)
+    if secant is not None and o.quasi_newton:
+        return _quasi_newton_step(head, system, model, o, cache)
     request = PreconditionerRequest(o.solver, o.cg_tol, o.structured, cache)
     solver, preconditioner = choose_preconditioner(model, request)
     if o.mixed_precision and mixed_pays_off(model, o.cg_tol):
@@ -233,6 +243,54 @@ def compute_step(
     return StepResult(
         step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, record,
         system.lin.logits, logits_step, slope, curvature_term, damping_term, o.curvature, o.cg_tol, sampled,
+    )  # fmt: skip
+
+
+def _quasi_newton_step(
+    head: Head, system: DampedSystem, model: DampedSystem, o: StepOptions, cache: dict | None
+) -> StepResult:
+    """Return the quasi-Newton step (:mod:`._quasi_newton`), scaled to the whole batch's model minimiser.
+
+    ``H_0`` is ``gamma M^{-1}`` for the cheapest model ``M`` of the damped
+    curvature on ``model``'s rows (``Lambda`` without one). One JVP on all
+    rows gives ``J delta``, the curvature along the direction
+    (:func:`._system.curvature_along`) and so the model ``q(t) = t slope +
+    t^2 c / 2``; the step is ``t* = -slope / c`` times the direction, where
+    that model is least (its damping term is zero: the damping only enters
+    through ``M``). A direction that is not one of descent (round-off in the
+    pairs) is replaced by ``-M^{-1} g`` and the pairs are forgotten.
+
+    Returns
+    -------
+    StepResult
+        ``solve.n_iter`` is 0 (no curvature product), ``direction`` ``"quasi-newton"``.
+    """
+    request = PreconditionerRequest(o.solver, o.cg_tol, o.structured, cache, cheap=True)
+    _, preconditioner = choose_preconditioner(model, request)
+    if preconditioner is None:
+        inverse_damping = 1.0 / damping_vector(system.gradient, system.damping)
+
+        def preconditioner(r: Tensor) -> Tensor:
+            return r * inverse_damping
+
+    gradient = flatten(system.gradient)
+    direction = o.secant.direction(gradient, preconditioner)
+    if not float(torch.dot(direction.double(), gradient.double())) < 0.0:
+        o.secant.clear()
+        direction = -preconditioner(gradient)
+    step, _ = _without_intercept_shift(head, unflatten(direction, system.gradient), None)
+    logits_step = system.lin.jvp(step)
+    slope = dot(system.gradient, step)
+    curvature_term = curvature_along(system, logits_step) + weighted_sq(step, system.coefficients)
+    t = -float(slope) / float(curvature_term) if float(curvature_term) > 0.0 else 1.0
+    if t > 0.0 and t != 1.0:
+        step, logits_step = {k: v * t for k, v in step.items()}, logits_step.mul_(t)
+        slope, curvature_term = slope * t, curvature_term * (t * t)
+    record = SolveRecord(0, float("nan"), "quasi-newton")
+    return StepResult(
+        step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), "quasi-newton", record,
+        system.lin.logits, logits_step, slope, curvature_term, torch.zeros_like(slope), o.curvature, 1.0,
+        direction="quasi-newton",
     )  # fmt: skip
 
 

@@ -36,8 +36,15 @@ from ._batches import Batch, TrainingData
 from ._curvature import LogitsFn, as_head
 from ._damping import DAMPING_SCHEDULES, DampingRule, StepRecord, take_step
 from ._heads import Head, Params
+from ._quasi_newton import SecantMemory
 from ._step import StepResult, compute_step
-from ._stopping import objective_resolution, path_gap_tol, relative_decrease, remaining_gap
+from ._stopping import (
+    actual_relative_decrease,
+    objective_resolution,
+    path_gap_tol,
+    relative_decrease,
+    remaining_gap,
+)
 from ._system import CurvatureSample, StepOptions, keep_margin_stats
 from ._tuning import get_tuning
 
@@ -100,6 +107,14 @@ class StepperState:
     it (None before the first step). The forcing term reads them, the
     stopping rule the previous decrease. ``curvature_sample``: how many rows
     the curvature is sampled on (linear heads; 0 until the first step decides).
+    ``secant``: the secant pairs of a linear head's steps, and
+    ``quasi_newton`` whether the next step takes the quasi-Newton direction
+    (:func:`_choose_direction`), from the gains per pass of the last steps
+    of each kind (``newton_gain``, ``quasi_newton_gain``; inf before any
+    quasi-Newton step); ``recent_decreases``: the relative decreases of the
+    present run of quasi-Newton steps (those taken, not those predicted),
+    whose slowest rate (:meth:`slowest_rate`) estimates the gap left after
+    them (``gap_estimate``: the geometric tail of their decreases).
     """
 
     last_relative_decrease: float = math.inf
@@ -108,6 +123,24 @@ class StepperState:
     last_loss: float | None = None
     curvature_sample: int = 0
     model_error: float = 0.0
+    secant: SecantMemory | None = None
+    quasi_newton: bool = False
+    recent_decreases: tuple[float, ...] = ()
+    newton_gain: float = 0.0
+    quasi_newton_gain: float = math.inf
+
+    def slowest_rate(self) -> float:
+        """Return the largest ratio of consecutive relative decreases of the last steps kept.
+
+        inf before there are two decreases, or where one is not positive.
+
+        Returns
+        -------
+        float
+        """
+        d = self.recent_decreases
+        rates = [b / a if a > 0.0 and b > 0.0 else math.inf for a, b in zip(d, d[1:], strict=False)]
+        return max(rates, default=math.inf)
 
 
 class StepOutcome(NamedTuple):
@@ -142,6 +175,9 @@ class Stepper:
         None: the curvature is never sampled.
     cache : dict, optional
         What full-batch steps on the same rows share (``compute_step``'s ``cache``).
+    quasi_newton : bool, default=False
+        The steps of this full-batch fit of a linear head may take the
+        quasi-Newton direction (:func:`_choose_direction`).
     """
 
     cfg: LoopConfig
@@ -150,6 +186,7 @@ class Stepper:
     dtype: torch.dtype
     generator: torch.Generator | None = None
     cache: dict | None = None
+    quasi_newton: bool = False
 
     @classmethod
     def for_fit(
@@ -158,14 +195,20 @@ class Stepper:
         """Build the Stepper of an ``FGNClassifier`` fit of ``head`` on ``data``.
 
         The fit is full-batch when ``cfg.batch_size`` is None or covers every
-        training row (over all ranks).
+        training row (over all ranks). A full-batch fit of a linear head may
+        take quasi-Newton steps where a pass over ``X`` (``n d K``
+        multiply-adds, all ranks' rows) is at least ``quasi_newton_min_work``:
+        below, a fit takes a fraction of a second whatever its steps, and
+        Newton's few steps are the simpler record.
 
         Returns
         -------
         Stepper
         """
         full_batch = cfg.batch_size is None or cfg.batch_size >= data.n_total
-        return cls(cfg, full_batch, head.n_logits, data.X.dtype, generator, cache)
+        work = data.n_total * head.n_features * head.n_logits
+        quasi_newton = full_batch and head.is_linear and work >= get_tuning().quasi_newton_min_work
+        return cls(cfg, full_batch, head.n_logits, data.X.dtype, generator, cache, quasi_newton)
 
     @property
     def damping_rule(self) -> DampingRule:
@@ -293,11 +336,15 @@ class Stepper:
         sample = None
         if full_batch and self.generator is not None:
             sample = _curvature_sample(state, batch, head, self.generator)
+        linear = as_head(head).is_linear
+        if self.quasi_newton and linear and state.secant is None:
+            state.secant = SecantMemory(get_tuning().quasi_newton_pairs)
+        secant = state.secant if self.quasi_newton and linear else None
         options = StepOptions(
             alpha=cfg.alpha, damping=damping, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
             cg_max_iter=self.cg_max_iter(), weight_total=batch.weight_total,
             structured=cfg.whitened and full_batch, mixed_precision=full_batch, comm=cfg.comm,
-            curvature_sample=sample,
+            curvature_sample=sample, secant=secant, quasi_newton=secant is not None and state.quasi_newton,
         )
         result: StepResult = compute_step(
             head, params, batch.X, batch.y, batch.sample_weight, options,
@@ -308,11 +355,15 @@ class Stepper:
                 head, params, batch, result, damping, cfg.alpha, self.damping_rule, cfg.comm
             )
         if full_batch:
-            linear = as_head(head).is_linear
             if linear and self.cache is not None and stats is not None:
                 keep_margin_stats(self.cache, stats)  # the next step starts at these logits
             _track_full_batch_step(state, record, linear, self.dtype)
             _grow_curvature_sample(state, result)
+            if secant is not None:
+                share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
+                _choose_direction(state, result, record, share, objective_resolution(self.dtype))
+                if state.quasi_newton and state.gap_estimate <= _stop_tol(cfg):
+                    state.quasi_newton = False  # a Newton step ends the fit, to Newton's accuracy
         return StepOutcome(result, params, logits, record)
 
 
@@ -324,14 +375,65 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
     the objective's resolution in ``dtype`` (below, the ratio is round-off);
     0 otherwise (an MLP head's ratio says little of its next step's model).
     """
-    state.previous_relative_decrease = state.last_relative_decrease
-    state.last_relative_decrease = relative_decrease(record)
-    state.gap_estimate = remaining_gap(record, state.last_relative_decrease)
+    relative = relative_decrease(record)
+    if record.direction == "quasi-newton":  # their decreases shrink linearly: the geometric tail
+        window = get_tuning().quasi_newton_rate_window + 1
+        taken = actual_relative_decrease(record)
+        state.recent_decreases = (*state.recent_decreases, taken)[-window:]
+        rate = state.slowest_rate()
+        state.gap_estimate = taken * rate / (1.0 - rate) if rate < 1.0 else math.inf
+    else:  # the forcing term and Newton's stopping rule read Newton steps' decreases
+        state.previous_relative_decrease = state.last_relative_decrease
+        state.last_relative_decrease = relative
+        state.gap_estimate = remaining_gap(record, relative)
+        state.recent_decreases = ()
     state.last_loss = record.new_loss
     trusted = linear and record.accepted and record.step_size == 1.0 and record.ratio > 0.5
     tuning = get_tuning()
-    resolved = state.last_relative_decrease >= tuning.model_error_resolution * objective_resolution(dtype)
+    resolved = relative >= tuning.model_error_resolution * objective_resolution(dtype)
     state.model_error = abs(1.0 - record.ratio) if trusted and resolved else 0.0
+
+
+def _choose_direction(
+    state: StepperState, result: StepResult, record: StepRecord, share: float, resolution: float
+) -> None:
+    """Decide whether the next step of a full-batch linear fit takes the quasi-Newton direction.
+
+    Each kind of step is judged by its measured gain per pass over ``X``, in
+    decades of the gap (docs/design.md §11):
+
+    * a Newton step by the gap it leaves, estimated from its record
+      (:func:`._stopping.remaining_gap`): ``log10(1 + p / gap)`` for its
+      relative decrease ``p``, over its passes, ``1 + 2 k share`` for ``k``
+      CG products on ``share`` of the rows;
+    * quasi-Newton steps (two passes each) by the mean rate ``r`` of their
+      decreases taken over the last ``quasi_newton_rate_window`` steps of their
+      run (the geometric mean of the ratios of consecutive decreases),
+      ``-log10(r) / 2``.
+
+    Quasi-Newton steps are tried after a Newton step that cost more than
+    ``quasi_newton_after_passes`` passes (a cheaper step gains more per pass
+    than any alternative), unless the last run of them
+    gained less per pass than that step; a run of them goes on while it
+    gains at least as much per pass as the last Newton step, and stops at a
+    rejected step or at a decrease below the objective's ``resolution`` (a
+    Newton step's decrease, about the gap, then says whether the fit is
+    done).
+    """
+    tuning = get_tuning()
+    if result.direction == "quasi-newton":
+        d = state.recent_decreases
+        if len(d) > tuning.quasi_newton_rate_window and d[0] > 0.0 and d[-1] > 0.0:
+            state.quasi_newton_gain = max(0.0, -math.log10(d[-1] / d[0]) / (len(d) - 1)) / 2.0
+        resolved = actual_relative_decrease(record) > resolution
+        state.quasi_newton = record.accepted and resolved and state.quasi_newton_gain >= state.newton_gain
+        return
+    passes = 1.0 + 2.0 * result.solve.n_iter * share
+    gap = state.gap_estimate
+    decades = math.log10(1.0 + state.last_relative_decrease / gap) if 0.0 < gap < math.inf else 0.0
+    state.newton_gain = decades / passes
+    expensive = passes > tuning.quasi_newton_after_passes
+    state.quasi_newton = expensive and state.quasi_newton_gain > state.newton_gain
 
 
 def _curvature_sample(
@@ -376,6 +478,11 @@ def _grow_curvature_sample(state: StepperState, result: StepResult) -> None:
     bound = get_tuning().curvature_sample_error
     if state.curvature_sample and not (1.0 / bound <= error <= bound):
         state.curvature_sample *= 2
+
+
+def _stop_tol(cfg: LoopConfig) -> float:
+    """Return the relative gap a full-batch fit stops at: ``tol``, or a path fit's if smaller."""
+    return cfg.tol if cfg.gap_tol is None else min(cfg.tol, cfg.gap_tol)
 
 
 def _may_be_last(state: StepperState, tol: float) -> bool:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the loop's types; the loop imports this module
     from ._solver import LoopConfig, LoopState
 
 __all__ = [
+    "actual_relative_decrease",
     "full_batch_converged",
     "objective_resolution",
     "path_gap_tol",
@@ -83,6 +84,12 @@ def full_batch_converged(
     counts what the inexact solves missed, so eta is not asked there. MLP
     heads converge linearly anyway: tol alone.
 
+    A quasi-Newton step (``record.direction``; :mod:`._quasi_newton`)
+    never ends the fit: its decrease is a share of the gap, not the gap,
+    and the fit ends on the Newton step that follows a run of them once
+    their decreases say the fit may be done (:mod:`._stepper`), as exactly
+    as a fit of Newton steps alone.
+
     Returns
     -------
     bool
@@ -103,6 +110,8 @@ def full_batch_converged(
     # model along it must promise no more than the stop allows either.
     reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
     small = relative <= tol and reachable <= tol
+    if record.direction == "quasi-newton":  # a Newton step ends the fit (_stepper)
+        return False
     return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(tol, roundoff)
     )
@@ -157,6 +166,13 @@ def path_gap_tol(cfg: LoopConfig, loss: float) -> float:
 def relative_decrease(record: StepRecord) -> float:
     """Return the step's predicted decrease relative to the objective before it."""
     return record.predicted_decrease / max(abs(record.loss), 1e-300)
+
+
+def actual_relative_decrease(record: StepRecord) -> float:
+    """Return the decrease the step took, relative to the objective before it (0 for a discarded step)."""
+    if not record.accepted:
+        return 0.0
+    return (record.loss - record.new_loss) / max(abs(record.loss), 1e-300)
 
 
 def remaining_gap(record: StepRecord, relative: float) -> float:

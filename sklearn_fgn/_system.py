@@ -35,6 +35,7 @@ from ._distributed import SINGLE, Communicator
 from ._heads import INTERCEPT, Head, Params
 from ._margin import LogitCurvature, MarginStats
 from ._objective import dot, loss_and_gradient, normalized_weights, weighted_sq
+from ._quasi_newton import SecantMemory
 
 __all__ = [
     "CurvatureSample",
@@ -172,6 +173,13 @@ class StepOptions:
         share of it (:func:`sample_curvature_rows`). The fixed
         point is unchanged (the gradient is exact); only the step's model is
         estimated. Ignored for other heads.
+    secant : SecantMemory, optional
+        The fit's secant pairs (a full-batch fit of a linear :class:`Head`):
+        the step adds the pair its gradient completes
+        (:meth:`._quasi_newton.SecantMemory.observe`). Ignored for other heads.
+    quasi_newton : bool, default=False
+        With ``secant``: the step's direction is the quasi-Newton one
+        (:mod:`._quasi_newton`) instead of CG's solve of the damped system.
     """
 
     alpha: Alpha = 0.0
@@ -185,6 +193,8 @@ class StepOptions:
     mixed_precision: bool = False
     comm: Communicator = SINGLE
     curvature_sample: CurvatureSample | None = None
+    secant: SecantMemory | None = None
+    quasi_newton: bool = False
 
 
 def build_system(

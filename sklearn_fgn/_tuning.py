@@ -122,6 +122,23 @@ class Tuning:
     curvature_sample_error: float = 3.0
     curvature_sample_max_share: float = 0.125
 
+    # --- Quasi-Newton steps of full-batch linear fits (_stepper, _quasi_newton) ---
+    # After a Newton step that cost more than this many passes over X (one for
+    # its gradient, two per CG product on every row; a sampled product counts
+    # as its share of the rows), the fit tries quasi-Newton steps (two passes
+    # each) from the last quasi_newton_pairs secant pairs of its steps (inf:
+    # never), and goes on with the kind that gains more per pass.
+    quasi_newton_after_passes: float = 8.0
+    quasi_newton_pairs: int = 10
+    # ... in fits where one pass over X (n d K multiply-adds) is at least this
+    # much work (below, a fit takes a fraction of a second either way).
+    quasi_newton_min_work: float = 2.0**27
+    # Their gain per pass is read from the mean rate of their decreases over
+    # the last quasi_newton_rate_window steps, and the gap they leave from the
+    # geometric tail at the slowest rate there (below tol: a Newton step ends
+    # the fit).
+    quasi_newton_rate_window: int = 3
+
     # --- The feature metric (_metric) ---
     # Up to this many features the metric is the full whitening (two d x d
     # eigendecompositions, O(d^3)); beyond, the diagonal metric.

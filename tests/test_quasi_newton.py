@@ -1,0 +1,268 @@
+"""Quasi-Newton steps of full-batch linear fits (issue 33; docs/design.md §11).
+
+The direction is the L-BFGS inverse of the fit's secant pairs on top of a
+scaled model of the curvature: checked against the dense BFGS recursion in
+float64. The step is the whole batch's model minimiser along it, and a fit
+that takes such steps reaches the optimum of the Newton-only fit and of
+scikit-learn's ``LogisticRegression``.
+"""
+
+import math
+import warnings
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from cases import dense_ggn, flatten
+from conftest import SEEDS
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from test_step import _system
+from test_subsample import _objective
+
+import sklearn_fgn._step as step_module
+from sklearn_fgn import FGNClassifier
+from sklearn_fgn._damping import StepRecord
+from sklearn_fgn._quasi_newton import SecantMemory
+from sklearn_fgn._solver import LoopConfig
+from sklearn_fgn._step import compute_step
+from sklearn_fgn._stepper import Stepper, StepperState, _choose_direction, _track_full_batch_step
+from sklearn_fgn._stopping import full_batch_converged
+from sklearn_fgn._system import StepOptions
+
+
+def _quadratic(seed, P=12):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(P, P, generator=g, dtype=torch.float64)
+    A = Q @ Q.T + 0.1 * torch.eye(P, dtype=torch.float64)
+    b = torch.randn(P, generator=g, dtype=torch.float64)
+    points = [torch.randn(P, generator=g, dtype=torch.float64) for _ in range(5)]
+    return A, b, points
+
+
+def _observe(memory, point, gradient):
+    memory.observe({"w": point}, {"w": gradient})
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_two_loop_direction_is_the_dense_bfgs_inverse(seed):
+    # H_{j+1} = (I - rho s y') H_j (I - rho y s') + rho s s', H_0 = gamma M^{-1}, gamma = s'y / y'M^{-1}y
+    # of the latest pair (Nocedal and Wright 7.4, 7.20): the recursion written densely.
+    A, b, points = _quadratic(seed)
+    P = A.shape[0]
+    m_diag = torch.linspace(0.5, 3.0, P, dtype=torch.float64)
+    memory = SecantMemory(size=3)
+    for point in points:
+        _observe(memory, point, A @ point - b)
+    g = A @ points[-1] - b
+    steps = [points[j + 1] - points[j] for j in range(len(points) - 1)][-3:]
+    pairs = [(s, A @ s) for s in steps]
+    s_last, y_last = pairs[-1]
+    gamma = float(s_last @ y_last) / float(y_last @ (y_last / m_diag))
+    H = torch.diag(gamma / m_diag)
+    eye = torch.eye(P, dtype=torch.float64)
+    for s, y in pairs:
+        rho = 1.0 / float(s @ y)
+        H = (eye - rho * torch.outer(s, y)) @ H @ (eye - rho * torch.outer(y, s)) + rho * torch.outer(s, s)
+    direction = memory.direction(g, lambda r: r / m_diag)
+    torch.testing.assert_close(direction, -H @ g, rtol=1e-10, atol=1e-12)
+    assert len(memory.pairs) == 3  # the last three of four pairs
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_inverse_satisfies_the_latest_secant_equation(seed):
+    # H y = s for the newest pair, whatever H_0: the defining property of the BFGS update.
+    A, b, points = _quadratic(seed)
+    memory = SecantMemory(size=10)
+    for point in points:
+        _observe(memory, point, A @ point - b)
+    s, y = points[-1] - points[-2], A @ (points[-1] - points[-2])
+    torch.testing.assert_close(-memory.direction(y, lambda r: 2.0 * r), s, rtol=1e-9, atol=1e-11)
+
+
+def test_pairs_without_positive_curvature_are_dropped_and_no_pairs_is_the_model_step():
+    memory = SecantMemory(size=5)
+    _observe(memory, torch.zeros(3, dtype=torch.float64), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    # s = e1, y = -e1: s'y < 0, a pair that would make H indefinite.
+    _observe(memory, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    assert len(memory.pairs) == 0
+    g = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(memory.direction(g, lambda r: r / 4.0), -g / 4.0, rtol=0, atol=0)
+    memory.clear()
+    assert len(memory.pairs) == 0 and memory._last is None
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_quasi_newton_step_is_the_whole_batch_model_minimiser_along_its_direction(seed):
+    # The step's logits move by exactly J delta, its curvature is the dense GGN's along it plus the
+    # penalty's, and its length is where the model t slope + t^2 c / 2 is least: slope + c = 0.
+    system = _system(seed)
+    head, params, X, y = system.head, system.params, system.X, system.y
+    options = StepOptions(alpha=system.coefficients, damping=1e-4, curvature="ggn", secant=SecantMemory(5))
+    moved = {k: v + 0.01 * torch.randn_like(v, generator=torch.Generator().manual_seed(seed)) for k, v in
+             params.items()}  # fmt: skip
+    weights = system.weights * y.shape[0]  # any positive sample weights: the same normalised omega
+    compute_step(head, moved, X, y, weights, options)  # the first observation
+    qn = replace(options, quasi_newton=True)
+    result = compute_step(head, params, X, y, weights, qn)
+    assert result.direction == "quasi-newton" and result.solve.n_iter == 0
+    assert len(qn.secant.pairs) == 1
+    delta = result.step
+    torch.testing.assert_close(result.logits_step, X @ delta["coef_0"].T + delta["intercept_0"])
+    G = dense_ggn(head, params, X, y, system.weights)
+    flat = flatten(delta)
+    penalty = float((system.coefficients["coef_0"] * delta["coef_0"] ** 2).sum())
+    assert float(result.step_curvature) == pytest.approx(float(flat @ G @ flat) + penalty, rel=1e-10)
+    assert float(result.slope) == pytest.approx(float(flatten(result.gradient) @ flat), rel=1e-12)
+    assert float(result.slope) < 0.0
+    assert float(result.slope + result.step_curvature) == pytest.approx(0.0, abs=1e-12 * -float(result.slope))
+    assert float(result.predicted_decrease) == pytest.approx(-0.5 * float(result.slope), rel=1e-12)
+
+
+def _fit(X, y, alpha, **params):
+    params = {"batch_size": None, "tol": 1e-10, "max_iter": 500, "random_state": 0, **params}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return FGNClassifier(alpha=alpha, **params).fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "n_classes, C, standardise", [(2, 1.0, True), (5, 1.0, False), (5, 100.0, True), (30, 10.0, True)]
+)
+def test_fit_with_quasi_newton_steps_reaches_the_newton_and_logistic_regression_optimum(
+    n_classes, C, standardise, tune, monkeypatch
+):
+    X, y = make_classification(n_samples=3000, n_features=12, n_informative=8, n_classes=n_classes,
+                               n_clusters_per_class=1, class_sep=2.0, random_state=n_classes)  # fmt: skip
+    if not standardise:
+        X = X * np.logspace(-2, 1, 12) + 3.0
+    tune(quasi_newton_after_passes=math.inf)
+    newton = _fit(X, y, 1.0 / C)
+    directions = []
+    original = step_module.compute_step
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        directions.append(result.direction)
+        return result
+
+    monkeypatch.setattr("sklearn_fgn._stepper.compute_step", spy)
+    tune(quasi_newton_after_passes=-1.0, quasi_newton_min_work=0.0)  # every Newton step counts as expensive
+    mixed = _fit(X, y, 1.0 / C)
+    assert directions[0] == "newton" and directions.count("quasi-newton") >= 3
+    reference = LogisticRegression(C=C, solver="newton-cholesky", tol=1e-12, max_iter=500).fit(X, y)
+    f_mixed, f_newton = _objective(mixed, X, y, 1.0 / C), _objective(newton, X, y, 1.0 / C)
+    f_ref = _objective(reference, X, y, 1.0 / C)
+    assert abs(f_mixed - f_newton) <= 1e-8 * f_newton
+    assert f_mixed <= f_ref * (1 + 1e-8)
+    np.testing.assert_allclose(mixed.predict_proba(X), reference.predict_proba(X), rtol=0, atol=1e-4)
+
+
+def test_default_fit_reaches_the_optimum_at_its_tolerance(tune):
+    # The stop of a run of quasi-Newton steps (geometric tail below tol) is no looser than Newton's.
+    X, y = make_classification(n_samples=3000, n_features=20, n_informative=12, n_classes=8,
+                               n_clusters_per_class=1, class_sep=3.0, random_state=0)  # fmt: skip
+    tight = _fit(X, y, 1.0)
+    tune(quasi_newton_after_passes=-1.0, quasi_newton_min_work=0.0)
+    fit = _fit(X, y, 1.0, tol=1e-6)
+    f_fit, f_tight = _objective(fit, X, y, 1.0), _objective(tight, X, y, 1.0)
+    assert 0.0 <= (f_fit - f_tight) / f_tight <= 1e-6
+
+
+@pytest.mark.parametrize("min_work, batch_size, hidden, expected", [
+    (0.0, None, (), True),
+    (3000 * 12 * 5 + 1, None, (), False),  # a pass below the work that pays: Newton steps alone
+    (0.0, 256, (), False),  # mini-batches
+    (0.0, None, (4,), False),  # an MLP head
+])  # fmt: skip
+def test_quasi_newton_steps_only_in_full_batch_linear_fits_of_enough_work(
+    min_work, batch_size, hidden, expected, tune, monkeypatch
+):
+    X, y = make_classification(n_samples=3000, n_features=12, n_informative=8, n_classes=5, random_state=0)
+    tune(quasi_newton_min_work=min_work)
+    seen = []
+    original = Stepper.for_fit
+
+    def spy(*args, **kwargs):
+        stepper = original(*args, **kwargs)
+        seen.append(stepper.quasi_newton)
+        return stepper
+
+    monkeypatch.setattr(Stepper, "for_fit", spy)
+    _fit(X, y, 1.0, batch_size=batch_size, hidden_layer_sizes=hidden, max_iter=2)
+    assert seen and all(flag is expected for flag in seen)
+
+
+def _qn_record(predicted, loss=1.0, ratio=1.0, accepted=True):
+    return StepRecord(loss, loss - predicted, accepted, 1e-8, "ggn", 0, predicted, ratio, 1.0,
+                      direction="quasi-newton")  # fmt: skip
+
+
+def test_a_quasi_newton_step_never_ends_the_fit():
+    # Its decrease is a share of the gap: the Newton step after the run ends the fit, on Newton's rule.
+    cfg = LoopConfig(alpha=0.0, tol=1e-4)
+    assert full_batch_converged(_qn_record(1e-12), cfg, torch.float64, previous=1e-4) is False
+    # ... not even below the objective's resolution.
+    assert full_batch_converged(_qn_record(1e-20), cfg, torch.float32, previous=1e-4) is False
+    newton = StepRecord(1.0, 1.0 - 5e-6, True, 1e-8, "ggn", 3, 5e-6, 1.0, 0.01)
+    assert full_batch_converged(newton, cfg, torch.float64, previous=1e-4) is True
+
+
+def test_a_run_whose_tail_is_below_tol_hands_over_to_a_newton_step(tune):
+    # Decreases halving: the tail p r / (1 - r) = p; below tol the next step is Newton's.
+    tune(quasi_newton_rate_window=3)
+    state = StepperState()
+    for p in (8e-4, 4e-4, 2e-4):
+        _track_full_batch_step(state, _qn_record(p), True, torch.float64)
+    assert state.slowest_rate() == pytest.approx(0.5)
+    assert state.gap_estimate == pytest.approx(2e-4)
+    _track_full_batch_step(state, _qn_record(1e-4), True, torch.float64)
+    assert state.gap_estimate == pytest.approx(1e-4)
+    # A Newton step resets the run and takes the Newton decreases the forcing term reads.
+    _track_full_batch_step(state, StepRecord(1.0, 1.0 - 5e-5, True, 1e-8, "ggn", 3, 5e-5, 1.0, 0.1), True,
+                           torch.float64)  # fmt: skip
+    assert state.recent_decreases == () and state.last_relative_decrease == pytest.approx(5e-5)
+
+
+def _outcome(direction, n_iter=0):
+    return SimpleNamespace(direction=direction, solve=SimpleNamespace(n_iter=n_iter))
+
+
+def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
+    tune(quasi_newton_after_passes=8.0, quasi_newton_rate_window=3)
+    state = StepperState()
+    # A cheap Newton step: no quasi-Newton step follows.
+    state.last_relative_decrease, state.gap_estimate = 1e-2, 1e-3
+    _choose_direction(state, _outcome("newton", 3), _qn_record(1e-2), share=1.0, resolution=1e-12)
+    assert not state.quasi_newton
+    assert state.newton_gain == pytest.approx(math.log10(11.0) / 7.0)
+    # An expensive one (40 products): quasi-Newton steps are tried (no measure of them yet).
+    _choose_direction(state, _outcome("newton", 40), _qn_record(1e-2), share=1.0, resolution=1e-12)
+    assert state.quasi_newton and state.newton_gain == pytest.approx(math.log10(11.0) / 81.0)
+    # ... unless on a curvature sample, where 30 products on a tenth of the rows cost 7 passes.
+    _choose_direction(state, _outcome("newton", 30), _qn_record(1e-2), share=0.1, resolution=1e-12)
+    assert not state.quasi_newton
+    # A run whose decreases shrink by 0.5 per step gains log10(2) / 2 per pass: it goes on.
+    state.newton_gain = 0.01
+    state.recent_decreases = (8e-3, 4e-3, 2e-3, 1e-3)
+    _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-3), share=1.0, resolution=1e-12)
+    assert state.quasi_newton and state.quasi_newton_gain == pytest.approx(math.log10(2.0) / 2.0)
+    # One shrinking by 0.99 per step gains less than the Newton step did: back to Newton ...
+    state.recent_decreases = (1e-3, 0.99e-3, 0.98e-3, 0.97e-3)
+    _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-3), share=1.0, resolution=1e-12)
+    assert not state.quasi_newton
+    # ... and an expensive Newton step gaining more per pass than that run stays Newton.
+    state.last_relative_decrease, state.gap_estimate = 1e-3, 1e-4
+    _choose_direction(state, _outcome("newton", 20), _qn_record(1e-3), share=1.0, resolution=1e-12)
+    assert not state.quasi_newton
+    # A rejected quasi-Newton step returns the fit to Newton steps, and so does one below the resolution.
+    state.quasi_newton, state.quasi_newton_gain, state.recent_decreases = True, math.inf, ()
+    rejected = _qn_record(1e-3, accepted=False)
+    _choose_direction(state, _outcome("quasi-newton"), rejected, share=1.0, resolution=1e-12)
+    assert not state.quasi_newton
+    _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-3), share=1.0, resolution=1e-12)
+    assert state.quasi_newton
+    _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-8), share=1.0, resolution=1e-7)
+    assert not state.quasi_newton
