@@ -161,7 +161,7 @@ def test_fit_with_quasi_newton_steps_reaches_the_newton_and_logistic_regression_
 
 
 def test_default_fit_reaches_the_optimum_at_its_tolerance(tune):
-    # The stop of a run of quasi-Newton steps (geometric tail below tol) is no looser than Newton's.
+    # A fit that takes quasi-Newton steps ends on a Newton step, by Newton's rule: within tol of the optimum.
     X, y = make_classification(n_samples=3000, n_features=20, n_informative=12, n_classes=8,
                                n_clusters_per_class=1, class_sep=3.0, random_state=0)  # fmt: skip
     tight = _fit(X, y, 1.0)
