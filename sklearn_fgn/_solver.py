@@ -211,8 +211,11 @@ def run_epochs(
             _log_epoch(state, records, time.perf_counter() - start, score)
         stop = update_no_improvement(state, cfg, score)
         if full_batch and score is None:  # MLP's no-improvement rule is for noisy epochs
-            previous = state.stepper_state.previous_relative_decrease
-            stop = full_batch_converged(records[-1][1], cfg, data.X.dtype, previous, head.is_linear)
+            steps = state.stepper_state
+            stop = full_batch_converged(
+                records[-1][1], cfg, data.X.dtype, steps.previous_relative_decrease, head.is_linear,
+                steps.slowest_rate(),
+            )
         state.converged = stop
         if on_epoch_end is not None and on_epoch_end(state):
             state.stopped = True

@@ -113,8 +113,9 @@ class StepperState:
     of each kind (``newton_gain``, ``quasi_newton_gain``; inf before any
     quasi-Newton step); ``recent_decreases``: the relative decreases of the
     present run of quasi-Newton steps (those taken, not those predicted),
-    whose slowest rate (:meth:`slowest_rate`) estimates the gap left after
-    them (``gap_estimate``: the geometric tail of their decreases).
+    whose slowest rate (:meth:`slowest_rate`) the stopping rule reads, and
+    the gap left after them (``gap_estimate``: the geometric tail of their
+    decreases at that rate).
     """
 
     last_relative_decrease: float = math.inf
@@ -362,8 +363,6 @@ class Stepper:
             if secant is not None:
                 share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
                 _choose_direction(state, result, record, share, objective_resolution(self.dtype))
-                if state.quasi_newton and state.gap_estimate <= _stop_tol(cfg):
-                    state.quasi_newton = False  # a Newton step ends the fit, to Newton's accuracy
         return StepOutcome(result, params, logits, record)
 
 
@@ -478,11 +477,6 @@ def _grow_curvature_sample(state: StepperState, result: StepResult) -> None:
     bound = get_tuning().curvature_sample_error
     if state.curvature_sample and not (1.0 / bound <= error <= bound):
         state.curvature_sample *= 2
-
-
-def _stop_tol(cfg: LoopConfig) -> float:
-    """Return the relative gap a full-batch fit stops at: ``tol``, or a path fit's if smaller."""
-    return cfg.tol if cfg.gap_tol is None else min(cfg.tol, cfg.gap_tol)
 
 
 def _may_be_last(state: StepperState, tol: float) -> bool:

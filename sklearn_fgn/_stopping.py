@@ -59,8 +59,9 @@ def update_no_improvement(state: LoopState, cfg: LoopConfig, score: float | None
 
 
 def full_batch_converged(
-    record: StepRecord, cfg: LoopConfig, dtype: torch.dtype, previous: float = math.inf, convex: bool = True
-) -> bool:
+    record: StepRecord, cfg: LoopConfig, dtype: torch.dtype, previous: float = math.inf, convex: bool = True,
+    rate: float = math.inf,
+) -> bool:  # fmt: skip
     """Whether the full-batch step ``record`` ends the fit.
 
     A trusted step (the quadratic model agrees with the objective) whose
@@ -85,10 +86,13 @@ def full_batch_converged(
     heads converge linearly anyway: tol alone.
 
     A quasi-Newton step (``record.direction``; :mod:`._quasi_newton`)
-    never ends the fit: its decrease is a share of the gap, not the gap,
-    and the fit ends on the Newton step that follows a run of them once
-    their decreases say the fit may be done (:mod:`._stepper`), as exactly
-    as a fit of Newton steps alone.
+    solves nothing of Newton's system and its decreases shrink linearly: it
+    ends the fit once the geometric tail of the decrease it took
+    (:func:`actual_relative_decrease`) is below tol at ``rate``, the slowest
+    ratio of consecutive decreases over the last few steps of its run (one
+    ratio of such a sequence can be far below its trend). Its decrease is a
+    share of the gap, not the gap: one below the objective's resolution does
+    not end the fit (a Newton step follows, :mod:`._stepper`).
 
     Returns
     -------
@@ -110,8 +114,9 @@ def full_batch_converged(
     # model along it must promise no more than the stop allows either.
     reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
     small = relative <= tol and reachable <= tol
-    if record.direction == "quasi-newton":  # a Newton step ends the fit (_stepper)
-        return False
+    if record.direction == "quasi-newton":
+        taken = actual_relative_decrease(record)
+        return trusted and small and convex and rate < 1.0 and taken * rate / (1.0 - rate) <= tol
     return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(tol, roundoff)
     )

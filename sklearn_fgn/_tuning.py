@@ -135,8 +135,7 @@ class Tuning:
     quasi_newton_min_work: float = 2.0**27
     # Their gain per pass is read from the mean rate of their decreases over
     # the last quasi_newton_rate_window steps, and the gap they leave from the
-    # geometric tail at the slowest rate there (below tol: a Newton step ends
-    # the fit).
+    # geometric tail at the slowest rate there (below tol, the fit stops).
     quasi_newton_rate_window: int = 3
 
     # --- The feature metric (_metric) ---

@@ -161,7 +161,7 @@ def test_fit_with_quasi_newton_steps_reaches_the_newton_and_logistic_regression_
 
 
 def test_default_fit_reaches_the_optimum_at_its_tolerance(tune):
-    # A fit that takes quasi-Newton steps ends on a Newton step, by Newton's rule: within tol of the optimum.
+    # A fit that takes quasi-Newton steps stops within tol of the optimum (here far within it).
     X, y = make_classification(n_samples=3000, n_features=20, n_informative=12, n_classes=8,
                                n_clusters_per_class=1, class_sep=3.0, random_state=0)  # fmt: skip
     tight = _fit(X, y, 1.0)
@@ -200,18 +200,24 @@ def _qn_record(predicted, loss=1.0, ratio=1.0, accepted=True):
                       direction="quasi-newton")  # fmt: skip
 
 
-def test_a_quasi_newton_step_never_ends_the_fit():
-    # Its decrease is a share of the gap: the Newton step after the run ends the fit, on Newton's rule.
+@pytest.mark.parametrize("rate, expected", [
+    (0.5, True),  # tail p r / (1 - r) = p = 5e-5 <= tol
+    (0.8, False),  # tail 4 p = 2e-4 > tol
+    (math.inf, False),  # no rate yet: nothing bounds the gap
+    (1.2, False),  # decreases growing
+])  # fmt: skip
+def test_quasi_newton_steps_stop_on_the_geometric_tail_at_the_slowest_rate(rate, expected):
     cfg = LoopConfig(alpha=0.0, tol=1e-4)
-    assert full_batch_converged(_qn_record(1e-12), cfg, torch.float64, previous=1e-4) is False
-    # ... not even below the objective's resolution.
-    assert full_batch_converged(_qn_record(1e-20), cfg, torch.float32, previous=1e-4) is False
-    newton = StepRecord(1.0, 1.0 - 5e-6, True, 1e-8, "ggn", 3, 5e-6, 1.0, 0.01)
-    assert full_batch_converged(newton, cfg, torch.float64, previous=1e-4) is True
+    assert full_batch_converged(_qn_record(5e-5), cfg, torch.float64, previous=1e-4, rate=rate) is expected
+    # Newton's rule (a superlinear decrease, here 0.5 of the previous one is not) asks more.
+    newton = StepRecord(1.0, 1.0 - 5e-5, True, 1e-8, "ggn", 3, 5e-5, 1.0, 0.01)
+    assert full_batch_converged(newton, cfg, torch.float64, previous=1e-4, rate=rate) is False
+    # A quasi-Newton decrease below the objective's resolution is no stop (a Newton step follows).
+    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, previous=1e-4, rate=2.0) is False
 
 
-def test_a_run_whose_tail_is_below_tol_hands_over_to_a_newton_step(tune):
-    # Decreases halving: the tail p r / (1 - r) = p; below tol the next step is Newton's.
+def test_a_run_estimates_the_gap_by_the_geometric_tail_of_its_decreases(tune):
+    # Decreases halving: the tail p r / (1 - r) = p.
     tune(quasi_newton_rate_window=3)
     state = StepperState()
     for p in (8e-4, 4e-4, 2e-4):
