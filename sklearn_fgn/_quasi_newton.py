@@ -53,11 +53,6 @@ class SecantMemory:
         self.pairs: deque[tuple[Tensor, Tensor, float]] = deque(maxlen=size)  # (s, y, 1 / s'y)
         self._last: tuple[Tensor, Tensor] | None = None
 
-    def clear(self) -> None:
-        """Forget every pair and the last observation (the objective or the rows changed)."""
-        self.pairs.clear()
-        self._last = None
-
     def observe(self, params: Params, gradient: Params) -> None:
         """Record the step's starting point; with the previous one it makes a pair ``(s, y)``."""
         point, grad = flatten(params), flatten(gradient)

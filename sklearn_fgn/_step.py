@@ -276,7 +276,7 @@ def _quasi_newton_step(
     gradient = flatten(system.gradient)
     direction = o.secant.direction(gradient, preconditioner)
     if not float(torch.dot(direction.double(), gradient.double())) < 0.0:
-        o.secant.clear()
+        o.secant.pairs.clear()  # this step's point stays: the next pair starts here
         direction = -preconditioner(gradient)
     step, _ = _without_intercept_shift(head, unflatten(direction, system.gradient), None)
     logits_step = system.lin.jvp(step)
