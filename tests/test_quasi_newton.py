@@ -119,6 +119,27 @@ def test_quasi_newton_step_is_the_whole_batch_model_minimiser_along_its_directio
     assert float(result.predicted_decrease) == pytest.approx(-0.5 * float(result.slope), rel=1e-12)
 
 
+def test_a_direction_that_is_no_descent_falls_back_to_the_model_step_and_forgets_the_pairs():
+    # Pairs are kept only with s'y > 0; round-off could still give an ascent direction. Planted here: a pair
+    # with s'y < 0 makes -H g point uphill, and the step must be -M^-1 g (Lambda^-1 here) scaled instead.
+    system = _system(0)
+    head, params, X, y = system.head, system.params, system.X, system.y
+    memory = SecantMemory(5)
+    g = flatten(system.gradient)
+    memory.pairs.append((g.clone(), -4.0 * g, -1.0 / (4.0 * float(g @ g))))
+    memory._last = (flatten(params).clone(), g.clone())  # observed at this very point: no new pair
+    options = StepOptions(alpha=system.coefficients, damping=1e-4, curvature="ggn", secant=memory,
+                          quasi_newton=True)  # fmt: skip
+    result = compute_step(head, params, X, y, system.weights * y.shape[0], options)
+    assert len(memory.pairs) == 0 and memory._last is not None
+    lam = flatten({k: torch.zeros_like(v) + system.damping[k] for k, v in system.gradient.items()})
+    expected = -g / lam
+    expected_coef = expected[: params["coef_0"].numel()].reshape(params["coef_0"].shape)
+    direction = result.step["coef_0"]
+    cosine = float((direction * expected_coef).sum() / (direction.norm() * expected_coef.norm()))
+    assert cosine == pytest.approx(1.0, abs=1e-12) and float(result.slope) < 0.0
+
+
 def _fit(X, y, alpha, **params):
     params = {"batch_size": None, "tol": 1e-10, "max_iter": 500, "random_state": 0, **params}
     with warnings.catch_warnings():
