@@ -29,6 +29,8 @@ from ._objective import flatten
 
 __all__ = ["SecantMemory"]
 
+Model = Callable[[Tensor], Tensor]  # r -> M^{-1} r on flat vectors
+
 
 class SecantMemory:
     """The last ``size`` secant pairs of a fit, and the L-BFGS inverse they define.
@@ -52,6 +54,25 @@ class SecantMemory:
         self.curvature_floor = curvature_floor
         self.pairs: deque[tuple[Tensor, Tensor, float]] = deque(maxlen=size)  # (s, y, 1 / s'y)
         self._last: tuple[Tensor, Tensor] | None = None
+        self._model: tuple[Model, int] | None = None  # (M^-1, directions it served)
+
+    def inverse_model(self, build: Callable[[], Model], refresh: int) -> Model:
+        """Return ``M^{-1}`` for ``H_0``: the one held, or ``build()``'s after ``refresh`` directions.
+
+        The model of the curvature moves slowly along a run of quasi-Newton
+        steps, and ``gamma`` rescales it at every step, while its build can
+        cost as much as a pass over ``X`` (the class-means model's sums over
+        rows): a run rebuilds it every ``refresh`` steps.
+
+        Returns
+        -------
+        callable
+        """
+        if self._model is None or self._model[1] >= refresh:
+            self._model = (build(), 0)
+        apply, served = self._model
+        self._model = (apply, served + 1)
+        return apply
 
     def observe(self, params: Params, gradient: Params) -> None:
         """Record the step's starting point; with the previous one it makes a pair ``(s, y)``."""
@@ -63,6 +84,10 @@ class SecantMemory:
             if scale > 0.0 and sy > self.curvature_floor * scale:
                 self.pairs.append((s, y, 1.0 / sy))
         self._last = (point.clone(), grad.clone())
+
+    def forget_model(self) -> None:
+        """Drop the model held for ``H_0`` (a Newton step moved the fit: the next run builds its own)."""
+        self._model = None
 
     def direction(self, gradient: Tensor, inverse_model: Callable[[Tensor], Tensor]) -> Tensor:
         """Return ``-H g`` on flat vectors: the two-loop recursion with ``H_0 = gamma M^{-1}``.

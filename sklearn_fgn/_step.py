@@ -49,6 +49,7 @@ passes a ``torch.func.functional_call`` of the user's module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,7 @@ from ._system import (
     sample_curvature_rows,
     subsampled_system,
 )
+from ._tuning import get_tuning
 
 __all__ = ["CURVATURES", "SOLVERS", "StepResult", "compute_step"]
 
@@ -220,6 +222,8 @@ def compute_step(
             model = subsampled_system(system, *drawn)
     if secant is not None and o.quasi_newton:
         return _quasi_newton_step(head, system, model, o, cache)
+    if secant is not None:
+        secant.forget_model()
     request = PreconditionerRequest(o.solver, o.cg_tol, o.structured, cache)
     solver, preconditioner = choose_preconditioner(model, request)
     if o.mixed_precision and mixed_pays_off(model, o.cg_tol):
@@ -252,7 +256,8 @@ def _quasi_newton_step(
     """Return the quasi-Newton step (:mod:`._quasi_newton`), scaled to the whole batch's model minimiser.
 
     ``H_0`` is ``gamma M^{-1}`` for the cheapest model ``M`` of the damped
-    curvature on ``model``'s rows (``Lambda`` without one). One JVP on all
+    curvature on ``model``'s rows (``Lambda`` without one), rebuilt every
+    ``quasi_newton_model_refresh`` steps. One JVP on all
     rows gives ``J delta``, the curvature along the direction
     (:func:`._system.curvature_along`) and so the model ``q(t) = t slope +
     t^2 c / 2``; the step is ``t* = -slope / c`` times the direction, where
@@ -265,14 +270,15 @@ def _quasi_newton_step(
     StepResult
         ``solve.n_iter`` is 0 (no curvature product), ``direction`` ``"quasi-newton"``.
     """
-    request = PreconditionerRequest(o.solver, o.cg_tol, o.structured, cache, cheap=True)
-    _, preconditioner = choose_preconditioner(model, request)
-    if preconditioner is None:
-        inverse_damping = 1.0 / damping_vector(system.gradient, system.damping)
+    def build() -> Callable[[Tensor], Tensor]:
+        request = PreconditionerRequest(o.solver, o.cg_tol, o.structured, cache, cheap=True)
+        _, apply = choose_preconditioner(model, request)
+        if apply is None:
+            inverse_damping = 1.0 / damping_vector(system.gradient, system.damping)
+            return lambda r: r * inverse_damping
+        return apply
 
-        def preconditioner(r: Tensor) -> Tensor:
-            return r * inverse_damping
-
+    preconditioner = o.secant.inverse_model(build, get_tuning().quasi_newton_model_refresh)
     gradient = flatten(system.gradient)
     direction = o.secant.direction(gradient, preconditioner)
     if not float(torch.dot(direction.double(), gradient.double())) < 0.0:

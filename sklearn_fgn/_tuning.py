@@ -130,6 +130,8 @@ class Tuning:
     # never), and goes on with the kind that gains more per pass.
     quasi_newton_after_passes: float = 8.0
     quasi_newton_pairs: int = 10
+    # ... on top of a model of the curvature rebuilt every this many of them.
+    quasi_newton_model_refresh: int = 5
     # ... in fits where one pass over X (n d K multiply-adds) is at least this
     # much work (below, a fit takes a fraction of a second either way).
     quasi_newton_min_work: float = 2.0**27

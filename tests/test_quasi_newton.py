@@ -92,6 +92,20 @@ def test_pairs_without_positive_curvature_are_dropped_and_no_pairs_is_the_model_
     torch.testing.assert_close(memory.direction(g, lambda r: r / 4.0), -g / 4.0, rtol=0, atol=0)
 
 
+def test_the_model_of_h0_is_rebuilt_every_refresh_directions_and_after_a_newton_step():
+    memory, builds = SecantMemory(3), []
+
+    def build():
+        builds.append(len(builds))
+        return lambda r: r * (len(builds) + 1.0)
+
+    applied = [memory.inverse_model(build, refresh=2)(torch.ones(1)) for _ in range(5)]
+    assert len(builds) == 3 and [float(a) for a in applied] == [2.0, 2.0, 3.0, 3.0, 4.0]
+    memory.forget_model()
+    memory.inverse_model(build, refresh=2)
+    assert len(builds) == 4
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_quasi_newton_step_is_the_whole_batch_model_minimiser_along_its_direction(seed):
     # The step's logits move by exactly J delta, its curvature is the dense GGN's along it plus the
