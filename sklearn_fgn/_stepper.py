@@ -363,6 +363,12 @@ class Stepper:
             if secant is not None:
                 share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
                 _choose_direction(state, result, record, share, objective_resolution(self.dtype))
+                tol = cfg.tol if cfg.gap_tol is None else min(cfg.tol, cfg.gap_tol)
+                if state.quasi_newton and tol < get_tuning().last_step_min_tol and state.gap_estimate <= tol:
+                    # So tight a stop is Newton's (_stopping). Its next decrease is about the gap left,
+                    # and its forcing term reads that, not the decrease of the Newton step before the run.
+                    state.quasi_newton = False
+                    state.last_relative_decrease = state.gap_estimate
         return StepOutcome(result, params, logits, record)
 
 
@@ -426,6 +432,8 @@ def _choose_direction(
             state.quasi_newton_gain = max(0.0, -math.log10(d[-1] / d[0]) / (len(d) - 1)) / 2.0
         resolved = actual_relative_decrease(record) > resolution
         state.quasi_newton = record.accepted and resolved and state.quasi_newton_gain >= state.newton_gain
+        if record.accepted and not resolved:  # the gap is about round-off: the Newton step solves to it
+            state.last_relative_decrease = min(state.last_relative_decrease, resolution)
         return
     passes = 1.0 + 2.0 * result.solve.n_iter * share
     gap = state.gap_estimate

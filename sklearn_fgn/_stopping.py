@@ -92,7 +92,10 @@ def full_batch_converged(
     ratio of consecutive decreases over the last few steps of its run (one
     ratio of such a sequence can be far below its trend). Its decrease is a
     share of the gap, not the gap: one below the objective's resolution does
-    not end the fit (a Newton step follows, :mod:`._stepper`).
+    not end the fit (a Newton step follows, :mod:`._stepper`). Below
+    ``last_step_min_tol`` no quasi-Newton step ends a fit: a tolerance that
+    tight asks coefficients exact where the objective is flat, and a Newton
+    step follows the run to end it by Newton's rule.
 
     Returns
     -------
@@ -116,7 +119,8 @@ def full_batch_converged(
     small = relative <= tol and reachable <= tol
     if record.direction == "quasi-newton":
         taken = actual_relative_decrease(record)
-        return trusted and small and convex and rate < 1.0 and taken * rate / (1.0 - rate) <= tol
+        tail = taken * rate / (1.0 - rate) if rate < 1.0 else math.inf
+        return tol >= get_tuning().last_step_min_tol and trusted and small and convex and tail <= tol
     return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(tol, roundoff)
     )

@@ -89,7 +89,8 @@ class Tuning:
     last_step_gap: float = 10.0
     # ... from this tol up: below it tol^2 is near float64's round-off, and the
     # step after the one that meets the stop's bounds is what makes the
-    # coefficients exact where the objective is flat.
+    # coefficients exact where the objective is flat (below it, too, no run
+    # of quasi-Newton steps ends a fit: a Newton step does).
     last_step_min_tol: float = 1e-6
     # ... and a step whose damping term is this share of its slope (the
     # damping a thousand times the curvature along it) cannot end the fit.

@@ -204,6 +204,34 @@ def test_default_fit_reaches_the_optimum_at_its_tolerance(tune):
     assert 0.0 <= (f_fit - f_tight) / f_tight <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_tight_tol_ends_on_newton_steps_as_exact_as_newton_alone(dtype, tune, monkeypatch):
+    # Below last_step_min_tol a run hands over to Newton steps (its tail below tol, or its decrease below
+    # the objective's resolution), solved to the gap: the coefficients are exact where the objective is
+    # flat. A run's own stop left probabilities 1e-4 from LogisticRegression's on this problem.
+    X, y = make_classification(n_samples=4000, n_features=30, n_informative=20, n_classes=12,
+                               n_clusters_per_class=1, class_sep=3.0, random_state=3)  # fmt: skip
+    w = np.random.default_rng(0).uniform(0.2, 3.0, len(y))
+    directions = []
+    original = step_module.compute_step
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        directions.append(result.direction)
+        return result
+
+    monkeypatch.setattr("sklearn_fgn._stepper.compute_step", spy)
+    tune(quasi_newton_after_passes=-1.0, quasi_newton_min_work=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = FGNClassifier(alpha=1.0, batch_size=None, tol=1e-8, max_iter=500, random_state=0,
+                            class_weight="balanced").fit(X.astype(dtype), y, sample_weight=w)  # fmt: skip
+    reference = LogisticRegression(C=1.0, tol=1e-12, max_iter=5000, class_weight="balanced")
+    reference.fit(X, y, sample_weight=w)
+    assert directions.count("quasi-newton") >= 10 and directions[-1] == "newton"
+    np.testing.assert_allclose(fit.predict_proba(X), reference.predict_proba(X), rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("min_work, batch_size, hidden, expected", [
     (0.0, None, (), True),
     (3000 * 12 * 5 + 1, None, (), False),  # a pass below the work that pays: Newton steps alone
