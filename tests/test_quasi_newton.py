@@ -154,6 +154,21 @@ def test_a_direction_that_is_no_descent_falls_back_to_the_model_step_and_forgets
     assert cosine == pytest.approx(1.0, abs=1e-12) and float(result.slope) < 0.0
 
 
+@pytest.fixture
+def directions(monkeypatch):
+    """The direction of every step the fits of the test compute, in order."""
+    seen = []
+    original = step_module.compute_step
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append(result.direction)
+        return result
+
+    monkeypatch.setattr("sklearn_fgn._stepper.compute_step", spy)
+    return seen
+
+
 def _fit(X, y, alpha, **params):
     params = {"batch_size": None, "tol": 1e-10, "max_iter": 500, "random_state": 0, **params}
     with warnings.catch_warnings():
@@ -165,7 +180,7 @@ def _fit(X, y, alpha, **params):
     "n_classes, C, standardise", [(2, 1.0, True), (5, 1.0, False), (5, 100.0, True), (30, 10.0, True)]
 )
 def test_fit_with_quasi_newton_steps_reaches_the_newton_and_logistic_regression_optimum(
-    n_classes, C, standardise, tune, monkeypatch
+    n_classes, C, standardise, tune, directions
 ):
     X, y = make_classification(n_samples=3000, n_features=12, n_informative=8, n_classes=n_classes,
                                n_clusters_per_class=1, class_sep=2.0, random_state=n_classes)  # fmt: skip
@@ -173,15 +188,6 @@ def test_fit_with_quasi_newton_steps_reaches_the_newton_and_logistic_regression_
         X = X * np.logspace(-2, 1, 12) + 3.0
     tune(quasi_newton_after_passes=math.inf)
     newton = _fit(X, y, 1.0 / C)
-    directions = []
-    original = step_module.compute_step
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        directions.append(result.direction)
-        return result
-
-    monkeypatch.setattr("sklearn_fgn._stepper.compute_step", spy)
     tune(quasi_newton_after_passes=-1.0, quasi_newton_min_work=0.0)  # every Newton step counts as expensive
     mixed = _fit(X, y, 1.0 / C)
     assert directions[0] == "newton" and directions.count("quasi-newton") >= 3
@@ -205,22 +211,13 @@ def test_default_fit_reaches_the_optimum_at_its_tolerance(tune):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_a_tight_tol_ends_on_newton_steps_as_exact_as_newton_alone(dtype, tune, monkeypatch):
+def test_a_tight_tol_ends_on_newton_steps_as_exact_as_newton_alone(dtype, tune, directions):
     # Below last_step_min_tol a run hands over to Newton steps (its tail below tol, or its decrease below
     # the objective's resolution), solved to the gap: the coefficients are exact where the objective is
     # flat. A run's own stop left probabilities 1e-4 from LogisticRegression's on this problem.
     X, y = make_classification(n_samples=4000, n_features=30, n_informative=20, n_classes=12,
                                n_clusters_per_class=1, class_sep=3.0, random_state=3)  # fmt: skip
     w = np.random.default_rng(0).uniform(0.2, 3.0, len(y))
-    directions = []
-    original = step_module.compute_step
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        directions.append(result.direction)
-        return result
-
-    monkeypatch.setattr("sklearn_fgn._stepper.compute_step", spy)
     tune(quasi_newton_after_passes=-1.0, quasi_newton_min_work=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
