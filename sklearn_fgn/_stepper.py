@@ -362,13 +362,9 @@ class Stepper:
             _grow_curvature_sample(state, result)
             if secant is not None:
                 share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
-                _choose_direction(state, result, record, share, objective_resolution(self.dtype))
                 tol = cfg.tol if cfg.gap_tol is None else min(cfg.tol, cfg.gap_tol)
-                if state.quasi_newton and tol < get_tuning().last_step_min_tol and state.gap_estimate <= tol:
-                    # So tight a stop is Newton's (_stopping). Its next decrease is about the gap left,
-                    # and its forcing term reads that, not the decrease of the Newton step before the run.
-                    state.quasi_newton = False
-                    state.last_relative_decrease = state.gap_estimate
+                _choose_direction(state, result, record, share, objective_resolution(self.dtype))
+                _hand_tight_stops_to_newton(state, tol)
         return StepOutcome(result, params, logits, record)
 
 
@@ -441,6 +437,18 @@ def _choose_direction(
     state.newton_gain = decades / passes
     expensive = passes > tuning.quasi_newton_after_passes
     state.quasi_newton = expensive and state.quasi_newton_gain > state.newton_gain
+
+
+def _hand_tight_stops_to_newton(state: StepperState, tol: float) -> None:
+    """End a run of quasi-Newton steps whose gap is below a ``tol`` under ``last_step_min_tol``.
+
+    So tight a stop is Newton's (:func:`._stopping.full_batch_converged`).
+    The next Newton step's decrease is about the gap left, and its forcing
+    term reads that, not the decrease of the Newton step before the run.
+    """
+    if state.quasi_newton and tol < get_tuning().last_step_min_tol and state.gap_estimate <= tol:
+        state.quasi_newton = False
+        state.last_relative_decrease = state.gap_estimate
 
 
 def _curvature_sample(
