@@ -214,7 +214,7 @@ def run_epochs(
             steps = state.stepper_state
             stop = full_batch_converged(
                 records[-1][1], cfg, data.X.dtype, steps.previous_relative_decrease, head.is_linear,
-                steps.slowest_rate(),
+                steps.gap_estimate,
             )
         state.converged = stop
         if on_epoch_end is not None and on_epoch_end(state):

@@ -40,6 +40,7 @@ from ._quasi_newton import SecantMemory
 from ._step import StepResult, compute_step
 from ._stopping import (
     actual_relative_decrease,
+    geometric_tail,
     objective_resolution,
     path_gap_tol,
     relative_decrease,
@@ -113,9 +114,9 @@ class StepperState:
     of each kind (``newton_gain``, ``quasi_newton_gain``; inf before any
     quasi-Newton step); ``recent_decreases``: the relative decreases of the
     present run of quasi-Newton steps (those taken, not those predicted),
-    whose slowest rate (:meth:`slowest_rate`) the stopping rule reads, and
-    the gap left after them (``gap_estimate``: the geometric tail of their
-    decreases at that rate).
+    whose slowest rate (:meth:`slowest_rate`) gives the gap left after them
+    (``gap_estimate``: the geometric tail of their decreases at that rate),
+    which the stopping rule reads.
     """
 
     last_relative_decrease: float = math.inf
@@ -381,8 +382,7 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
         window = get_tuning().quasi_newton_rate_window + 1
         taken = actual_relative_decrease(record)
         state.recent_decreases = (*state.recent_decreases, taken)[-window:]
-        rate = state.slowest_rate()
-        state.gap_estimate = taken * rate / (1.0 - rate) if rate < 1.0 else math.inf
+        state.gap_estimate = geometric_tail(taken, state.slowest_rate())
     else:  # the forcing term and Newton's stopping rule read Newton steps' decreases
         state.previous_relative_decrease = state.last_relative_decrease
         state.last_relative_decrease = relative
@@ -400,7 +400,7 @@ def _choose_direction(
 ) -> None:
     """Decide whether the next step of a full-batch linear fit takes the quasi-Newton direction.
 
-    Each kind of step is judged by its measured gain per pass over ``X``, in
+    Each kind of step is judged by its gain per pass over ``X``, read off its own steps, in
     decades of the gap (docs/design.md §11):
 
     * a Newton step by the gap it leaves, estimated from its record

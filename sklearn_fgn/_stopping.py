@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the loop's types; the loop imports this module
 __all__ = [
     "actual_relative_decrease",
     "full_batch_converged",
+    "geometric_tail",
     "objective_resolution",
     "path_gap_tol",
     "relative_decrease",
@@ -60,7 +61,7 @@ def update_no_improvement(state: LoopState, cfg: LoopConfig, score: float | None
 
 def full_batch_converged(
     record: StepRecord, cfg: LoopConfig, dtype: torch.dtype, previous: float = math.inf, convex: bool = True,
-    rate: float = math.inf,
+    gap_estimate: float = math.inf,
 ) -> bool:  # fmt: skip
     """Whether the full-batch step ``record`` ends the fit.
 
@@ -87,10 +88,11 @@ def full_batch_converged(
 
     A quasi-Newton step (``record.direction``; :mod:`._quasi_newton`)
     solves nothing of Newton's system and its decreases shrink linearly: it
-    ends the fit once the geometric tail of the decrease it took
-    (:func:`actual_relative_decrease`) is below tol at ``rate``, the slowest
-    ratio of consecutive decreases over the last few steps of its run (one
-    ratio of such a sequence can be far below its trend). Its decrease is a
+    ends the fit once ``gap_estimate``, the Stepper's estimate of the gap
+    left, is below tol: the geometric tail (:func:`geometric_tail`) of the
+    decrease it took at the slowest ratio of consecutive decreases over the
+    last few steps of its run (one ratio of such a sequence can be far below
+    its trend). Its decrease is a
     share of the gap, not the gap: one below the objective's resolution does
     not end the fit (a Newton step follows, :mod:`._stepper`). Below
     ``last_step_min_tol`` no quasi-Newton step ends a fit: a tolerance that
@@ -118,9 +120,7 @@ def full_batch_converged(
     reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
     small = relative <= tol and reachable <= tol
     if record.direction == "quasi-newton":
-        taken = actual_relative_decrease(record)
-        tail = taken * rate / (1.0 - rate) if rate < 1.0 else math.inf
-        return tol >= get_tuning().last_step_min_tol and trusted and small and convex and tail <= tol
+        return tol >= get_tuning().last_step_min_tol and trusted and small and convex and gap_estimate <= tol
     return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(tol, roundoff)
     )
@@ -150,9 +150,14 @@ def _geometric_tail(decrease: float, previous: float) -> float:
         The estimated relative gap left.
     """
     rate = decrease / previous if previous > 0.0 else math.inf
-    if not get_tuning().superlinear < rate < 1.0:
+    if not get_tuning().superlinear < rate:
         return math.inf
-    return decrease * rate / (1.0 - rate)
+    return geometric_tail(decrease, rate)
+
+
+def geometric_tail(decrease: float, rate: float) -> float:
+    """Return ``p r / (1 - r)``: the decreases after ``p`` at ``rate`` per step summed (inf if ``r >= 1``)."""
+    return decrease * rate / (1.0 - rate) if rate < 1.0 else math.inf
 
 
 def path_gap_tol(cfg: LoopConfig, loss: float) -> float:

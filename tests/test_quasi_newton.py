@@ -29,7 +29,7 @@ from sklearn_fgn._quasi_newton import SecantMemory
 from sklearn_fgn._solver import LoopConfig
 from sklearn_fgn._step import compute_step
 from sklearn_fgn._stepper import Stepper, StepperState, _choose_direction, _track_full_batch_step
-from sklearn_fgn._stopping import full_batch_converged
+from sklearn_fgn._stopping import full_batch_converged, geometric_tail
 from sklearn_fgn._system import StepOptions
 
 
@@ -266,12 +266,15 @@ def _qn_record(predicted, loss=1.0, ratio=1.0, accepted=True):
 ])  # fmt: skip
 def test_quasi_newton_steps_stop_on_the_geometric_tail_at_the_slowest_rate(rate, expected):
     cfg = LoopConfig(alpha=0.0, tol=1e-4)
-    assert full_batch_converged(_qn_record(5e-5), cfg, torch.float64, previous=1e-4, rate=rate) is expected
+    gap = geometric_tail(5e-5, rate)  # the Stepper's estimate after this step
+    record = _qn_record(5e-5)
+    assert full_batch_converged(record, cfg, torch.float64, previous=1e-4, gap_estimate=gap) is expected
     # Newton's rule (a superlinear decrease, here 0.5 of the previous one is not) asks more.
     newton = StepRecord(1.0, 1.0 - 5e-5, True, 1e-8, "ggn", 3, 5e-5, 1.0, 0.01)
-    assert full_batch_converged(newton, cfg, torch.float64, previous=1e-4, rate=rate) is False
+    assert full_batch_converged(newton, cfg, torch.float64, previous=1e-4, gap_estimate=gap) is False
     # A quasi-Newton decrease below the objective's resolution is no stop (a Newton step follows).
-    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, previous=1e-4, rate=2.0) is False
+    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, previous=1e-4,
+                                gap_estimate=geometric_tail(1e-9, 2.0)) is False  # fmt: skip
 
 
 def test_a_run_estimates_the_gap_by_the_geometric_tail_of_its_decreases(tune):
