@@ -92,12 +92,12 @@ def full_batch_converged(
     left, is below tol: the geometric tail (:func:`geometric_tail`) of the
     decrease it took at the slowest ratio of consecutive decreases over the
     last few steps of its run (one ratio of such a sequence can be far below
-    its trend). Its decrease is a
-    share of the gap, not the gap: one below the objective's resolution does
-    not end the fit (a Newton step follows, :mod:`._stepper`). Below
-    ``last_step_min_tol`` no quasi-Newton step ends a fit: a tolerance that
-    tight asks coefficients exact where the objective is flat, and a Newton
-    step follows the run to end it by Newton's rule.
+    its trend). A decrease taken below the objective's resolution, on a step
+    whose model promised at most tol, ends it too: the ratios of such
+    decreases are round-off, and the objective resolves no further progress.
+    Below ``last_step_min_tol`` no quasi-Newton step ends a fit: a tolerance
+    that tight asks coefficients exact where the objective is flat, and a
+    Newton step follows the run to end it by Newton's rule (:mod:`._stepper`).
 
     Returns
     -------
@@ -120,7 +120,10 @@ def full_batch_converged(
     reachable = record.reachable_decrease / max(abs(record.loss), 1e-300)
     small = relative <= tol and reachable <= tol
     if record.direction == "quasi-newton":
-        return tol >= get_tuning().last_step_min_tol and trusted and small and convex and gap_estimate <= tol
+        if not convex or tol < get_tuning().last_step_min_tol:
+            return False
+        at_roundoff = record.accepted and actual_relative_decrease(record) <= roundoff and relative <= tol
+        return (trusted and small and gap_estimate <= tol) or at_roundoff
     return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(tol, roundoff)
     )

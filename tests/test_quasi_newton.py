@@ -272,9 +272,16 @@ def test_quasi_newton_steps_stop_on_the_geometric_tail_at_the_slowest_rate(rate,
     # Newton's rule (a superlinear decrease, here 0.5 of the previous one is not) asks more.
     newton = StepRecord(1.0, 1.0 - 5e-5, True, 1e-8, "ggn", 3, 5e-5, 1.0, 0.01)
     assert full_batch_converged(newton, cfg, torch.float64, previous=1e-4, gap_estimate=gap) is False
-    # A quasi-Newton decrease below the objective's resolution is no stop (a Newton step follows).
-    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, previous=1e-4,
-                                gap_estimate=geometric_tail(1e-9, 2.0)) is False  # fmt: skip
+    # A quasi-Newton decrease below the objective's resolution (float32: 1.2e-7) ends the fit whatever
+    # the tail, where the model promised no more than tol: the objective resolves no further progress.
+    noisy = geometric_tail(1e-9, 2.0)  # ratios of round-off decreases: no estimate
+    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, 1e-4, gap_estimate=noisy) is True
+    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float64, 1e-4, gap_estimate=noisy) is False
+    promised = StepRecord(1.0, 1.0 - 1e-9, True, 1e-8, "ggn", 0, 1e-3, 1e-6, 1.0, direction="quasi-newton")
+    assert full_batch_converged(promised, cfg, torch.float32, 1e-4, gap_estimate=noisy) is False
+    # Below last_step_min_tol it does not (a Newton step follows the run, solved to the gap).
+    tight = LoopConfig(alpha=0.0, tol=1e-8)
+    assert full_batch_converged(_qn_record(1e-9), tight, torch.float32, 1e-4, gap_estimate=noisy) is False
 
 
 def test_a_run_estimates_the_gap_by_the_geometric_tail_of_its_decreases(tune):
