@@ -112,11 +112,13 @@ class StepperState:
     ``quasi_newton`` whether the next step takes the quasi-Newton direction
     (:func:`_choose_direction`), from the gains per pass of the last steps
     of each kind (``newton_gain``, ``quasi_newton_gain``; inf before any
-    quasi-Newton step); ``recent_decreases``: the relative decreases of the
-    present run of quasi-Newton steps (those taken, not those predicted),
-    whose slowest rate (:meth:`slowest_rate`) gives the gap left after them
+    step of the kind); ``recent_decreases``: the relative decreases of the
+    present run of quasi-Newton steps (those taken, not those predicted;
+    the last two windows of ``quasi_newton_rate_window``), whose slowest
+    rate (:meth:`slowest_rate`) gives the gap left after them
     (``gap_estimate``: the geometric tail of their decreases at that rate),
-    which the stopping rule reads.
+    which the stopping rule reads; ``taken``: the relative decreases taken
+    by the last two steps of either kind.
     """
 
     last_relative_decrease: float = math.inf
@@ -128,11 +130,12 @@ class StepperState:
     secant: SecantMemory | None = None
     quasi_newton: bool = False
     recent_decreases: tuple[float, ...] = ()
-    newton_gain: float = 0.0
+    newton_gain: float = math.inf
     quasi_newton_gain: float = math.inf
+    taken: tuple[float, float] = (math.inf, math.inf)
 
     def slowest_rate(self) -> float:
-        """Return the largest ratio of consecutive relative decreases of the last steps kept.
+        """Return the largest ratio of consecutive decreases of the last ``quasi_newton_rate_window`` steps.
 
         inf before there are two decreases, or where one is not positive.
 
@@ -140,7 +143,7 @@ class StepperState:
         -------
         float
         """
-        d = self.recent_decreases
+        d = self.recent_decreases[-(get_tuning().quasi_newton_rate_window + 1):]
         rates = [b / a if a > 0.0 and b > 0.0 else math.inf for a, b in zip(d, d[1:], strict=False)]
         return max(rates, default=math.inf)
 
@@ -254,6 +257,27 @@ class Stepper:
             return int(self.cfg.cg_max_iter)
         return get_tuning().auto_cg_max_iter_full_batch if self.full_batch else get_tuning().auto_cg_max_iter
 
+    def _cg_budget(self, state: StepperState, sample: CurvatureSample | None, batch: Batch) -> int:
+        """CG's iteration cap for the next step: :meth:`cg_max_iter`, or less for a first costly Newton step.
+
+        Until a full-batch linear fit that may take quasi-Newton steps has
+        measured a run of them (``quasi_newton_gain`` still inf), a Newton
+        step gets the CG products that fit in ``quasi_newton_after_passes``
+        passes over ``X`` (``1 + 2 k share``): a step that needs more is
+        the one after which quasi-Newton steps are tried anyway
+        (:func:`_choose_direction`), and its CG products beyond that budget
+        would only tell how costly it was.
+
+        Returns
+        -------
+        int
+        """
+        cap = self.cg_max_iter()
+        if self.quasi_newton and state.quasi_newton_gain == math.inf and not state.quasi_newton:
+            share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
+            cap = min(cap, max(1, int((get_tuning().quasi_newton_after_passes - 1.0) / (2.0 * share))))
+        return cap
+
     def forcing_term(self, state: StepperState) -> float:
         """CG's relative tolerance for the next step.
 
@@ -344,7 +368,7 @@ class Stepper:
         secant = state.secant if self.quasi_newton and linear else None
         options = StepOptions(
             alpha=cfg.alpha, damping=damping, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
-            cg_max_iter=self.cg_max_iter(), weight_total=batch.weight_total,
+            cg_max_iter=self._cg_budget(state, sample, batch), weight_total=batch.weight_total,
             structured=cfg.whitened and full_batch, mixed_precision=full_batch, comm=cfg.comm,
             curvature_sample=sample, secant=secant, quasi_newton=secant is not None and state.quasi_newton,
         )
@@ -379,7 +403,7 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
     """
     relative = relative_decrease(record)
     if record.direction == "quasi-newton":  # their decreases shrink linearly: the geometric tail
-        window = get_tuning().quasi_newton_rate_window + 1
+        window = 2 * get_tuning().quasi_newton_rate_window
         taken = actual_relative_decrease(record)
         state.recent_decreases = (*state.recent_decreases, taken)[-window:]
         state.gap_estimate = geometric_tail(taken, state.slowest_rate())
@@ -389,6 +413,7 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
         state.gap_estimate = remaining_gap(record, relative)
         state.recent_decreases = ()
     state.last_loss = record.new_loss
+    state.taken = (state.taken[1], actual_relative_decrease(record))
     trusted = linear and record.accepted and record.step_size == 1.0 and record.ratio > 0.5
     tuning = get_tuning()
     resolved = relative >= tuning.model_error_resolution * objective_resolution(dtype)
@@ -406,37 +431,62 @@ def _choose_direction(
     * a Newton step by the gap it leaves, estimated from its record
       (:func:`._stopping.remaining_gap`): ``log10(1 + p / gap)`` for its
       relative decrease ``p``, over its passes, ``1 + 2 k share`` for ``k``
-      CG products on ``share`` of the rows;
-    * quasi-Newton steps (two passes each) by the mean rate ``r`` of their
-      decreases taken over the last ``quasi_newton_rate_window`` steps of their
-      run (the geometric mean of the ratios of consecutive decreases),
-      ``-log10(r) / 2``.
+      CG products on ``share`` of the rows. A step whose CG hit its cap
+      (:meth:`Stepper._cg_budget`) is no Newton step: the gain it stands for
+      is at most ``-log10(p / p_prev)`` per pass, its decrease taken against
+      the step's before it (``state.taken``);
+    * quasi-Newton steps (two passes each) by the rate ``r`` of their
+      decreases taken: ``r^h`` the ratio of the sums of the last two windows
+      of ``h = quasi_newton_rate_window`` decreases (sums, since a run's
+      decreases alternate), ``-log10(r) / 2``.
 
     Quasi-Newton steps are tried after a Newton step that cost more than
     ``quasi_newton_after_passes`` passes (a cheaper step gains more per pass
-    than any alternative), unless the last run of them
+    than any alternative) or was truncated, unless the last run of them
     gained less per pass than that step; a run of them goes on while it
-    gains at least as much per pass as the last Newton step, and stops at a
+    gains at least ``quasi_newton_keep_share`` of the last Newton step's
+    gain (each was read at its own phase of the fit), and stops at a
     rejected step or at a decrease below the objective's ``resolution`` (a
     Newton step's decrease, about the gap, then says whether the fit is
     done).
     """
     tuning = get_tuning()
     if result.direction == "quasi-newton":
-        d = state.recent_decreases
-        if len(d) > tuning.quasi_newton_rate_window and d[0] > 0.0 and d[-1] > 0.0:
-            state.quasi_newton_gain = max(0.0, -math.log10(d[-1] / d[0]) / (len(d) - 1)) / 2.0
+        gain = _run_gain(state.recent_decreases, tuning.quasi_newton_rate_window)
+        state.quasi_newton_gain = state.quasi_newton_gain if gain is None else gain
         resolved = actual_relative_decrease(record) > resolution
-        state.quasi_newton = record.accepted and resolved and state.quasi_newton_gain >= state.newton_gain
+        keep = state.quasi_newton_gain >= tuning.quasi_newton_keep_share * state.newton_gain
+        state.quasi_newton = record.accepted and resolved and keep
         if record.accepted and not resolved:  # the gap is about round-off: the Newton step solves to it
             state.last_relative_decrease = min(state.last_relative_decrease, resolution)
         return
     passes = 1.0 + 2.0 * result.solve.n_iter * share
-    gap = state.gap_estimate
-    decades = math.log10(1.0 + state.last_relative_decrease / gap) if 0.0 < gap < math.inf else 0.0
-    state.newton_gain = decades / passes
-    expensive = passes > tuning.quasi_newton_after_passes
+    truncated = result.solve.reason == "max_iter"
+    if truncated:  # 0 where no decrease before it tells the rate
+        before, now = state.taken
+        shown = -math.log10(now / before) / passes if 0.0 < now < before < math.inf else 0.0
+        state.newton_gain = min(state.newton_gain, shown)
+    else:
+        gap = state.gap_estimate
+        decades = math.log10(1.0 + state.last_relative_decrease / gap) if 0.0 < gap < math.inf else 0.0
+        state.newton_gain = decades / passes
+    expensive = passes > tuning.quasi_newton_after_passes or truncated
     state.quasi_newton = expensive and state.quasi_newton_gain > state.newton_gain
+
+
+def _run_gain(decreases: tuple[float, ...], window: int) -> float | None:
+    """Decades of the gap per pass of a run of quasi-Newton steps (two passes each); None before two windows.
+
+    Returns
+    -------
+    float or None
+    """
+    if len(decreases) < 2 * window:
+        return None
+    older, newer = sum(decreases[-2 * window : -window]), sum(decreases[-window:])
+    if not (older > 0.0 and newer > 0.0):
+        return None
+    return max(0.0, -math.log10(newer / older) / window) / 2.0
 
 
 def _hand_tight_stops_to_newton(state: StepperState, tol: float) -> None:

@@ -136,10 +136,15 @@ class Tuning:
     # ... in fits where one pass over X (n d K multiply-adds) is at least this
     # much work (below, a fit takes a fraction of a second either way).
     quasi_newton_min_work: float = 2.0**27
-    # Their gain per pass is read from the mean rate of their decreases over
-    # the last quasi_newton_rate_window steps, and the gap they leave from the
-    # geometric tail at the slowest rate there (below tol, the fit stops).
+    # Their gain per pass is read from the sums of their decreases over the
+    # last two windows of quasi_newton_rate_window steps, and the gap they
+    # leave from the geometric tail at the slowest rate of the last window
+    # (below tol, the fit stops).
     quasi_newton_rate_window: int = 3
+    # A run of them goes on while it gains at least this share of the last
+    # Newton step's gain per pass: each gain is read at its own phase of the
+    # fit, and a window's is noisy within a factor of about 2.
+    quasi_newton_keep_share: float = 0.5
 
     # --- The feature metric (_metric) ---
     # Up to this many features the metric is the full whitening (two d x d

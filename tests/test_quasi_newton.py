@@ -300,8 +300,8 @@ def test_a_run_estimates_the_gap_by_the_geometric_tail_of_its_decreases(tune):
     assert state.recent_decreases == () and state.last_relative_decrease == pytest.approx(5e-5)
 
 
-def _outcome(direction, n_iter=0):
-    return SimpleNamespace(direction=direction, solve=SimpleNamespace(n_iter=n_iter))
+def _outcome(direction, n_iter=0, reason="converged"):
+    return SimpleNamespace(direction=direction, solve=SimpleNamespace(n_iter=n_iter, reason=reason))
 
 
 def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
@@ -320,11 +320,11 @@ def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
     assert not state.quasi_newton
     # A run whose decreases shrink by 0.5 per step gains log10(2) / 2 per pass: it goes on.
     state.newton_gain = 0.01
-    state.recent_decreases = (8e-3, 4e-3, 2e-3, 1e-3)
+    state.recent_decreases = (32e-3, 16e-3, 8e-3, 4e-3, 2e-3, 1e-3)
     _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-3), share=1.0, resolution=1e-12)
     assert state.quasi_newton and state.quasi_newton_gain == pytest.approx(math.log10(2.0) / 2.0)
-    # One shrinking by 0.99 per step gains less than the Newton step did: back to Newton ...
-    state.recent_decreases = (1e-3, 0.99e-3, 0.98e-3, 0.97e-3)
+    # One shrinking by 0.99 per step gains less than half the Newton step did: back to Newton ...
+    state.recent_decreases = tuple(1e-3 * 0.99**j for j in range(6))
     _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-3), share=1.0, resolution=1e-12)
     assert not state.quasi_newton
     # ... and an expensive Newton step gaining more per pass than that run stays Newton.
@@ -340,3 +340,71 @@ def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
     assert state.quasi_newton
     _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-8), share=1.0, resolution=1e-7)
     assert not state.quasi_newton
+
+
+def test_a_run_reads_its_rate_from_sums_of_decreases_and_goes_on_within_a_share_of_newton(tune):
+    # Decreases that alternate about a trend of 0.8 per step (a ratio of consecutive ones above 1, which
+    # a ratio of two single decreases would read as no gain): the sums of two windows of three read
+    # 0.8^3 exactly, -log10(0.8) / 2 = 0.048 per pass; kept against a Newton gain of 0.09 (within 1/2 of
+    # it), not against 0.1.
+    tune(quasi_newton_rate_window=3, quasi_newton_keep_share=0.5)
+    trend = [0.8**j for j in range(6)]
+    wobble = [1.0, 0.5, 1.5] * 2
+    decreases = tuple(1e-3 * t * w for t, w in zip(trend, wobble, strict=True))
+    assert decreases[2] > decreases[1]
+    for newton_gain, expected in ((0.09, True), (0.1, False)):
+        state = StepperState(recent_decreases=decreases, newton_gain=newton_gain)
+        _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-4), share=1.0, resolution=1e-12)
+        assert state.quasi_newton_gain == pytest.approx(-math.log10(0.8) / 2.0)
+        assert state.quasi_newton is expected
+    # Before two windows, no gain is read: the run goes on at the gain it had.
+    state = StepperState(recent_decreases=decreases[:5], newton_gain=1.0)
+    _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-4), share=1.0, resolution=1e-12)
+    assert state.quasi_newton_gain == math.inf and state.quasi_newton
+
+
+def test_a_truncated_newton_step_hands_over_at_the_gain_its_decrease_shows(tune):
+    # A Newton step whose CG hit its cap is no Newton step: quasi-Newton steps follow, and the Newton
+    # gain they must beat is at most the decades of the gap that its decrease, against the step's
+    # before it, shows per pass: -log10(1e-3 / 1e-2) / 7 for 3 products on all rows.
+    tune(quasi_newton_after_passes=8.0)
+    state = StepperState()
+    for decrease in (1e-2, 1e-3):
+        state.taken = (state.taken[1], decrease)
+    state.newton_gain, state.last_relative_decrease, state.gap_estimate = 0.5, 1e-3, 1e-9
+    _choose_direction(state, _outcome("newton", 3, "max_iter"), _qn_record(1e-3), share=1.0,
+                      resolution=1e-12)  # fmt: skip
+    assert state.quasi_newton and state.newton_gain == pytest.approx(1.0 / 7.0)
+    # Not above the gain measured before: the minimum of the two.
+    state.newton_gain = 0.01
+    _choose_direction(state, _outcome("newton", 3, "max_iter"), _qn_record(1e-3), share=1.0,
+                      resolution=1e-12)  # fmt: skip
+    assert state.quasi_newton and state.newton_gain == 0.01
+    # A truncated first step (no decrease before it to read a rate from): quasi-Newton steps, at no gain
+    # of Newton's to beat, and no math error on the inf of the decreases not yet taken.
+    first = StepperState()
+    first.taken = (first.taken[1], 1e-2)
+    _choose_direction(first, _outcome("newton", 3, "max_iter"), _qn_record(1e-2), share=1.0,
+                      resolution=1e-12)  # fmt: skip
+    assert first.quasi_newton and first.newton_gain == 0.0
+    # _track_full_batch_step keeps the last two decreases taken, of either kind.
+    _track_full_batch_step(state, _qn_record(2e-4), True, torch.float64)
+    assert state.taken == (1e-3, pytest.approx(2e-4))
+
+
+@pytest.mark.parametrize("share, expected", [(1.0, 3), (0.1, 35), (0.001, 250)])
+def test_newton_steps_before_any_quasi_newton_run_get_the_cg_of_the_passes_that_try_them(
+    share, expected, tune
+):
+    # 1 + 2 k share <= quasi_newton_after_passes: 3 products on all rows, 35 on a tenth of them;
+    # never above cg_max_iter. Once a run of quasi-Newton steps was measured, Newton's own cap.
+    tune(quasi_newton_after_passes=8.0, auto_cg_max_iter_full_batch=250)
+    cfg = LoopConfig(alpha=1.0, cg_max_iter="auto")
+    stepper = Stepper(cfg, full_batch=True, n_logits=5, dtype=torch.float64, quasi_newton=True)
+    batch = SimpleNamespace(size=1000)
+    sample = None if share == 1.0 else SimpleNamespace(size=int(share * 1000))
+    state = StepperState()
+    assert stepper._cg_budget(state, sample, batch) == expected
+    state.quasi_newton_gain = 0.1
+    assert stepper._cg_budget(state, sample, batch) == 250
+    assert replace(stepper, quasi_newton=False)._cg_budget(StepperState(), sample, batch) == 250
