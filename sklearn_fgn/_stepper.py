@@ -118,7 +118,8 @@ class StepperState:
     rate (:meth:`slowest_rate`) gives the gap left after them
     (``gap_estimate``: the geometric tail of their decreases at that rate),
     which the stopping rule reads; ``taken``: the relative decreases taken
-    by the last two steps of either kind.
+    by the last two steps of either kind; ``behind``: how many readings in a
+    row the run's gain was below the Newton step's.
     """
 
     last_relative_decrease: float = math.inf
@@ -133,6 +134,7 @@ class StepperState:
     newton_gain: float = math.inf
     quasi_newton_gain: float = math.inf
     taken: tuple[float, float] = (math.inf, math.inf)
+    behind: int = 0
 
     def slowest_rate(self) -> float:
         """Return the largest ratio of consecutive decreases of the last ``quasi_newton_rate_window`` steps.
@@ -445,31 +447,33 @@ def _choose_direction(
     than any alternative) or was truncated, unless the last run of them
     gained less per pass than that step; a run of them goes on while it
     gains at least ``quasi_newton_keep_share`` of the last Newton step's
-    gain (each was read at its own phase of the fit), and stops at a
-    rejected step or at a decrease below the objective's ``resolution`` (a
-    Newton step's decrease, about the gap, then says whether the fit is
-    done).
+    gain at every reading and above it at one of the last
+    ``quasi_newton_behind`` (each gain was read at its own phase of the
+    fit, a window's within a factor of about 2), and stops at a rejected
+    step or at a decrease below the objective's ``resolution`` (a Newton
+    step's decrease, about the gap, then says whether the fit is done).
     """
     tuning = get_tuning()
     if result.direction == "quasi-newton":
         gain = _run_gain(state.recent_decreases, tuning.quasi_newton_rate_window)
         state.quasi_newton_gain = state.quasi_newton_gain if gain is None else gain
         resolved = actual_relative_decrease(record) > resolution
-        keep = state.quasi_newton_gain >= tuning.quasi_newton_keep_share * state.newton_gain
+        state.behind = state.behind + 1 if gain is not None and gain < state.newton_gain else 0
+        far_behind = state.quasi_newton_gain < tuning.quasi_newton_keep_share * state.newton_gain
+        keep = state.behind < tuning.quasi_newton_behind and not far_behind
         state.quasi_newton = record.accepted and resolved and keep
         if record.accepted and not resolved:  # the gap is about round-off: the Newton step solves to it
             state.last_relative_decrease = min(state.last_relative_decrease, resolution)
         return
     passes = 1.0 + 2.0 * result.solve.n_iter * share
     truncated = result.solve.reason == "max_iter"
-    if truncated:  # 0 where no decrease before it tells the rate
+    gap = state.gap_estimate
+    decades = math.log10(1.0 + state.last_relative_decrease / gap) if 0.0 < gap < math.inf else 0.0
+    state.newton_gain, state.behind = decades / passes, 0
+    if truncated:  # no Newton step: at most what its decrease taken shows, where a decrease before it does
         before, now = state.taken
-        shown = -math.log10(now / before) / passes if 0.0 < now < before < math.inf else 0.0
-        state.newton_gain = min(state.newton_gain, shown)
-    else:
-        gap = state.gap_estimate
-        decades = math.log10(1.0 + state.last_relative_decrease / gap) if 0.0 < gap < math.inf else 0.0
-        state.newton_gain = decades / passes
+        if 0.0 < now < before < math.inf:
+            state.newton_gain = min(state.newton_gain, -math.log10(now / before) / passes)
     expensive = passes > tuning.quasi_newton_after_passes or truncated
     state.quasi_newton = expensive and state.quasi_newton_gain > state.newton_gain
 

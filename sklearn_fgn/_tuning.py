@@ -142,9 +142,11 @@ class Tuning:
     # (below tol, the fit stops).
     quasi_newton_rate_window: int = 3
     # A run of them goes on while it gains at least this share of the last
-    # Newton step's gain per pass: each gain is read at its own phase of the
-    # fit, and a window's is noisy within a factor of about 2.
+    # Newton step's gain per pass at every reading, and all of it at one of
+    # the last quasi_newton_behind readings: each gain is read at its own
+    # phase of the fit, and a window's is noisy within a factor of about 2.
     quasi_newton_keep_share: float = 0.5
+    quasi_newton_behind: int = 2
 
     # --- The feature metric (_metric) ---
     # Up to this many features the metric is the full whitening (two d x d

@@ -345,8 +345,8 @@ def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
 def test_a_run_reads_its_rate_from_sums_of_decreases_and_goes_on_within_a_share_of_newton(tune):
     # Decreases that alternate about a trend of 0.8 per step (a ratio of consecutive ones above 1, which
     # a ratio of two single decreases would read as no gain): the sums of two windows of three read
-    # 0.8^3 exactly, -log10(0.8) / 2 = 0.048 per pass; kept against a Newton gain of 0.09 (within 1/2 of
-    # it), not against 0.1.
+    # 0.8^3 exactly, -log10(0.8) / 2 = 0.048 per pass; kept at a first reading against a Newton gain of
+    # 0.09 (within 1/2 of it), not against 0.1.
     tune(quasi_newton_rate_window=3, quasi_newton_keep_share=0.5)
     trend = [0.8**j for j in range(6)]
     wobble = [1.0, 0.5, 1.5] * 2
@@ -357,6 +357,18 @@ def test_a_run_reads_its_rate_from_sums_of_decreases_and_goes_on_within_a_share_
         _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-4), share=1.0, resolution=1e-12)
         assert state.quasi_newton_gain == pytest.approx(-math.log10(0.8) / 2.0)
         assert state.quasi_newton is expected
+    # Below the Newton gain but within half of it: the run goes on for one reading, not two in a row;
+    # a reading at or above it in between starts the count again.
+    tune(quasi_newton_behind=2)
+    state = StepperState(recent_decreases=decreases, newton_gain=0.06)
+    for expected in (True, False):
+        _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-4), share=1.0, resolution=1e-12)
+        assert state.quasi_newton is expected
+    state = StepperState(recent_decreases=decreases, newton_gain=0.06)
+    for newton_gain, expected in ((0.06, True), (0.04, True), (0.06, True), (0.06, False)):
+        state.newton_gain = newton_gain
+        _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-4), share=1.0, resolution=1e-12)
+        assert state.quasi_newton is expected
     # Before two windows, no gain is read: the run goes on at the gain it had.
     state = StepperState(recent_decreases=decreases[:5], newton_gain=1.0)
     _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-4), share=1.0, resolution=1e-12)
@@ -366,7 +378,8 @@ def test_a_run_reads_its_rate_from_sums_of_decreases_and_goes_on_within_a_share_
 def test_a_truncated_newton_step_hands_over_at_the_gain_its_decrease_shows(tune):
     # A Newton step whose CG hit its cap is no Newton step: quasi-Newton steps follow, and the Newton
     # gain they must beat is at most the decades of the gap that its decrease, against the step's
-    # before it, shows per pass: -log10(1e-3 / 1e-2) / 7 for 3 products on all rows.
+    # before it, shows per pass: -log10(1e-3 / 1e-2) / 7 for 3 products on all rows (its own estimate,
+    # log10(1 + 1e-3 / 1e-9) / 7, is far above).
     tune(quasi_newton_after_passes=8.0)
     state = StepperState()
     for decrease in (1e-2, 1e-3):
@@ -375,18 +388,18 @@ def test_a_truncated_newton_step_hands_over_at_the_gain_its_decrease_shows(tune)
     _choose_direction(state, _outcome("newton", 3, "max_iter"), _qn_record(1e-3), share=1.0,
                       resolution=1e-12)  # fmt: skip
     assert state.quasi_newton and state.newton_gain == pytest.approx(1.0 / 7.0)
-    # Not above the gain measured before: the minimum of the two.
-    state.newton_gain = 0.01
+    # Not above the step's own estimate (log10(1 + p / gap) over its passes): the minimum of the two.
+    state.gap_estimate = 1e-3 / (10**0.07 - 1.0)
     _choose_direction(state, _outcome("newton", 3, "max_iter"), _qn_record(1e-3), share=1.0,
                       resolution=1e-12)  # fmt: skip
-    assert state.quasi_newton and state.newton_gain == 0.01
-    # A truncated first step (no decrease before it to read a rate from): quasi-Newton steps, at no gain
-    # of Newton's to beat, and no math error on the inf of the decreases not yet taken.
-    first = StepperState()
+    assert state.quasi_newton and state.newton_gain == pytest.approx(0.01)
+    # A truncated first step (no decrease before it to read a rate from): its own estimate, and no math
+    # error on the inf of the decreases not yet taken.
+    first = StepperState(last_relative_decrease=1e-2, gap_estimate=1e-3)
     first.taken = (first.taken[1], 1e-2)
     _choose_direction(first, _outcome("newton", 3, "max_iter"), _qn_record(1e-2), share=1.0,
                       resolution=1e-12)  # fmt: skip
-    assert first.quasi_newton and first.newton_gain == 0.0
+    assert first.quasi_newton and first.newton_gain == pytest.approx(math.log10(11.0) / 7.0)
     # _track_full_batch_step keeps the last two decreases taken, of either kind.
     _track_full_batch_step(state, _qn_record(2e-4), True, torch.float64)
     assert state.taken == (1e-3, pytest.approx(2e-4))
