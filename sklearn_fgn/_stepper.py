@@ -259,16 +259,17 @@ class Stepper:
             return int(self.cfg.cg_max_iter)
         return get_tuning().auto_cg_max_iter_full_batch if self.full_batch else get_tuning().auto_cg_max_iter
 
-    def _cg_budget(self, state: StepperState, sample: CurvatureSample | None, batch: Batch) -> int:
+    def _cg_budget(self, state: StepperState, share: float) -> int:
         """CG's iteration cap for the next step: :meth:`cg_max_iter`, or less for a first costly Newton step.
 
         Until a full-batch linear fit that may take quasi-Newton steps has
-        measured a run of them (``quasi_newton_gain`` still inf), a Newton
-        step gets the CG products that fit in ``quasi_newton_after_passes``
-        passes over ``X`` (``1 + 2 k share``): a step that needs more is
-        the one after which quasi-Newton steps are tried anyway
-        (:func:`_choose_direction`), and its CG products beyond that budget
-        would only tell how costly it was.
+        read the gain of a run of them (``quasi_newton_gain`` still inf), a
+        Newton step gets the CG products that fit in
+        ``quasi_newton_after_passes`` passes over ``X`` (``1 + 2 k share``,
+        ``share`` the curvature sample's share of the rows): a step that
+        needs more is the one after which quasi-Newton steps are tried
+        anyway (:func:`_choose_direction`), and its CG products beyond that
+        budget would only tell how costly it was.
 
         Returns
         -------
@@ -276,7 +277,6 @@ class Stepper:
         """
         cap = self.cg_max_iter()
         if self.quasi_newton and state.quasi_newton_gain == math.inf and not state.quasi_newton:
-            share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
             cap = min(cap, max(1, int((get_tuning().quasi_newton_after_passes - 1.0) / (2.0 * share))))
         return cap
 
@@ -364,13 +364,14 @@ class Stepper:
         sample = None
         if full_batch and self.generator is not None:
             sample = _curvature_sample(state, batch, head, self.generator)
+        share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
         linear = as_head(head).is_linear
         if self.quasi_newton and linear and state.secant is None:
             state.secant = SecantMemory(get_tuning().quasi_newton_pairs)
         secant = state.secant if self.quasi_newton and linear else None
         options = StepOptions(
             alpha=cfg.alpha, damping=damping, curvature=curvature, solver=cfg.solver, cg_tol=cg_tol,
-            cg_max_iter=self._cg_budget(state, sample, batch), weight_total=batch.weight_total,
+            cg_max_iter=self._cg_budget(state, share), weight_total=batch.weight_total,
             structured=cfg.whitened and full_batch, mixed_precision=full_batch, comm=cfg.comm,
             curvature_sample=sample, secant=secant, quasi_newton=secant is not None and state.quasi_newton,
         )
@@ -388,7 +389,6 @@ class Stepper:
             _track_full_batch_step(state, record, linear, self.dtype)
             _grow_curvature_sample(state, result)
             if secant is not None:
-                share = 1.0 if sample is None else min(1.0, sample.size / batch.size)
                 tol = cfg.tol if cfg.gap_tol is None else min(cfg.tol, cfg.gap_tol)
                 _choose_direction(state, result, record, share, objective_resolution(self.dtype))
                 _hand_tight_stops_to_newton(state, tol)
@@ -403,10 +403,9 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
     the objective's resolution in ``dtype`` (below, the ratio is round-off);
     0 otherwise (an MLP head's ratio says little of its next step's model).
     """
-    relative = relative_decrease(record)
+    relative, taken = relative_decrease(record), actual_relative_decrease(record)
     if record.direction == "quasi-newton":  # their decreases shrink linearly: the geometric tail
         window = 2 * get_tuning().quasi_newton_rate_window
-        taken = actual_relative_decrease(record)
         state.recent_decreases = (*state.recent_decreases, taken)[-window:]
         state.gap_estimate = geometric_tail(taken, state.slowest_rate())
     else:  # the forcing term and Newton's stopping rule read Newton steps' decreases
@@ -415,7 +414,7 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
         state.gap_estimate = remaining_gap(record, relative)
         state.recent_decreases = ()
     state.last_loss = record.new_loss
-    state.taken = (state.taken[1], actual_relative_decrease(record))
+    state.taken = (state.taken[1], taken)
     trusted = linear and record.accepted and record.step_size == 1.0 and record.ratio > 0.5
     tuning = get_tuning()
     resolved = relative >= tuning.model_error_resolution * objective_resolution(dtype)
@@ -471,9 +470,9 @@ def _choose_direction(
     decades = math.log10(1.0 + state.last_relative_decrease / gap) if 0.0 < gap < math.inf else 0.0
     state.newton_gain, state.behind = decades / passes, 0
     if truncated:  # no Newton step: at most what its decrease taken shows, where a decrease before it does
-        before, now = state.taken
-        if 0.0 < now < before < math.inf:
-            state.newton_gain = min(state.newton_gain, -math.log10(now / before) / passes)
+        earlier, latest = state.taken
+        if 0.0 < latest < earlier < math.inf:
+            state.newton_gain = min(state.newton_gain, -math.log10(latest / earlier) / passes)
     expensive = passes > tuning.quasi_newton_after_passes or truncated
     state.quasi_newton = expensive and state.quasi_newton_gain > state.newton_gain
 

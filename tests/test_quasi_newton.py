@@ -23,6 +23,7 @@ from test_step import _system
 from test_subsample import _objective
 
 import sklearn_fgn._step as step_module
+import sklearn_fgn._stepper as stepper_module
 from sklearn_fgn import FGNClassifier
 from sklearn_fgn._damping import StepRecord
 from sklearn_fgn._quasi_newton import SecantMemory
@@ -154,19 +155,23 @@ def test_a_direction_that_is_no_descent_falls_back_to_the_model_step_and_forgets
     assert cosine == pytest.approx(1.0, abs=1e-12) and float(result.slope) < 0.0
 
 
-@pytest.fixture
-def directions(monkeypatch):
-    """The direction of every step the fits of the test compute, in order."""
+def _spy(monkeypatch, owner, name, original, read):
+    """Replace ``owner.name`` by ``original`` that also records ``read(result)`` of every call, in order."""
     seen = []
-    original = step_module.compute_step
 
     def spy(*args, **kwargs):
         result = original(*args, **kwargs)
-        seen.append(result.direction)
+        seen.append(read(result))
         return result
 
-    monkeypatch.setattr("sklearn_fgn._stepper.compute_step", spy)
+    monkeypatch.setattr(owner, name, spy)
     return seen
+
+
+@pytest.fixture
+def directions(monkeypatch):
+    """The direction of every step the fits of the test compute, in order."""
+    return _spy(monkeypatch, stepper_module, "compute_step", step_module.compute_step, lambda r: r.direction)
 
 
 def _fit(X, y, alpha, **params):
@@ -240,15 +245,7 @@ def test_quasi_newton_steps_only_in_full_batch_linear_fits_of_enough_work(
 ):
     X, y = make_classification(n_samples=3000, n_features=12, n_informative=8, n_classes=5, random_state=0)
     tune(quasi_newton_min_work=min_work)
-    seen = []
-    original = Stepper.for_fit
-
-    def spy(*args, **kwargs):
-        stepper = original(*args, **kwargs)
-        seen.append(stepper.quasi_newton)
-        return stepper
-
-    monkeypatch.setattr(Stepper, "for_fit", spy)
+    seen = _spy(monkeypatch, Stepper, "for_fit", Stepper.for_fit, lambda stepper: stepper.quasi_newton)
     _fit(X, y, 1.0, batch_size=batch_size, hidden_layer_sizes=hidden, max_iter=2)
     assert seen and all(flag is expected for flag in seen)
 
@@ -414,10 +411,8 @@ def test_newton_steps_before_any_quasi_newton_run_get_the_cg_of_the_passes_that_
     tune(quasi_newton_after_passes=8.0, auto_cg_max_iter_full_batch=250)
     cfg = LoopConfig(alpha=1.0, cg_max_iter="auto")
     stepper = Stepper(cfg, full_batch=True, n_logits=5, dtype=torch.float64, quasi_newton=True)
-    batch = SimpleNamespace(size=1000)
-    sample = None if share == 1.0 else SimpleNamespace(size=int(share * 1000))
     state = StepperState()
-    assert stepper._cg_budget(state, sample, batch) == expected
+    assert stepper._cg_budget(state, share) == expected
     state.quasi_newton_gain = 0.1
-    assert stepper._cg_budget(state, sample, batch) == 250
-    assert replace(stepper, quasi_newton=False)._cg_budget(StepperState(), sample, batch) == 250
+    assert stepper._cg_budget(state, share) == 250
+    assert replace(stepper, quasi_newton=False)._cg_budget(StepperState(), share) == 250
