@@ -185,7 +185,7 @@ def _backtrack(ray: _Ray, loss: float) -> tuple[float, Params, Tensor, float, Ma
 
 
 def _lengthen(
-    ray: _Ray, loss: float
+    ray: _Ray, loss: float, unit_loss: float
 ) -> tuple[float, Params, Tensor, float, MarginStats, float, float] | None:
     """Lengthen a trusted step to the undamped model's minimiser along it.
 
@@ -194,12 +194,23 @@ def _lengthen(
     delta'(G + alpha P)delta``, which is far beyond 1 while the damping
     dominates the curvature: the first step from a large damping is not wasted.
 
+    ``t*`` is taken where the objective there agrees with the model
+    (reduction ratio above 0.75), and also where it does not but the
+    objective there is below ``unit_loss`` (the unit step's; ``-inf``
+    turns this off) by Armijo's
+    sufficient decrease ``f(t*) <= f(0) + armijo t* g'delta``: a line search
+    that keeps the lower of the two values it has evaluated. From zero
+    coefficients, where the damping is far above the curvature (about
+    ``1 / K`` of the feature metric for ``K`` classes), the unit step is a
+    short gradient step, and ``t*`` can take the loss most of the way down
+    where the model, quadratic, has overestimated the decrease by half.
+    The ratio, whatever it is, then sets the next damping.
+
     Returns
     -------
     tuple or None
-        ``(t*, params, logits, objective, stats, predicted decrease, ratio)`` when
-        ``t* >= lengthen_min`` and the objective there agrees with the model
-        (reduction ratio above 0.75); None otherwise.
+        ``(t*, params, logits, objective, stats, predicted decrease, ratio)``
+        when ``t* >= lengthen_min`` and either test passes; None otherwise.
     """
     slope, curvature = float(ray.result.slope), float(ray.result.step_curvature)
     if not (slope < 0.0 and curvature > 0.0) or -slope < get_tuning().lengthen_min * curvature:
@@ -208,7 +219,8 @@ def _lengthen(
     trial, logits, new_loss, stats = ray.at(t)
     predicted = -0.5 * t * slope
     ratio = (loss - new_loss) / predicted
-    if not ratio > 0.75:  # also catches NaN
+    lower = new_loss < unit_loss and new_loss <= loss + get_tuning().armijo * t * slope
+    if not (ratio > 0.75 or lower):  # also catches NaN
         return None
     return t, trial, logits, new_loss, stats, predicted, ratio
 
@@ -282,7 +294,9 @@ def take_step(
         if accepted and rule.full_batch and as_head(head).is_linear:
             next_damping = max(next_damping, _damping_to_shorten(result, damping, step_size))
     elif rule.full_batch and ratio > 0.75:
-        longer = _lengthen(ray, loss)
+        # The lower objective decides for a linear head only: an MLP's quadratic model is its own
+        # linearisation's, and a long step it mistrusts can leave the region where that holds.
+        longer = _lengthen(ray, loss, new_loss if as_head(head).is_linear else -math.inf)
         if longer is not None:
             step_size, trial, trial_logits, new_loss, stats, predicted, ratio = longer
             _, _, next_damping = levenberg_marquardt(

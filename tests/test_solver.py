@@ -22,7 +22,7 @@ from cases import (
 )
 
 from sklearn_fgn._batches import Batch
-from sklearn_fgn._damping import StepRecord, levenberg_marquardt
+from sklearn_fgn._damping import StepRecord, _lengthen, _Ray, levenberg_marquardt
 from sklearn_fgn._heads import forward
 from sklearn_fgn._solver import LoopConfig
 from sklearn_fgn._step import compute_step
@@ -110,6 +110,39 @@ def test_trusted_full_batch_step_is_lengthened_to_the_model_minimiser(case):
     expected = levenberg_marquardt(f(0.0), f(t_star), predicted, damping / t_star, 1e-8)[2]
     assert next_damping == pytest.approx(expected, rel=1e-6)
     torch.testing.assert_close(logits, forward(head, new_params, X), rtol=1e-10, atol=1e-12)
+
+
+def test_a_linear_heads_long_step_is_taken_where_its_objective_is_lower_than_the_unit_steps():
+    # From a damping far above the curvature the unit step is a short gradient step. At t* the model
+    # overestimates the decrease (ratio 0.55: no agreement), but the objective there is far below the
+    # unit step's and passes Armijo: the lower of the two values the step has evaluated is taken, and
+    # the ratio at t* sets the next damping.
+    case = Case(n_classes=5, n_samples=40, alpha=1e-3, seed=2)
+    damping = 10.0
+    problem, cfg, fn, delta = _setup(case, damping)
+    slope, curvature, f = _ray(problem, case, fn, delta)
+    t_star = -slope / curvature
+    predicted = -(t_star * slope + 0.5 * t_star**2 * curvature)
+    ratio = (f(0.0) - f(t_star)) / predicted
+    assert t_star >= TUNING.lengthen_min and ratio <= 0.75  # the model's test fails ...
+    assert f(t_star) < f(1.0) and f(t_star) <= f(0.0) + TUNING.armijo * t_star * slope  # ... Armijo's holds
+    head, params, X, y, sw = problem
+    new_params, next_damping, record, _ = damped_update(
+        head, params, Batch(X, y, sw), damping, cfg, "ggn", EXACT, full_batch=True
+    )
+    assert record.accepted and record.step_size == pytest.approx(t_star, rel=1e-8)
+    assert record.new_loss == pytest.approx(f(t_star), rel=1e-10)
+    assert record.ratio == pytest.approx(ratio, rel=1e-6)
+    expected = levenberg_marquardt(f(0.0), f(t_star), predicted, damping / t_star, 1e-8)[2]
+    assert next_damping == pytest.approx(expected, rel=1e-6)
+    # The objective's test is off where the unit loss given is -inf (an MLP head's steps): the unit step.
+    weights = reference_weights(sw, X.shape[0], X)
+    options = StepOptions(alpha=case.alpha, damping=damping, curvature="ggn", solver="cg", cg_tol=EXACT,
+                          cg_max_iter=200)  # fmt: skip
+    result = compute_step(head, params, X, y, sw, options)
+    ray = _Ray(head, params, Batch(X, y, sw), result, weights, case.alpha)
+    assert _lengthen(ray, f(0.0), f(1.0)) is not None
+    assert _lengthen(ray, f(0.0), -math.inf) is None
 
 
 def test_step_is_not_lengthened_when_the_model_disagrees_or_on_mini_batches():
