@@ -579,6 +579,19 @@ class Preconditioner:
         raise NotImplementedError
 
     @classmethod
+    def build_products(cls, system: DampedSystem) -> float:
+        """Return what building the model costs, in curvature products (a JVP and a VJP) on the system's rows.
+
+        What a step's cost counts (:func:`._stepper._choose_direction`) beside
+        its CG products; 0 for a model whose build is below a product.
+
+        Returns
+        -------
+        float
+        """
+        return 0.0
+
+    @classmethod
     def build(cls, system: DampedSystem, request: PreconditionerRequest) -> Callable[[Tensor], Tensor] | None:
         """Return ``r -> M^{-1} r`` on flat vectors, or None where the model does not hold."""
         raise NotImplementedError
@@ -649,6 +662,10 @@ class HardRows(_LinearHeadModel):
         return super().affordable(system, request) and not request.cheap
 
     @classmethod
+    def build_products(cls, system: DampedSystem) -> float:  # noqa: D102
+        return float(get_tuning().hard_rows_build_cg)  # its Gram and factor's budget (_hard_row_budget)
+
+    @classmethod
     def build(cls, system: DampedSystem, request: PreconditionerRequest):  # noqa: D102
         return make_hard_row_preconditioner(system)
 
@@ -675,6 +692,11 @@ class Kronecker(_LinearHeadModel):
     """The Kronecker model ``I kron S + Lambda`` (:func:`make_kronecker_preconditioner`); always builds."""
 
     @classmethod
+    def build_products(cls, system: DampedSystem) -> float:  # noqa: D102
+        # Its class factor: n K^2 multiply-adds against a product's 2 n K (d + 1).
+        return system.n_logits / (2.0 * (system.X.shape[1] + 1))
+
+    @classmethod
     def build(cls, system: DampedSystem, request: PreconditionerRequest):  # noqa: D102
         factor = system.comm.sum_(system.logit_curvature().matrix())
         return make_kronecker_preconditioner(factor, system.damping, system.gradient)
@@ -684,21 +706,30 @@ class Kronecker(_LinearHeadModel):
 PRECONDITIONERS: tuple[type[Preconditioner], ...] = (GramCholesky, HardRows, ClassMeans, Kronecker)
 
 
-def choose_preconditioner(
-    system: DampedSystem, request: PreconditionerRequest
-) -> tuple[str, Callable[[Tensor], Tensor] | None]:
+class Chosen(NamedTuple):
+    """The preconditioner a step runs CG with (:func:`choose_preconditioner`).
+
+    ``solver``: the model's ``name`` (``"cholesky"`` or ``"cg"``);
+    ``apply``: ``r -> M^{-1} r``, None for ``Lambda^{-1}``;
+    ``build_products``: what its build cost, in curvature products on the
+    system's rows (:meth:`Preconditioner.build_products`).
+    """
+
+    solver: str
+    apply: Callable[[Tensor], Tensor] | None
+    build_products: float = 0.0
+
+
+def choose_preconditioner(system: DampedSystem, request: PreconditionerRequest) -> Chosen:
     """Return the first of :data:`PRECONDITIONERS` that is affordable and builds (phase 2 of a step).
 
     Returns
     -------
-    solver : str
-        The chosen preconditioner's ``name`` (``"cholesky"`` or ``"cg"``).
-    preconditioner : callable or None
-        ``r -> M^{-1} r``; None for ``Lambda^{-1}``.
+    Chosen
     """
     for model in PRECONDITIONERS:
         if model.affordable(system, request):
             apply = model.build(system, request)
             if apply is not None:
-                return model.name, apply
-    return "cg", None
+                return Chosen(model.name, apply, model.build_products(system))
+    return Chosen("cg", None)

@@ -214,7 +214,7 @@ def run_epochs(
             steps = state.stepper_state
             stop = full_batch_converged(
                 records[-1][1], cfg, data.X.dtype, steps.previous_relative_decrease, head.is_linear,
-                steps.gap_estimate,
+                steps.gap_estimate, steps.run_decrease(),
             )
         state.converged = stop
         if on_epoch_end is not None and on_epoch_end(state):

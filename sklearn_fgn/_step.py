@@ -130,6 +130,9 @@ class StepResult:
         How the step's direction was found: CG on the damped system, or the
         limited-memory quasi-Newton inverse of the fit's secant pairs
         (``cg_tol`` is then 1.0: the step solves nothing of Newton's system).
+    preconditioner_products : float
+        What building CG's preconditioner cost, in curvature products on
+        the rows CG ran on (:meth:`._preconditioners.Preconditioner.build_products`).
     """
 
     step: Params
@@ -147,6 +150,7 @@ class StepResult:
     cg_tol: float = 0.0
     sampled_curvature: float = 1.0
     direction: str = "newton"
+    preconditioner_products: float = 0.0
 
 
 def compute_step(
@@ -225,7 +229,7 @@ def compute_step(
     if secant is not None:
         secant.forget_model()
     request = PreconditionerRequest(o.solver, o.cg_tol, o.structured, cache)
-    solver, preconditioner = choose_preconditioner(model, request)
+    solver, preconditioner, build_products = choose_preconditioner(model, request)
     if o.mixed_precision and mixed_pays_off(model, o.cg_tol):
         step, record = solve_mixed(model, preconditioner, o.cg_tol, o.cg_max_iter)
     else:
@@ -247,6 +251,7 @@ def compute_step(
     return StepResult(
         step, system.loss, system.gradient, -(slope + 0.5 * curvature_term), solver, record,
         system.lin.logits, logits_step, slope, curvature_term, damping_term, o.curvature, o.cg_tol, sampled,
+        preconditioner_products=build_products,
     )  # fmt: skip
 
 
@@ -272,7 +277,7 @@ def _quasi_newton_step(
     """
     def build() -> Callable[[Tensor], Tensor]:
         request = PreconditionerRequest(o.solver, o.cg_tol, o.structured, cache, cheap=True)
-        _, apply = choose_preconditioner(model, request)
+        apply = choose_preconditioner(model, request).apply
         if apply is None:
             inverse_damping = 1.0 / damping_vector(system.gradient, system.damping)
             return lambda r: r * inverse_damping

@@ -117,9 +117,12 @@ class StepperState:
     the last two windows of ``quasi_newton_rate_window``), whose slowest
     rate (:meth:`slowest_rate`) gives the gap left after them
     (``gap_estimate``: the geometric tail of their decreases at that rate),
-    which the stopping rule reads; ``taken``: the relative decreases taken
-    by the last two steps of either kind; ``behind``: how many readings in a
-    row the run's gain was below the Newton step's.
+    which the stopping rule reads; ``recent_predicted``: the decreases
+    their models predicted, which stand in for them once the objective no
+    longer resolves a step's decrease (:func:`_track_full_batch_step`);
+    ``taken``: the relative decreases taken by the last two steps of
+    either kind; ``behind``: how many readings in a row the run's gain was
+    below the Newton step's.
     """
 
     last_relative_decrease: float = math.inf
@@ -131,23 +134,43 @@ class StepperState:
     secant: SecantMemory | None = None
     quasi_newton: bool = False
     recent_decreases: tuple[float, ...] = ()
+    recent_predicted: tuple[float, ...] = ()
     newton_gain: float = math.inf
     quasi_newton_gain: float = math.inf
     taken: tuple[float, float] = (math.inf, math.inf)
     behind: int = 0
 
-    def slowest_rate(self) -> float:
+    def slowest_rate(self, predicted: bool = False) -> float:
         """Return the largest ratio of consecutive decreases of the last ``quasi_newton_rate_window`` steps.
 
-        inf before there are two decreases, or where one is not positive.
+        Of the decreases taken, or with ``predicted`` of those predicted. inf
+        before there are two decreases, or where one is not positive.
 
         Returns
         -------
         float
         """
-        d = self.recent_decreases[-(get_tuning().quasi_newton_rate_window + 1):]
+        decreases = self.recent_predicted if predicted else self.recent_decreases
+        d = decreases[-(get_tuning().quasi_newton_rate_window + 1):]
         rates = [b / a if a > 0.0 and b > 0.0 else math.inf for a, b in zip(d, d[1:], strict=False)]
         return max(rates, default=math.inf)
+
+    def run_decrease(self) -> float:
+        """Return the relative decrease taken over the run's last ``2 quasi_newton_rate_window`` steps.
+
+        inf while the run has fewer steps. It is about the difference of
+        two objective values that many steps apart, so round-off does not
+        add up over the window: the objective has resolved no progress
+        of the run while this is below its resolution. (One step's decrease
+        falls below that by round-off on a slow run that still moves.)
+
+        Returns
+        -------
+        float
+        """
+        window = 2 * get_tuning().quasi_newton_rate_window
+        d = self.recent_decreases[-window:]
+        return sum(d) if len(d) == window else math.inf
 
 
 class StepOutcome(NamedTuple):
@@ -398,6 +421,12 @@ class Stepper:
 def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool, dtype: torch.dtype) -> None:
     """Keep what the next full-batch step's forcing term and the stopping rule read from this one.
 
+    A quasi-Newton step's gap estimate is the geometric tail of the
+    decreases taken by its run; once a decrease taken is below the
+    objective's resolution in ``dtype`` (its value is round-off, and so are
+    the ratios of such decreases), the tail of the decreases the steps'
+    models predicted (the same slowest rate, of theirs).
+
     The model's error ``|1 - ratio|`` is kept from a trusted unit step of a
     linear head whose decrease is at least ``model_error_resolution`` times
     the objective's resolution in ``dtype`` (below, the ratio is round-off);
@@ -405,14 +434,18 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
     """
     relative, taken = relative_decrease(record), actual_relative_decrease(record)
     if record.direction == "quasi-newton":  # their decreases shrink linearly: the geometric tail
-        window = 2 * get_tuning().quasi_newton_rate_window
-        state.recent_decreases = (*state.recent_decreases, taken)[-window:]
-        state.gap_estimate = geometric_tail(taken, state.slowest_rate())
+        h = get_tuning().quasi_newton_rate_window
+        state.recent_decreases = (*state.recent_decreases, taken)[-2 * h:]
+        state.recent_predicted = (*state.recent_predicted, relative)[-2 * h:]
+        if taken > objective_resolution(dtype):
+            state.gap_estimate = geometric_tail(taken, state.slowest_rate())
+        else:  # round-off: the models' decreases, inner products with no cancellation, tell the rate
+            state.gap_estimate = geometric_tail(relative, state.slowest_rate(predicted=True))
     else:  # the forcing term and Newton's stopping rule read Newton steps' decreases
         state.previous_relative_decrease = state.last_relative_decrease
         state.last_relative_decrease = relative
         state.gap_estimate = remaining_gap(record, relative)
-        state.recent_decreases = ()
+        state.recent_decreases = state.recent_predicted = ()
     state.last_loss = record.new_loss
     state.taken = (state.taken[1], taken)
     trusted = linear and record.accepted and record.step_size == 1.0 and record.ratio > 0.5
@@ -431,8 +464,9 @@ def _choose_direction(
 
     * a Newton step by the gap it leaves, estimated from its record
       (:func:`._stopping.remaining_gap`): ``log10(1 + p / gap)`` for its
-      relative decrease ``p``, over its passes, ``1 + 2 k share`` for ``k``
-      CG products on ``share`` of the rows. A step whose CG hit its cap
+      relative decrease ``p``, over its passes (:func:`_newton_passes`: its
+      CG products and its preconditioner's build on ``share`` of the rows,
+      and its gradient). A step whose CG hit its cap
       (:meth:`Stepper._cg_budget`) is no Newton step: the gain it stands for
       is at most ``-log10(p / p_prev)`` per pass, its decrease taken against
       the step's before it (``state.taken``);
@@ -454,9 +488,11 @@ def _choose_direction(
     """
     tuning = get_tuning()
     if result.direction == "quasi-newton":
-        gain = _run_gain(state.recent_decreases, tuning.quasi_newton_rate_window)
+        unresolved = actual_relative_decrease(record) <= resolution
+        decreases = state.recent_predicted if unresolved else state.recent_decreases
+        gain = _run_gain(decreases, tuning.quasi_newton_rate_window)
         state.quasi_newton_gain = state.quasi_newton_gain if gain is None else gain
-        resolved = actual_relative_decrease(record) > resolution
+        resolved = state.run_decrease() > resolution
         state.behind = state.behind + 1 if gain is not None and gain < state.newton_gain else 0
         far_behind = state.quasi_newton_gain < tuning.quasi_newton_keep_share * state.newton_gain
         keep = state.behind < tuning.quasi_newton_behind and not far_behind
@@ -464,7 +500,7 @@ def _choose_direction(
         if record.accepted and not resolved:  # the gap is about round-off: the Newton step solves to it
             state.last_relative_decrease = min(state.last_relative_decrease, resolution)
         return
-    passes = 1.0 + 2.0 * result.solve.n_iter * share
+    passes = _newton_passes(result, share)
     truncated = result.solve.reason == "max_iter"
     gap = state.gap_estimate
     decades = math.log10(1.0 + state.last_relative_decrease / gap) if 0.0 < gap < math.inf else 0.0
@@ -477,6 +513,22 @@ def _choose_direction(
     state.quasi_newton = expensive and state.quasi_newton_gain > state.newton_gain
 
 
+def _newton_passes(result: StepResult, share: float) -> float:
+    """Return a Newton step's passes over ``X``: its gradient, curvature products and preconditioner's build.
+
+    ``1 + 2 (k + b) share`` for ``k`` CG products and a build costing ``b``
+    of them on ``share`` of the rows, plus one pass on a curvature sample
+    (``share < 1``: the JVP that gives the whole batch's model along the
+    step, :func:`._step.compute_step`).
+
+    Returns
+    -------
+    float
+    """
+    products = result.solve.n_iter + result.preconditioner_products
+    return 1.0 + 2.0 * products * share + (1.0 if share < 1.0 else 0.0)
+
+
 def _run_gain(decreases: tuple[float, ...], window: int) -> float | None:
     """Decades of the gap per pass of a run of quasi-Newton steps (two passes each); None before two windows.
 
@@ -484,12 +536,26 @@ def _run_gain(decreases: tuple[float, ...], window: int) -> float | None:
     -------
     float or None
     """
+    rate = _window_rate(decreases, window)
+    return None if rate == math.inf else max(0.0, -math.log10(rate)) / 2.0
+
+
+def _window_rate(decreases: tuple[float, ...], window: int) -> float:
+    """Return the rate per step of a run's decreases: the ratio of its last two window sums, to ``1/window``.
+
+    Sums, since a run's decreases alternate about their trend. inf before
+    two windows, or where a sum is not positive.
+
+    Returns
+    -------
+    float
+    """
     if len(decreases) < 2 * window:
-        return None
+        return math.inf
     older, newer = sum(decreases[-2 * window : -window]), sum(decreases[-window:])
     if not (older > 0.0 and newer > 0.0):
-        return None
-    return max(0.0, -math.log10(newer / older) / window) / 2.0
+        return math.inf
+    return (newer / older) ** (1.0 / window)
 
 
 def _hand_tight_stops_to_newton(state: StepperState, tol: float) -> None:

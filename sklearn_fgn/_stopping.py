@@ -61,7 +61,7 @@ def update_no_improvement(state: LoopState, cfg: LoopConfig, score: float | None
 
 def full_batch_converged(
     record: StepRecord, cfg: LoopConfig, dtype: torch.dtype, previous: float = math.inf, convex: bool = True,
-    gap_estimate: float = math.inf,
+    gap_estimate: float = math.inf, run_decrease: float = math.inf,
 ) -> bool:  # fmt: skip
     """Whether the full-batch step ``record`` ends the fit.
 
@@ -92,9 +92,15 @@ def full_batch_converged(
     left, is below tol: the geometric tail (:func:`geometric_tail`) of the
     decrease it took at the slowest ratio of consecutive decreases over the
     last few steps of its run (one ratio of such a sequence can be far below
-    its trend). A decrease taken below the objective's resolution, on a step
-    whose model promised at most tol, ends it too: the ratios of such
-    decreases are round-off, and the objective resolves no further progress.
+    its trend). Once a decrease taken is below the objective's resolution
+    its ratio is round-off, and the estimate is the tail of the decreases
+    the steps' models predicted (:func:`._stepper._track_full_batch_step`):
+    on a slow run each decrease can fall below the resolution while the
+    gap is still many times it. A run whose ``run_decrease`` (the relative
+    decrease taken over its last few steps together,
+    :meth:`._stepper.StepperState.run_decrease`) is below the resolution, on
+    a step whose model promised at most tol, ends it too: the objective has
+    resolved no progress over those steps.
     Below ``last_step_min_tol`` no quasi-Newton step ends a fit: a tolerance
     that tight asks coefficients exact where the objective is flat, and a
     Newton step follows the run to end it by Newton's rule (:mod:`._stepper`).
@@ -122,8 +128,9 @@ def full_batch_converged(
     if record.direction == "quasi-newton":
         if not convex or tol < get_tuning().last_step_min_tol:
             return False
-        at_roundoff = record.accepted and actual_relative_decrease(record) <= roundoff and relative <= tol
-        return (trusted and small and gap_estimate <= tol) or at_roundoff
+        unresolved = record.accepted and actual_relative_decrease(record) <= roundoff  # its ratio is noise
+        settled = record.accepted and run_decrease <= roundoff
+        return small and (((trusted or unresolved) and gap_estimate <= tol) or settled)
     return (trusted and small and (newton or linear)) or (
         relative <= roundoff and reachable <= max(tol, roundoff)
     )

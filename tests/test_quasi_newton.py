@@ -32,6 +32,7 @@ from sklearn_fgn._step import compute_step
 from sklearn_fgn._stepper import Stepper, StepperState, _choose_direction, _track_full_batch_step
 from sklearn_fgn._stopping import full_batch_converged, geometric_tail
 from sklearn_fgn._system import StepOptions
+from sklearn_fgn._tuning import get_tuning
 
 
 def _quadratic(seed, P=12):
@@ -269,16 +270,23 @@ def test_quasi_newton_steps_stop_on_the_geometric_tail_at_the_slowest_rate(rate,
     # Newton's rule (a superlinear decrease, here 0.5 of the previous one is not) asks more.
     newton = StepRecord(1.0, 1.0 - 5e-5, True, 1e-8, "ggn", 3, 5e-5, 1.0, 0.01)
     assert full_batch_converged(newton, cfg, torch.float64, previous=1e-4, gap_estimate=gap) is False
-    # A quasi-Newton decrease below the objective's resolution (float32: 1.2e-7) ends the fit whatever
-    # the tail, where the model promised no more than tol: the objective resolves no further progress.
+    # A run that took less than the objective's resolution (float32: 1.2e-7) over its last steps together
+    # ends the fit whatever the tail, where the model promised no more than tol: the objective resolves no
+    # further progress. One such decrease alone does not: a slow run's can fall below it by round-off.
     noisy = geometric_tail(1e-9, 2.0)  # ratios of round-off decreases: no estimate
-    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, 1e-4, gap_estimate=noisy) is True
-    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float64, 1e-4, gap_estimate=noisy) is False
+    run = dict(gap_estimate=noisy, run_decrease=6e-9)
+    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, 1e-4, **run) is True
+    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float32, 1e-4, gap_estimate=noisy) is False
+    assert full_batch_converged(_qn_record(1e-9), cfg, torch.float64, 1e-4, **run) is False
     promised = StepRecord(1.0, 1.0 - 1e-9, True, 1e-8, "ggn", 0, 1e-3, 1e-6, 1.0, direction="quasi-newton")
-    assert full_batch_converged(promised, cfg, torch.float32, 1e-4, gap_estimate=noisy) is False
+    assert full_batch_converged(promised, cfg, torch.float32, 1e-4, **run) is False
+    # An unresolved decrease's ratio is noise: the tail of the predicted decreases (finite here) decides.
+    untrusted = _qn_record(1e-9, ratio=0.0)
+    assert full_batch_converged(untrusted, cfg, torch.float32, 1e-4, gap_estimate=2e-9) is True
+    assert full_batch_converged(untrusted, cfg, torch.float32, 1e-4, gap_estimate=2e-4) is False
     # Below last_step_min_tol it does not (a Newton step follows the run, solved to the gap).
     tight = LoopConfig(alpha=0.0, tol=1e-8)
-    assert full_batch_converged(_qn_record(1e-9), tight, torch.float32, 1e-4, gap_estimate=noisy) is False
+    assert full_batch_converged(_qn_record(1e-9), tight, torch.float32, 1e-4, **run) is False
 
 
 def test_a_run_estimates_the_gap_by_the_geometric_tail_of_its_decreases(tune):
@@ -297,8 +305,31 @@ def test_a_run_estimates_the_gap_by_the_geometric_tail_of_its_decreases(tune):
     assert state.recent_decreases == () and state.last_relative_decrease == pytest.approx(5e-5)
 
 
-def _outcome(direction, n_iter=0, reason="converged"):
-    return SimpleNamespace(direction=direction, solve=SimpleNamespace(n_iter=n_iter, reason=reason))
+def test_an_unresolved_run_estimates_the_gap_from_its_predicted_decreases(tune):
+    # float32 resolves relative decreases down to 1.2e-7. Taken decreases of 5e-8, round-off, leave the
+    # estimate to the predicted ones: halving, their tail is the last one; flat, there is no estimate.
+    tune(quasi_newton_rate_window=3)
+    state = StepperState()
+    for p in (8e-8, 4e-8, 2e-8):
+        _track_full_batch_step(state, _qn_record(p, ratio=0.6), True, torch.float32)
+    assert state.recent_predicted == (8e-8, 4e-8, 2e-8)
+    assert state.gap_estimate == pytest.approx(2e-8)
+    state = StepperState()
+    for p in (5e-8, 6e-8, 5e-8):
+        _track_full_batch_step(state, _qn_record(p, ratio=1.0), True, torch.float32)
+    assert state.gap_estimate == math.inf
+    # Resolved decreases (float64) keep the estimate on those taken: here taken half of those predicted.
+    state = StepperState()
+    for p in (8e-8, 4e-8, 2e-8):
+        record = _qn_record(p)
+        _track_full_batch_step(state, replace(record, new_loss=record.loss - p / 2), True, torch.float64)
+    assert state.recent_decreases == pytest.approx((4e-8, 2e-8, 1e-8))
+    assert state.gap_estimate == pytest.approx(1e-8)
+
+
+def _outcome(direction, n_iter=0, reason="converged", build=0.0):
+    return SimpleNamespace(direction=direction, solve=SimpleNamespace(n_iter=n_iter, reason=reason),
+                           preconditioner_products=build)  # fmt: skip
 
 
 def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
@@ -312,9 +343,14 @@ def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
     # An expensive one (40 products): quasi-Newton steps are tried (no measure of them yet).
     _choose_direction(state, _outcome("newton", 40), _qn_record(1e-2), share=1.0, resolution=1e-12)
     assert state.quasi_newton and state.newton_gain == pytest.approx(math.log10(11.0) / 81.0)
-    # ... unless on a curvature sample, where 30 products on a tenth of the rows cost 7 passes.
+    # ... unless on a curvature sample, where 30 products on a tenth of the rows cost 8 passes (7, and
+    # the JVP on every row that gives the whole batch's model along the step).
     _choose_direction(state, _outcome("newton", 30), _qn_record(1e-2), share=0.1, resolution=1e-12)
     assert not state.quasi_newton
+    assert state.newton_gain == pytest.approx(math.log10(11.0) / 8.0)
+    # A preconditioner's build counts as the products it costs: 3 products and a build of 4 are 15 passes.
+    _choose_direction(state, _outcome("newton", 3, build=4.0), _qn_record(1e-2), share=1.0, resolution=1e-12)
+    assert state.quasi_newton and state.newton_gain == pytest.approx(math.log10(11.0) / 15.0)
     # A run whose decreases shrink by 0.5 per step gains log10(2) / 2 per pass: it goes on.
     state.newton_gain = 0.01
     state.recent_decreases = (32e-3, 16e-3, 8e-3, 4e-3, 2e-3, 1e-3)
@@ -328,13 +364,18 @@ def test_choice_of_direction_follows_the_measured_gain_per_pass(tune):
     state.last_relative_decrease, state.gap_estimate = 1e-3, 1e-4
     _choose_direction(state, _outcome("newton", 20), _qn_record(1e-3), share=1.0, resolution=1e-12)
     assert not state.quasi_newton
-    # A rejected quasi-Newton step returns the fit to Newton steps, and so does one below the resolution.
+    # A rejected quasi-Newton step returns the fit to Newton steps.
     state.quasi_newton, state.quasi_newton_gain, state.recent_decreases = True, math.inf, ()
     rejected = _qn_record(1e-3, accepted=False)
     _choose_direction(state, _outcome("quasi-newton"), rejected, share=1.0, resolution=1e-12)
     assert not state.quasi_newton
     _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-3), share=1.0, resolution=1e-12)
     assert state.quasi_newton
+    # One decrease below the resolution alone does not end the run; a window of them summing below it does.
+    state.recent_decreases = (1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-8)
+    _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-8), share=1.0, resolution=1e-7)
+    assert state.quasi_newton
+    state.recent_decreases = (1e-8,) * 6
     _choose_direction(state, _outcome("quasi-newton"), _qn_record(1e-8), share=1.0, resolution=1e-7)
     assert not state.quasi_newton
 
@@ -416,3 +457,21 @@ def test_newton_steps_before_any_quasi_newton_run_get_the_cg_of_the_passes_that_
     state.quasi_newton_gain = 0.1
     assert stepper._cg_budget(state, share) == 250
     assert replace(stepper, quasi_newton=False)._cg_budget(StepperState(), share) == 250
+
+
+def test_the_chosen_preconditioner_reports_its_build_in_curvature_products():
+    # What _choose_direction counts beside CG's products: the hard rows' Gram and factor at their budget,
+    # the Kronecker class factor's n K^2 against a product's 2 n K (d + 1), nothing for Lambda^{-1}.
+    import sklearn_fgn._preconditioners as preconditioners
+
+    system = _system(0, "ggn")
+    n_logits, width = system.n_logits, system.X.shape[1] + 1
+    assert preconditioners.Kronecker.build_products(system) == pytest.approx(n_logits / (2.0 * width))
+    assert preconditioners.HardRows.build_products(system) == get_tuning().hard_rows_build_cg
+    plain = preconditioners.choose_preconditioner(system, preconditioners.PreconditionerRequest(solver="cg"))
+    assert plain == ("cg", None, 0.0)
+    structured = preconditioners.PreconditionerRequest(solver="cg", structured=True)
+    chosen = preconditioners.choose_preconditioner(system, structured)
+    model = next(m for m in preconditioners.PRECONDITIONERS if m.affordable(system, structured)
+                 and m.build(system, structured) is not None)  # fmt: skip
+    assert chosen.apply is not None and chosen.build_products == model.build_products(system)
