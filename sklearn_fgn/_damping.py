@@ -196,10 +196,10 @@ def _lengthen(
 
     ``t*`` is taken where the objective there agrees with the model
     (reduction ratio above 0.75), and also where it does not but the
-    objective there is below ``unit_loss`` (the unit step's; ``-inf``
-    turns this off) by Armijo's
-    sufficient decrease ``f(t*) <= f(0) + armijo t* g'delta``: a line search
-    that keeps the lower of the two values it has evaluated. From zero
+    objective there is below ``unit_loss`` (the unit step's; ``-inf`` turns
+    this off) with Armijo's sufficient decrease ``f(t*) <= f(0) + armijo t*
+    g'delta``: a line search that keeps the lower of the two values it has
+    evaluated. From zero
     coefficients, where the damping is far above the curvature (about
     ``1 / K`` of the feature metric for ``K`` classes), the unit step is a
     short gradient step, and ``t*`` can take the loss most of the way down

@@ -536,26 +536,12 @@ def _run_gain(decreases: tuple[float, ...], window: int) -> float | None:
     -------
     float or None
     """
-    rate = _window_rate(decreases, window)
-    return None if rate == math.inf else max(0.0, -math.log10(rate)) / 2.0
-
-
-def _window_rate(decreases: tuple[float, ...], window: int) -> float:
-    """Return the rate per step of a run's decreases: the ratio of its last two window sums, to ``1/window``.
-
-    Sums, since a run's decreases alternate about their trend. inf before
-    two windows, or where a sum is not positive.
-
-    Returns
-    -------
-    float
-    """
     if len(decreases) < 2 * window:
-        return math.inf
+        return None
     older, newer = sum(decreases[-2 * window : -window]), sum(decreases[-window:])
     if not (older > 0.0 and newer > 0.0):
-        return math.inf
-    return (newer / older) ** (1.0 / window)
+        return None
+    return max(0.0, -math.log10(newer / older) / window) / 2.0
 
 
 def _hand_tight_stops_to_newton(state: StepperState, tol: float) -> None:
