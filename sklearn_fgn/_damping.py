@@ -285,18 +285,19 @@ def take_step(
                                            next_damping=damping), stats  # fmt: skip
     accepted, ratio, next_damping = levenberg_marquardt(loss, new_loss, predicted, damping, rule.min_damping)
     step_size = 1.0
+    linear = as_head(head).is_linear
     if not accepted:
         cut = _backtrack(ray, loss)
         accepted = cut is not None
         step_size, trial, trial_logits, new_loss, stats = cut if accepted else (
             0.0, params, result.logits, loss, None
         )
-        if accepted and rule.full_batch and as_head(head).is_linear:
+        if accepted and rule.full_batch and linear:
             next_damping = max(next_damping, _damping_to_shorten(result, damping, step_size))
     elif rule.full_batch and ratio > 0.75:
         # The lower objective decides for a linear head only: an MLP's quadratic model is its own
         # linearisation's, and a long step it mistrusts can leave the region where that holds.
-        longer = _lengthen(ray, loss, new_loss if as_head(head).is_linear else -math.inf)
+        longer = _lengthen(ray, loss, new_loss if linear else -math.inf)
         if longer is not None:
             step_size, trial, trial_logits, new_loss, stats, predicted, ratio = longer
             _, _, next_damping = levenberg_marquardt(

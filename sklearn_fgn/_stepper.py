@@ -140,18 +140,30 @@ class StepperState:
     taken: tuple[float, float] = (math.inf, math.inf)
     behind: int = 0
 
-    def slowest_rate(self, predicted: bool = False) -> float:
+    def run_series(self, resolution: float) -> tuple[float, ...]:
+        """Return the run's decreases that its rates are read off: those taken, or those predicted.
+
+        Those predicted once the last decrease taken (``taken[1]``) is at or
+        below the objective's ``resolution``: its value is round-off, and so
+        are the ratios of such decreases.
+
+        Returns
+        -------
+        tuple of float
+        """
+        return self.recent_predicted if self.taken[1] <= resolution else self.recent_decreases
+
+    def slowest_rate(self, resolution: float) -> float:
         """Return the largest ratio of consecutive decreases of the last ``quasi_newton_rate_window`` steps.
 
-        Of the decreases taken, or with ``predicted`` of those predicted. inf
-        before there are two decreases, or where one is not positive.
+        Of :meth:`run_series`. inf before there are two decreases, or where
+        one is not positive.
 
         Returns
         -------
         float
         """
-        decreases = self.recent_predicted if predicted else self.recent_decreases
-        d = decreases[-(get_tuning().quasi_newton_rate_window + 1):]
+        d = self.run_series(resolution)[-(get_tuning().quasi_newton_rate_window + 1):]
         rates = [b / a if a > 0.0 and b > 0.0 else math.inf for a, b in zip(d, d[1:], strict=False)]
         return max(rates, default=math.inf)
 
@@ -425,7 +437,7 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
     decreases taken by its run; once a decrease taken is below the
     objective's resolution in ``dtype`` (its value is round-off, and so are
     the ratios of such decreases), the tail of the decreases the steps'
-    models predicted (the same slowest rate, of theirs).
+    models predicted (:meth:`StepperState.run_series`).
 
     The model's error ``|1 - ratio|`` is kept from a trusted unit step of a
     linear head whose decrease is at least ``model_error_resolution`` times
@@ -433,21 +445,20 @@ def _track_full_batch_step(state: StepperState, record: StepRecord, linear: bool
     0 otherwise (an MLP head's ratio says little of its next step's model).
     """
     relative, taken = relative_decrease(record), actual_relative_decrease(record)
+    state.taken = (state.taken[1], taken)
     if record.direction == "quasi-newton":  # their decreases shrink linearly: the geometric tail
-        h = get_tuning().quasi_newton_rate_window
+        h, resolution = get_tuning().quasi_newton_rate_window, objective_resolution(dtype)
         state.recent_decreases = (*state.recent_decreases, taken)[-2 * h:]
         state.recent_predicted = (*state.recent_predicted, relative)[-2 * h:]
-        if taken > objective_resolution(dtype):
-            state.gap_estimate = geometric_tail(taken, state.slowest_rate())
-        else:  # round-off: the models' decreases, inner products with no cancellation, tell the rate
-            state.gap_estimate = geometric_tail(relative, state.slowest_rate(predicted=True))
+        # Below the resolution, the models' decreases (inner products, no cancellation) stand in.
+        last = taken if taken > resolution else relative
+        state.gap_estimate = geometric_tail(last, state.slowest_rate(resolution))
     else:  # the forcing term and Newton's stopping rule read Newton steps' decreases
         state.previous_relative_decrease = state.last_relative_decrease
         state.last_relative_decrease = relative
         state.gap_estimate = remaining_gap(record, relative)
         state.recent_decreases = state.recent_predicted = ()
     state.last_loss = record.new_loss
-    state.taken = (state.taken[1], taken)
     trusted = linear and record.accepted and record.step_size == 1.0 and record.ratio > 0.5
     tuning = get_tuning()
     resolved = relative >= tuning.model_error_resolution * objective_resolution(dtype)
@@ -488,9 +499,7 @@ def _choose_direction(
     """
     tuning = get_tuning()
     if result.direction == "quasi-newton":
-        unresolved = actual_relative_decrease(record) <= resolution
-        decreases = state.recent_predicted if unresolved else state.recent_decreases
-        gain = _run_gain(decreases, tuning.quasi_newton_rate_window)
+        gain = _run_gain(state.run_series(resolution), tuning.quasi_newton_rate_window)
         state.quasi_newton_gain = state.quasi_newton_gain if gain is None else gain
         resolved = state.run_decrease() > resolution
         state.behind = state.behind + 1 if gain is not None and gain < state.newton_gain else 0
